@@ -1,0 +1,81 @@
+"""Small JSON records the trainer writes and the operator reads."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from elmcore.names import Domain
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FileDigest(Record):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class CommitMarker(Record):
+    """Written last into an artifact folder: the folder is readable only once this exists."""
+
+    files: dict[str, FileDigest]
+    step: int | None = None
+    committed_at: str = Field(default_factory=utc_now)
+
+
+class Progress(Record):
+    """Where a training run stands; written to ``runs/<id>/progress.json`` at intervals."""
+
+    run_id: str
+    phase: Literal["initializing", "training", "evaluating", "done", "failed"]
+    step: int = 0
+    total_steps: int = 0
+    tokens_per_second: float = 0.0
+    loss: float | None = None
+    eta_seconds: float | None = None
+    updated_at: str = Field(default_factory=utc_now)
+
+
+class Parent(Record):
+    """One input of an expert's initialisation and its weight (lineage)."""
+
+    kind: Literal["seed", "expert"]
+    domain: Domain | None = None
+    version: int | None = None
+    weight: float
+
+
+class Metrics(Record):
+    """Validation perplexity on the expert's own domain, before and after training."""
+
+    val_loss_before: float | None = None
+    val_ppl_before: float | None = None
+    val_loss_after: float | None = None
+    val_ppl_after: float | None = None
+    val_tokens: int = 0
+    train_tokens: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+
+
+class Result(Record):
+    """The outcome of a run: what the operator verifies and merges into the manifest."""
+
+    run_id: str
+    kind: Literal["tokenizer", "seed", "expert"]
+    path: str  # key of the committed artifact, relative to the forest root
+    sha256: str  # sha256 of the artifact's commit marker: names the exact bytes merged
+    domain: Domain | None = None
+    version: int | None = None
+    init_strategy: str | None = None
+    parents: list[Parent] = Field(default_factory=list)
+    metrics: Metrics = Field(default_factory=Metrics)
+    finished_at: str = Field(default_factory=utc_now)

@@ -1,0 +1,1 @@
+"""elmtrain: the trainer image's CLI for every Branch-Train-Merge step (DESIGN §4)."""

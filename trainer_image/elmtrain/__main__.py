@@ -1,0 +1,3 @@
+from elmtrain.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""``elmtrain``: one entry point, one subcommand per BTM step.
+
+Exit codes (``elmcore.errors.ExitCode``): 0 done; 2 bad command line; 65 bad input (permanent:
+retrying cannot help); 75 transient fault or preemption (retry); 1 an unexpected error (a bug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+from elmcore.errors import ElmError, ExitCode
+from elmtrain.commands import (
+    average,
+    branch,
+    ensemble_eval,
+    evaluate,
+    generate,
+    merge,
+    posterior,
+    seed,
+    tokenizer,
+)
+from elmtrain.logs import configure_logging
+from elmtrain.progress import write_termination_message
+
+COMMANDS = (tokenizer, seed, branch, merge, evaluate, posterior, ensemble_eval, average, generate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="elmtrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default=os.environ.get("ELMFOREST_LOG_LEVEL", "info"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    log = structlog.get_logger("elmtrain")
+    try:
+        args.func(args)
+    except ElmError as error:
+        # One clear line for the user and for the Job's termination message.
+        kind = "transient" if error.exit_code is ExitCode.TRANSIENT else "error"
+        message = f"elmtrain {args.command}: {kind}: {error}"
+        sys.stderr.write(message + "\n")
+        write_termination_message(message)
+        return int(error.exit_code)
+    except KeyboardInterrupt:
+        return int(ExitCode.TRANSIENT)
+    except Exception as error:
+        log.exception("elmtrain.crashed", command=args.command)
+        write_termination_message(f"elmtrain {args.command}: internal error: {error!r}")
+        return int(ExitCode.INTERNAL)
+    write_termination_message(f"elmtrain {args.command}: ok")
+    return int(ExitCode.OK)

@@ -1,0 +1,1 @@
+"""One module per ``elmtrain`` subcommand, each with ``register(subparsers)``."""

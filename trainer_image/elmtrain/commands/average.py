@@ -1,0 +1,63 @@
+"""``elmtrain average``: export one HF model as a weighted parameter average of experts."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from elmcore.btm import normalize, top_k
+from elmcore.errors import BadInputError
+from elmcore.storage import open_storage
+from elmcore.storage.commit import commit_dir
+from elmtrain.averaging import average_models
+from elmtrain.commands.common import add_forest_args, open_forest, parse_weights, write_output
+from elmtrain.commands.posterior import prior_for
+from elmtrain.data import cache_dir
+from elmtrain.runtime import setup_runtime
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser("average", help="export a weighted parameter average of experts")
+    add_forest_args(parser)
+    parser.add_argument(
+        "--weights", default="uniform",
+        help="uniform | posterior (with --target-data) | domain=w,domain=w,...",
+    )
+    parser.add_argument("--target-data", nargs="*", default=[], help="posterior: target text")
+    parser.add_argument("--sample", type=int, default=100, help="posterior: sequences")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--top-k", type=int, default=None, help="keep the k largest weights")
+    parser.add_argument("--out", required=True, help="where to write the HF model folder")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    forest = open_forest(args)
+    experts = {e.domain: e for e in forest.manifest().sorted_experts()}
+    if not experts:
+        raise BadInputError("the forest has no experts to average")
+    if args.weights == "uniform":
+        weights = dict.fromkeys(experts, 1.0)
+    elif args.weights == "posterior":
+        if not args.target_data:
+            raise BadInputError("--weights posterior needs --target-data")
+        weights = prior_for(forest, args.target_data, args.sample, args.seq_len, 0, setup_runtime())
+    else:
+        weights = parse_weights(args.weights)
+        unknown = sorted(set(weights) - set(experts))
+        if unknown:
+            raise BadInputError(f"--weights names unknown experts {unknown}")
+    names = list(weights)
+    kept = top_k([weights[n] for n in names], args.top_k) if args.top_k else normalize(
+        [weights[n] for n in names]
+    )
+    chosen = {n: w for n, w in zip(names, kept) if w > 0}
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        folder = Path(tmp) / "average"
+        average_models([forest.fetch(experts[n]) for n in chosen], list(chosen.values()), folder)
+        sha = commit_dir(open_storage(args.out, endpoint=forest.endpoint), folder, "")
+    report = {"out": args.out, "weights": chosen, "sha256": sha}
+    write_output(report, None, forest.endpoint)
+    return report

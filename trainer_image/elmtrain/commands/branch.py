@@ -1,0 +1,84 @@
+"""``elmtrain branch``: initialise a new expert from the forest, then train it on its domain."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from elmcore import layout
+from elmcore.btm import InitStrategy
+from elmcore.errors import BadInputError
+from elmcore.names import branch_run_id, validate_label
+from elmcore.records import Parent, Record, Result
+from elmcore.storage.commit import committed_steps
+from elmtrain import branch_init
+from elmtrain.commands.common import add_forest_args, add_training_args, open_forest, training_config
+from elmtrain.data import cache_dir, load_sequences, sample_sequences
+from elmtrain.jobs import JobSpec, finished_result, run_training_job
+from elmtrain.models import check_vocab, load_model
+from elmtrain.runtime import setup_runtime
+
+
+class InitRecord(Record):
+    """``runs/<id>/init.json``: how the expert was initialised, kept for a resumed attempt."""
+
+    parents: list[Parent]
+    prior: dict[str, float]
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser("branch", help="initialise and train one expert (ELM)")
+    add_forest_args(parser)
+    parser.add_argument("--domain", required=True, help="the domain's name (DNS-1123 label)")
+    parser.add_argument("--version", type=int, default=1, help="expert version (>= 1)")
+    parser.add_argument("--data", nargs="+", required=True, help="the domain's training text")
+    parser.add_argument("--val-data", nargs="*", default=[], help="the domain's validation text")
+    parser.add_argument("--init", choices=[s.value for s in InitStrategy], default="posterior")
+    parser.add_argument("--top-k", type=int, default=None, help="posterior init: keep k experts")
+    parser.add_argument("--init-sample", type=int, default=64, help="sequences for the posterior")
+    parser.add_argument("--copy-from", help="init 'copy': the expert's domain")
+    parser.add_argument("--run-id", help="default: branch.<domain>.v<version>")
+    add_training_args(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> Result:
+    domain = validate_label(args.domain, "domain")
+    run_id = args.run_id or branch_run_id(domain, args.version)
+    forest = open_forest(args)
+    cfg = training_config(args)
+    runtime = setup_runtime(cfg)
+    spec = JobSpec(
+        kind="expert", run_id=run_id, out_key=layout.expert(domain, args.version),
+        train_data=args.data, val_data=args.val_data, training=cfg, domain=domain,
+        version=args.version, init_strategy=args.init, merge=args.merge,
+    )
+    previous = finished_result(forest, run_id)
+    if previous is not None:  # a retried Job after success: verify, (merge,) done
+        return run_training_job(forest, spec, load_model(forest.seed_dir()), runtime)
+    manifest = forest.manifest()
+    if manifest.seed is None:
+        raise BadInputError("the forest has no seed yet: run 'elmtrain seed' first")
+    tokenizer = forest.tokenizer()
+    init_key = f"{layout.run(run_id)}/init.json"
+    if committed_steps(forest.storage, layout.run_checkpoints(run_id)) and forest.storage.exists(init_key):
+        # Resuming: the checkpoint holds the weights; the lineage was recorded at the start.
+        recorded = InitRecord.model_validate_json(forest.storage.read_bytes(init_key))
+        spec.parents = recorded.parents
+        return run_training_job(forest, spec, load_model(forest.seed_dir()), runtime)
+    sample = sample_sequences(
+        load_sequences(args.data, tokenizer, cfg.seq_len, forest.endpoint),
+        args.init_sample, cfg.seed,
+    )
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        init = branch_init.initialize(
+            forest, manifest, domain, InitStrategy(args.init), sample, runtime, Path(tmp),
+            k=args.top_k, copy_from=args.copy_from,
+        )
+        model = load_model(init.model_dir)
+    check_vocab(model, len(tokenizer), f"branch {domain}")
+    spec.parents = init.parents
+    record = InitRecord(parents=init.parents, prior=init.prior)
+    forest.storage.write_bytes(init_key, record.model_dump_json(indent=1).encode())
+    return run_training_job(forest, spec, model, runtime)

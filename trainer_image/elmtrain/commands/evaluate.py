@@ -1,0 +1,43 @@
+"""``elmtrain eval``: perplexity of one model on one or more domains' text."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from elmtrain.commands.common import add_forest_args, domain_locations, open_forest, write_output
+from elmtrain.data import load_sequences
+from elmtrain.evaluation import model_logprobs
+from elmtrain.runtime import setup_runtime
+from elmtrain.scoring import perplexity
+
+
+def add_eval_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", nargs="+", required=True, help="[domain=]location ...")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--max-sequences", type=int, default=256, help="per domain")
+    parser.add_argument("--out", help="also write the JSON report here")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser("eval", help="perplexity of a model per domain")
+    add_forest_args(parser)
+    parser.add_argument("--model", default="seed", help="seed | expert:<domain> | location")
+    add_eval_data_args(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    forest = open_forest(args)
+    runtime = setup_runtime()
+    tokenizer = forest.tokenizer()
+    model_dir = forest.model_dir(args.model)
+    report: dict[str, Any] = {"model": args.model, "domains": {}}
+    for domain, location in domain_locations(args.data).items():
+        sequences = load_sequences([location], tokenizer, args.seq_len, forest.endpoint)
+        loss, ppl, tokens = perplexity(
+            model_logprobs(model_dir, sequences[: args.max_sequences], runtime)
+        )
+        report["domains"][domain] = {"loss": loss, "perplexity": ppl, "tokens": tokens}
+    write_output(report, args.out, forest.endpoint)
+    return report

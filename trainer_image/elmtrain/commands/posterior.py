@@ -1,0 +1,43 @@
+"""``elmtrain posterior``: the cached domain prior of a text sample over the forest's experts."""
+
+from __future__ import annotations
+
+import argparse
+
+from elmcore.errors import BadInputError
+from elmtrain.commands.common import add_forest_args, open_forest, write_output
+from elmtrain.data import load_sequences, sample_sequences
+from elmtrain.evaluation import domain_prior
+from elmtrain.forest import Forest
+from elmtrain.runtime import Runtime, setup_runtime
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser("posterior", help="cached domain prior P(D=j) of a text sample")
+    add_forest_args(parser)
+    parser.add_argument("--data", nargs="+", required=True, help="the target domain's text")
+    parser.add_argument("--sample", type=int, default=100, help="sequences to average over")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--out", help="also write the JSON here")
+    parser.set_defaults(func=run)
+
+
+def prior_for(
+    forest: Forest, data: list[str], sample: int, seq_len: int, seed: int, runtime: Runtime
+) -> dict[str, float]:
+    experts = forest.manifest().sorted_experts()
+    if not experts:
+        raise BadInputError("the forest has no experts yet")
+    sequences = sample_sequences(
+        load_sequences(data, forest.tokenizer(), seq_len, forest.endpoint), sample, seed
+    )
+    weights = domain_prior([forest.fetch(e) for e in experts], sequences, runtime)
+    return {e.domain: w for e, w in zip(experts, weights)}
+
+
+def run(args: argparse.Namespace) -> dict[str, float]:
+    forest = open_forest(args)
+    prior = prior_for(forest, args.data, args.sample, args.seq_len, args.seed, setup_runtime())
+    write_output(prior, args.out, forest.endpoint)
+    return prior

@@ -1,0 +1,46 @@
+"""``elmtrain seed``: train the seed LM on the mixed corpus, or start from given weights."""
+
+from __future__ import annotations
+
+import argparse
+
+from elmcore import layout
+from elmcore.errors import BadInputError
+from elmcore.names import SEED_RUN_ID
+from elmcore.records import Result
+from elmtrain.commands.common import add_forest_args, add_training_args, open_forest, training_config
+from elmtrain.config import ModelConfig, load_json_arg, parse_config
+from elmtrain.jobs import JobSpec, run_training_job
+from elmtrain.models import build_model, check_vocab, load_model
+from elmtrain.runtime import setup_runtime
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser("seed", help="train the seed LM (or import pretrained weights)")
+    add_forest_args(parser)
+    parser.add_argument("--data", nargs="*", default=[], help="mixed-corpus text locations")
+    parser.add_argument("--val-data", nargs="*", default=[], help="validation text locations")
+    parser.add_argument("--model", help="ModelConfig as JSON, or @file.json")
+    parser.add_argument("--pretrained", help="HF model folder to start from instead")
+    add_training_args(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> Result:
+    forest = open_forest(args)
+    cfg = training_config(args)
+    runtime = setup_runtime(cfg)
+    tokenizer = forest.tokenizer()
+    if args.pretrained:
+        model = load_model(forest.model_dir(args.pretrained))
+        check_vocab(model, len(tokenizer), f"--pretrained {args.pretrained}")
+    else:
+        model_cfg = parse_config(ModelConfig, load_json_arg(args.model, "--model"), "--model")
+        model = build_model(model_cfg, len(tokenizer), int(tokenizer.eos_token_id), cfg.seed)  # type: ignore[arg-type]
+    if cfg.steps > 0 and not args.data:
+        raise BadInputError("seed: --data is required when training steps > 0")
+    spec = JobSpec(
+        kind="seed", run_id=SEED_RUN_ID, out_key=layout.SEED, train_data=args.data,
+        val_data=args.val_data, training=cfg, merge=args.merge,
+    )
+    return run_training_job(forest, spec, model, runtime)

@@ -1,0 +1,36 @@
+"""Perplexity of models on domains, and the domain posterior of text over a forest's experts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from elmcore.btm import cached_prior
+from elmtrain.models import load_model
+from elmtrain.runtime import Runtime
+from elmtrain.scoring import token_logprobs
+
+
+def model_logprobs(model_dir: Path, sequences: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    model = load_model(model_dir, runtime.device)
+    try:
+        return token_logprobs(model, sequences, runtime)
+    finally:
+        del model
+
+
+def expert_logprobs(
+    model_dirs: Sequence[Path], sequences: torch.Tensor, runtime: Runtime
+) -> torch.Tensor:
+    """[K, N, T-1]: every expert's token log-probabilities on the same sequences."""
+    return torch.stack([model_logprobs(d, sequences, runtime) for d in model_dirs])
+
+
+def domain_prior(
+    model_dirs: Sequence[Path], sequences: torch.Tensor, runtime: Runtime
+) -> list[float]:
+    """The cached prior P(D=j) of a text sample: mean posterior over its sequences (DESIGN §1)."""
+    per_sequence = expert_logprobs(model_dirs, sequences, runtime).sum(dim=-1)  # [K, N]
+    return cached_prior(per_sequence.T.double().tolist())

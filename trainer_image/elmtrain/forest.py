@@ -1,0 +1,75 @@
+"""A forest as the trainer sees it: its storage, its manifest and local copies of artifacts."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerFast
+
+from elmcore import layout
+from elmcore.errors import BadInputError, NotFoundError
+from elmcore.manifest import ArtifactEntry, Manifest
+from elmcore.storage import Storage, open_storage
+from elmcore.storage.commit import fetch_committed
+from elmcore.storage.manifest_store import load_manifest
+from elmtrain.data import cache_dir
+from elmtrain.tokenizer import load_tokenizer
+
+
+@dataclass
+class Forest:
+    storage: Storage
+    endpoint: str | None = None
+
+    @classmethod
+    def open(cls, location: str, endpoint: str | None = None, region: str | None = None) -> Forest:
+        return cls(open_storage(location, endpoint=endpoint, region=region), endpoint)
+
+    def manifest(self) -> Manifest:
+        return load_manifest(self.storage)[0]
+
+    def fetch(self, entry: ArtifactEntry) -> Path:
+        """A verified local copy of a committed artifact, cached by its marker's sha256."""
+        target = cache_dir() / "artifacts" / entry.sha256
+        if not (target / layout.COMMIT_MARKER).is_file():
+            fetch_committed(self.storage, entry.path, target, entry.sha256)
+        return target
+
+    def tokenizer(self) -> PreTrainedTokenizerFast:
+        entry = self.manifest().tokenizer
+        if entry is None:
+            raise BadInputError(f"forest {self.storage.root} has no tokenizer yet")
+        return load_tokenizer(self.fetch(entry))
+
+    def seed_dir(self) -> Path:
+        entry = self.manifest().seed
+        if entry is None:
+            raise BadInputError(f"forest {self.storage.root} has no seed model yet")
+        return self.fetch(entry)
+
+    def model_dir(self, ref: str) -> Path:
+        """``seed``, ``expert:<domain>``, or the location of any HF model folder."""
+        if ref == "seed":
+            return self.seed_dir()
+        if ref.startswith("expert:"):
+            return self.fetch(self.manifest().expert(ref.removeprefix("expert:")))
+        return download_folder(ref, self.endpoint, "config.json")
+
+
+def download_folder(location: str, endpoint: str | None, required: str) -> Path:
+    """Copy an HF folder that was not written by us (pretrained weights, a tokenizer)."""
+    storage = open_storage(location, endpoint=endpoint)
+    keys = [k for k in storage.list_keys("") if "/" not in k]
+    if required not in keys:
+        raise NotFoundError(f"{location} holds no {required}: not a Hugging Face folder")
+    target = Path(tempfile.mkdtemp(prefix="elmtrain-download-", dir=cache_dir()))
+    try:
+        for key in keys:
+            storage.download_file(key, target / key)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    return target

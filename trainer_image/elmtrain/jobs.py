@@ -1,0 +1,149 @@
+"""The life of a training job (seed or branch): train, evaluate, commit, report, merge.
+
+A job is idempotent by run id: re-running a finished one verifies its result and exits; a
+killed one resumes from its last committed checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import structlog
+import torch
+from transformers import PreTrainedModel
+
+from elmcore import layout
+from elmcore.errors import ElmError, NotFoundError
+from elmcore.records import Metrics, Parent, Progress, Result
+from elmcore.storage.commit import commit_dir, verify_committed
+from elmcore.storage.manifest_store import merge_verified
+from elmtrain.checkpoint import Checkpointer
+from elmtrain.config import TrainingConfig
+from elmtrain.data import cache_dir, load_sequences
+from elmtrain.forest import Forest
+from elmtrain.models import save_model
+from elmtrain.progress import ProgressReporter
+from elmtrain.runtime import Runtime
+from elmtrain.scoring import perplexity, token_logprobs
+from elmtrain.train import train
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class JobSpec:
+    kind: Literal["seed", "expert"]
+    run_id: str
+    out_key: str
+    train_data: list[str]
+    val_data: list[str]
+    training: TrainingConfig
+    domain: str | None = None
+    version: int | None = None
+    init_strategy: str | None = None
+    parents: list[Parent] = field(default_factory=list)
+    merge: bool = False
+
+
+def finished_result(forest: Forest, run_id: str) -> Result | None:
+    """The result of an earlier successful attempt of this run, if its artifact verifies."""
+    try:
+        result = Result.model_validate_json(forest.storage.read_bytes(layout.run_result(run_id)))
+        verify_committed(forest.storage, result.path, result.sha256)
+    except (NotFoundError, ElmError):
+        return None
+    return result
+
+
+def _validation_ppl(
+    model: PreTrainedModel, val: torch.Tensor | None, runtime: Runtime
+) -> tuple[float | None, float | None, int]:
+    if val is None:
+        return None, None, 0
+    loss, ppl, tokens = perplexity(token_logprobs(model, val, runtime))
+    return loss, ppl, tokens
+
+
+def run_training_job(
+    forest: Forest, spec: JobSpec, model: PreTrainedModel, runtime: Runtime
+) -> Result:
+    previous = finished_result(forest, spec.run_id)
+    if previous is not None:
+        log.info("job.already_finished", run_id=spec.run_id, path=previous.path)
+        if spec.merge and runtime.is_main:
+            merge_verified(forest.storage, previous)
+        return previous
+
+    cfg = spec.training
+    reporter = ProgressReporter(
+        forest.storage if runtime.is_main else None, spec.run_id, cfg.progress_interval_seconds
+    )
+    reporter.report(Progress(run_id=spec.run_id, phase="initializing"), force=True)
+    tokenizer = forest.tokenizer()
+    sequences = (
+        load_sequences(spec.train_data, tokenizer, cfg.seq_len, forest.endpoint)
+        if spec.train_data
+        else torch.empty(0, cfg.seq_len, dtype=torch.long)  # importing weights: nothing to train
+    )
+    val = None
+    if spec.val_data:
+        val_all = load_sequences(spec.val_data, tokenizer, cfg.seq_len, forest.endpoint)
+        val = val_all[: cfg.eval_batches * cfg.batch_size]
+    log.info("job.data", run_id=spec.run_id, train_sequences=len(sequences),
+             val_sequences=0 if val is None else len(val))
+
+    model.to(runtime.device)
+    loss_before, ppl_before, _ = _validation_ppl(model, val, runtime)
+    checkpointer = Checkpointer(forest.storage, spec.run_id, cfg.keep_checkpoints)
+    outcome = train(model, sequences, cfg, runtime, checkpointer, reporter)
+    reporter.report(
+        Progress(run_id=spec.run_id, phase="evaluating", step=cfg.steps, total_steps=cfg.steps),
+        force=True,
+    )
+    loss_after, ppl_after, val_tokens = _validation_ppl(outcome.model, val, runtime)
+    metrics = Metrics(
+        val_loss_before=loss_before, val_ppl_before=ppl_before,
+        val_loss_after=loss_after, val_ppl_after=ppl_after, val_tokens=val_tokens,
+        train_tokens=outcome.tokens, steps=outcome.steps, seconds=round(outcome.seconds, 2),
+    )
+    result = Result(
+        run_id=spec.run_id, kind=spec.kind, path=spec.out_key, sha256="0" * 64,
+        domain=spec.domain, version=spec.version, init_strategy=spec.init_strategy,
+        parents=spec.parents, metrics=metrics,
+    )
+    if runtime.is_main:
+        result = publish(forest, spec, outcome.model, result)
+        checkpointer_cleanup(checkpointer)
+    runtime.barrier()
+    return result
+
+
+def publish(forest: Forest, spec: JobSpec, model: PreTrainedModel, result: Result) -> Result:
+    """Commit the final model, then the result record, then (optionally) merge it."""
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        folder = Path(tmp)
+        save_model(model.to("cpu"), folder)
+        (folder / layout.METRICS).write_text(result.metrics.model_dump_json(indent=1))
+        sha = commit_dir(forest.storage, folder, spec.out_key)
+    result = result.model_copy(update={"sha256": sha})
+    forest.storage.write_bytes(layout.run_result(spec.run_id), result.model_dump_json(indent=1).encode())
+    ProgressReporter(forest.storage, spec.run_id).report(
+        Progress(run_id=spec.run_id, phase="done", step=result.metrics.steps,
+                 total_steps=result.metrics.steps),
+        force=True,
+    )
+    log.info("job.committed", run_id=spec.run_id, path=spec.out_key, sha256=sha[:12],
+             metrics=json.loads(result.metrics.model_dump_json()))
+    if spec.merge:
+        manifest = merge_verified(forest.storage, result)
+        log.info("job.merged", run_id=spec.run_id, revision=manifest.revision)
+    return result
+
+
+def checkpointer_cleanup(checkpointer: Checkpointer) -> None:
+    """Step checkpoints are only for resuming; the committed result replaces them."""
+    checkpointer.storage.delete_prefix(checkpointer.prefix)

@@ -1,0 +1,203 @@
+"""The training loop: read top to bottom, like nanoGPT's, plus resume and DDP.
+
+The data of step s is a pure function of (s, seed) (``data.batch_indices``); each rank takes
+its slice of that global batch, and gradient accumulation splits the slice into micro-batches.
+So one process, several ranks, or a run resumed from a checkpoint all see identical batches.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import structlog
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+from transformers import PreTrainedModel
+
+from elmcore.errors import BadInputError, TransientError
+from elmcore.records import Progress
+from elmtrain.checkpoint import Checkpointer
+from elmtrain.config import TrainingConfig
+from elmtrain.data import batch_indices
+from elmtrain.progress import ProgressReporter
+from elmtrain.runtime import Runtime
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class TrainOutcome:
+    model: PreTrainedModel
+    steps: int
+    tokens: int
+    seconds: float
+    final_loss: float | None
+
+
+class _Preemption:
+    """SIGTERM (node drain, preemption) asks the loop to checkpoint and exit as transient."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _Preemption:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+
+    def __exit__(self, *_: object) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def lr_factor(step: int, cfg: TrainingConfig) -> float:
+    """Linear warmup, then cosine or linear decay to ``min_lr_ratio`` (or constant)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:
+    # Decay matrices only; biases and norm gains are not regularised.
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+
+
+def _micro_batches(indices: list[int], runtime: Runtime, cfg: TrainingConfig) -> list[list[int]]:
+    if len(indices) % runtime.world_size:
+        raise BadInputError(
+            f"batch_size {cfg.batch_size} is not divisible by {runtime.world_size} ranks"
+        )
+    mine = indices[runtime.rank :: runtime.world_size]
+    micro = cfg.micro_batch_size or len(mine)
+    if len(mine) % micro:
+        raise BadInputError(f"per-rank batch {len(mine)} is not divisible by micro batch {micro}")
+    return [mine[i : i + micro] for i in range(0, len(mine), micro)]
+
+
+def train(
+    model: PreTrainedModel,
+    sequences: torch.Tensor,
+    cfg: TrainingConfig,
+    runtime: Runtime,
+    checkpointer: Checkpointer,
+    reporter: ProgressReporter,
+) -> TrainOutcome:
+    # 1. Resume from the last committed checkpoint, if this run has one.
+    start_step = 0
+    resumed = checkpointer.latest(runtime.device)
+    if resumed is not None:
+        model, start_step = resumed.model, resumed.step
+    model.to(runtime.device).train()
+    optimizer = _optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    if resumed is not None:
+        optimizer.load_state_dict(resumed.state["optimizer"])
+        scheduler.load_state_dict(resumed.state["scheduler"])
+        torch.set_rng_state(resumed.state["rng"])
+
+    # 2. Wrap for multi-process training; optionally compile.
+    engine: torch.nn.Module = model
+    if runtime.distributed:
+        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        engine = DistributedDataParallel(model, device_ids=device_ids)
+    if cfg.compile:
+        engine = torch.compile(engine)  # type: ignore[assignment]
+
+    def save(step: int) -> None:
+        if runtime.is_main:
+            state = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "step": step,
+            }
+            checkpointer.save(step, model, state)
+        runtime.barrier()
+
+    # 3. The loop.
+    tokens_per_step = cfg.batch_size * sequences.shape[1]
+    loss_value: float | None = None
+    started = time.monotonic()
+    window_start, window_steps = started, 0
+    bar = tqdm(
+        total=cfg.steps, initial=start_step, disable=not runtime.is_main, desc="train",
+        unit="step", dynamic_ncols=True, mininterval=2.0,
+    )
+    with _Preemption() as preemption:
+        for step in range(start_step, cfg.steps):
+            micro_batches = _micro_batches(
+                batch_indices(step, cfg.batch_size, len(sequences), cfg.seed), runtime, cfg
+            )
+            step_loss = 0.0
+            for i, micro in enumerate(micro_batches):
+                batch = sequences[micro].to(runtime.device, non_blocking=True)
+                last = i == len(micro_batches) - 1
+                sync = engine.no_sync() if runtime.distributed and not last else nullcontext()  # type: ignore[operator]
+                with sync, runtime.autocast():
+                    loss = engine(input_ids=batch, labels=batch).loss / len(micro_batches)
+                loss.backward()  # type: ignore[no-untyped-call]
+                step_loss += float(loss.detach())
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = step_loss
+            done = step + 1
+            window_steps += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}", refresh=False)
+
+            # Progress for the operator; throughput over the recent window.
+            elapsed = time.monotonic() - window_start
+            rate = window_steps * tokens_per_step / elapsed if elapsed > 0 else 0.0
+            remaining = (cfg.steps - done) * (elapsed / window_steps) if window_steps else None
+            force = done == cfg.steps or done % cfg.checkpoint_interval == 0
+            reporter.report(
+                Progress(
+                    run_id=checkpointer.run_id, phase="training", step=done,
+                    total_steps=cfg.steps, tokens_per_second=round(rate, 1),
+                    loss=round(step_loss, 5), eta_seconds=remaining,
+                ),
+                force=force,
+            )
+            if elapsed > 30:
+                window_start, window_steps = time.monotonic(), 0
+            if done % cfg.checkpoint_interval == 0 and done < cfg.steps:
+                save(done)
+            if preemption.requested and done < cfg.steps:
+                save(done)
+                bar.close()
+                raise TransientError(f"preempted (SIGTERM) at step {done}; checkpoint committed")
+    bar.close()
+    seconds = time.monotonic() - started
+    log.info("train.done", steps=cfg.steps, seconds=round(seconds, 1), loss=loss_value)
+    return TrainOutcome(
+        model=model,
+        steps=cfg.steps,
+        tokens=(cfg.steps - start_step) * tokens_per_step,
+        seconds=seconds,
+        final_loss=loss_value,
+    )
+
