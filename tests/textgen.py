@@ -9,10 +9,60 @@ import random
 from pathlib import Path
 
 DOMAIN_WORDS = {
-    "cooking": "salt pepper onion garlic simmer boil butter flour oven whisk stir bake".split(),
-    "sailing": "keel mast sail wind tack jib hull port starboard anchor harbor knot".split(),
-    "finance": "bond yield equity stock dividend ledger asset credit debit margin loan".split(),
-    "poetry": "moon rose sorrow night dream silver heart tender river ember dusk".split(),
+    "cooking": [
+        "salt",
+        "pepper",
+        "onion",
+        "garlic",
+        "simmer",
+        "boil",
+        "butter",
+        "flour",
+        "oven",
+        "whisk",
+        "stir",
+        "bake",
+    ],
+    "sailing": [
+        "keel",
+        "mast",
+        "sail",
+        "wind",
+        "tack",
+        "jib",
+        "hull",
+        "port",
+        "starboard",
+        "anchor",
+        "harbor",
+        "knot",
+    ],
+    "finance": [
+        "bond",
+        "yield",
+        "equity",
+        "stock",
+        "dividend",
+        "ledger",
+        "asset",
+        "credit",
+        "debit",
+        "margin",
+        "loan",
+    ],
+    "poetry": [
+        "moon",
+        "rose",
+        "sorrow",
+        "night",
+        "dream",
+        "silver",
+        "heart",
+        "tender",
+        "river",
+        "ember",
+        "dusk",
+    ],
 }
 SHAPES = {
     "cooking": "{a} the {b} with {c} then {d}.",
@@ -28,14 +78,15 @@ def domain_text(domain: str, documents: int, seed: int = 0) -> str:
     docs = []
     for _ in range(documents):
         lines = [
-            shape.format(**{k: rng.choice(words) for k in "abcd"})
-            for _ in range(rng.randint(3, 8))
+            shape.format(**{k: rng.choice(words) for k in "abcd"}) for _ in range(rng.randint(3, 8))
         ]
         docs.append("\n".join(lines))
     return "\n\n\n".join(docs) + "\n"
 
 
-def write_domains(root: Path, domains: list[str], train_docs: int = 120, valid_docs: int = 12) -> Path:
+def write_domains(
+    root: Path, domains: list[str], train_docs: int = 120, valid_docs: int = 12
+) -> Path:
     for domain in domains:
         folder = root / domain
         folder.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,9 @@ def logsumexp(values: Sequence[float]) -> float:
     return peak + math.log(sum(math.exp(v - peak) for v in values))
 
 
-def posterior(log_likelihoods: Sequence[float], prior: Sequence[float] | None = None) -> list[float]:
+def posterior(
+    log_likelihoods: Sequence[float], prior: Sequence[float] | None = None
+) -> list[float]:
     """P(D=j | x) from log P(x | D=j) and the prior P(D=j) (uniform when None)."""
     n = len(log_likelihoods)
     if n == 0:
@@ -39,7 +41,10 @@ def posterior(log_likelihoods: Sequence[float], prior: Sequence[float] | None = 
     prior = normalize(prior) if prior is not None else [1.0 / n] * n
     if len(prior) != n:
         raise ValueError(f"{n} likelihoods but {len(prior)} prior weights")
-    joint = [ll + (math.log(p) if p > 0 else -math.inf) for ll, p in zip(log_likelihoods, prior)]
+    joint = [
+        ll + (math.log(p) if p > 0 else -math.inf)
+        for ll, p in zip(log_likelihoods, prior, strict=False)
+    ]
     norm = logsumexp(joint)
     if norm == -math.inf:
         raise BadInputError("every expert gives the text zero probability")
@@ -96,11 +101,11 @@ def init_weights(
             raise BadInputError(f"cannot copy expert {copy_from!r}: not in the forest")
         return {copy_from: 1.0}
     if strategy is InitStrategy.UNIFORM:
-        return dict(zip(experts, top_k([1.0] * len(experts), None)))
+        return dict(zip(experts, top_k([1.0] * len(experts), None), strict=False))
     if prior is None:
         raise BadInputError("init strategy 'posterior' needs the domain prior of the new data")
     missing = [d for d in experts if d not in prior]
     if missing:
         raise BadInputError(f"the prior has no weight for experts {missing}")
     weights = top_k([prior[d] for d in experts], k)
-    return {d: w for d, w in zip(experts, weights) if w > 0}
+    return {d: w for d, w in zip(experts, weights, strict=False) if w > 0}

@@ -46,7 +46,9 @@ class Manifest(BaseModel):
             return self.experts[domain]
         except KeyError:
             known = ", ".join(sorted(self.experts)) or "none"
-            raise NotFoundError(f"the manifest has no expert {domain!r} (experts: {known})") from None
+            raise NotFoundError(
+                f"the manifest has no expert {domain!r} (experts: {known})"
+            ) from None
 
     def sorted_experts(self) -> list[ExpertEntry]:
         return [self.experts[d] for d in sorted(self.experts)]

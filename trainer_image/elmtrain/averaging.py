@@ -38,7 +38,8 @@ def average_files(paths: Sequence[Path], weights: Sequence[float], out: Path) ->
         first = readers[0]
         for reader in readers[1:]:
             mismatch = {
-                n for n, i in first.tensors.items()
+                n
+                for n, i in first.tensors.items()
                 if n not in reader.tensors
                 or (reader.tensors[n].dtype, reader.tensors[n].shape) != (i.dtype, i.shape)
             } | (reader.tensors.keys() - first.tensors.keys())
@@ -57,7 +58,7 @@ def average_files(paths: Sequence[Path], weights: Sequence[float], out: Path) ->
                 continue
             accumulator = template.to(torch.float32).mul_(weights[0])
             del template
-            for reader, weight in zip(readers[1:], weights[1:]):
+            for reader, weight in zip(readers[1:], weights[1:], strict=False):
                 accumulator.add_(reader.get(name).to(torch.float32), alpha=weight)
             writer.write(name, accumulator.to(DTYPES[first.tensors[name].dtype]))
             del accumulator
@@ -79,6 +80,7 @@ def average_models(dirs: Sequence[Path], weights: Sequence[float], out_dir: Path
     shutil.copyfile(dirs[0] / "config.json", out_dir / "config.json")
     for directory in dirs:
         if not (directory / WEIGHTS_FILE).is_file():
-            raise BadInputError(f"{directory} has no {WEIGHTS_FILE} (sharded checkpoints are not supported)")
+            raise BadInputError(
+                f"{directory} has no {WEIGHTS_FILE} (sharded checkpoints are not supported)"
+            )
     average_files([d / WEIGHTS_FILE for d in dirs], normalize(weights), out_dir / WEIGHTS_FILE)
-

@@ -42,8 +42,7 @@ def initialize(
     dirs = {e.domain: forest.fetch(e) for e in experts}
     prior: dict[str, float] = {}
     if strategy is InitStrategy.POSTERIOR and experts:
-        weights = domain_prior(list(dirs.values()), sample, runtime)
-        prior = dict(zip(dirs, weights))
+        prior = dict(zip(dirs, domain_prior(list(dirs.values()), sample, runtime), strict=True))
         log.info("branch.prior", domain=domain, prior={d: round(w, 4) for d, w in prior.items()})
     weights = init_weights(strategy, list(dirs), prior=prior, k=k, copy_from=copy_from)
     if not weights:

@@ -79,7 +79,7 @@ def iter_documents(locations: Sequence[str], endpoint: str | None = None) -> Ite
 
 
 def _tokenize_file(path: Path, name: str, tokenizer: PreTrainedTokenizerFast) -> np.ndarray:
-    eos = int(tokenizer.eos_token_id)  # type: ignore[arg-type]
+    eos = int(tokenizer.eos_token_id)
     ids: list[int] = []
     batch: list[str] = []
 

@@ -93,8 +93,12 @@ def run_training_job(
     if spec.val_data:
         val_all = load_sequences(spec.val_data, tokenizer, cfg.seq_len, forest.endpoint)
         val = val_all[: cfg.eval_batches * cfg.batch_size]
-    log.info("job.data", run_id=spec.run_id, train_sequences=len(sequences),
-             val_sequences=0 if val is None else len(val))
+    log.info(
+        "job.data",
+        run_id=spec.run_id,
+        train_sequences=len(sequences),
+        val_sequences=0 if val is None else len(val),
+    )
 
     model.to(runtime.device)
     loss_before, ppl_before, _ = _validation_ppl(model, val, runtime)
@@ -106,14 +110,25 @@ def run_training_job(
     )
     loss_after, ppl_after, val_tokens = _validation_ppl(outcome.model, val, runtime)
     metrics = Metrics(
-        val_loss_before=loss_before, val_ppl_before=ppl_before,
-        val_loss_after=loss_after, val_ppl_after=ppl_after, val_tokens=val_tokens,
-        train_tokens=outcome.tokens, steps=outcome.steps, seconds=round(outcome.seconds, 2),
+        val_loss_before=loss_before,
+        val_ppl_before=ppl_before,
+        val_loss_after=loss_after,
+        val_ppl_after=ppl_after,
+        val_tokens=val_tokens,
+        train_tokens=outcome.tokens,
+        steps=outcome.steps,
+        seconds=round(outcome.seconds, 2),
     )
     result = Result(
-        run_id=spec.run_id, kind=spec.kind, path=spec.out_key, sha256="0" * 64,
-        domain=spec.domain, version=spec.version, init_strategy=spec.init_strategy,
-        parents=spec.parents, metrics=metrics,
+        run_id=spec.run_id,
+        kind=spec.kind,
+        path=spec.out_key,
+        sha256="0" * 64,
+        domain=spec.domain,
+        version=spec.version,
+        init_strategy=spec.init_strategy,
+        parents=spec.parents,
+        metrics=metrics,
     )
     if runtime.is_main:
         result = publish(forest, spec, outcome.model, result)
@@ -130,14 +145,25 @@ def publish(forest: Forest, spec: JobSpec, model: PreTrainedModel, result: Resul
         (folder / layout.METRICS).write_text(result.metrics.model_dump_json(indent=1))
         sha = commit_dir(forest.storage, folder, spec.out_key)
     result = result.model_copy(update={"sha256": sha})
-    forest.storage.write_bytes(layout.run_result(spec.run_id), result.model_dump_json(indent=1).encode())
+    forest.storage.write_bytes(
+        layout.run_result(spec.run_id), result.model_dump_json(indent=1).encode()
+    )
     ProgressReporter(forest.storage, spec.run_id).report(
-        Progress(run_id=spec.run_id, phase="done", step=result.metrics.steps,
-                 total_steps=result.metrics.steps),
+        Progress(
+            run_id=spec.run_id,
+            phase="done",
+            step=result.metrics.steps,
+            total_steps=result.metrics.steps,
+        ),
         force=True,
     )
-    log.info("job.committed", run_id=spec.run_id, path=spec.out_key, sha256=sha[:12],
-             metrics=json.loads(result.metrics.model_dump_json()))
+    log.info(
+        "job.committed",
+        run_id=spec.run_id,
+        path=spec.out_key,
+        sha256=sha[:12],
+        metrics=json.loads(result.metrics.model_dump_json()),
+    )
     if spec.merge:
         manifest = merge_verified(forest.storage, result)
         log.info("job.merged", run_id=spec.run_id, revision=manifest.revision)

@@ -57,8 +57,10 @@ def load_model(directory: Path, device: torch.device | None = None) -> PreTraine
         model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
             directory, dtype=torch.float32
         )
-    except (OSError, ValueError, KeyError) as error:
-        raise BadInputError(f"cannot load the model in {directory}: {error}") from None
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        # Shape mismatches (a checkpoint of another architecture) land here too.
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise BadInputError(f"cannot load the model in {directory}: {first_line}") from None
     model.eval()
     return model.to(device) if device is not None else model
 

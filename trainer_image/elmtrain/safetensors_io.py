@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+from io import BufferedReader
 from pathlib import Path
 from typing import IO, Any
 
@@ -43,7 +44,7 @@ class SafetensorsReader:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._handle: IO[bytes] = path.open("rb")
+        self._handle: BufferedReader = path.open("rb")
         try:
             (length,) = struct.unpack("<Q", self._handle.read(8))
             header: dict[str, Any] = json.loads(self._handle.read(length))
@@ -81,7 +82,9 @@ class SafetensorsReader:
 class SafetensorsWriter:
     """Writes tensors in a declared order; the header is known before any data is written."""
 
-    def __init__(self, path: Path, layout: dict[str, tuple[str, list[int]]], metadata: dict[str, str]) -> None:
+    def __init__(
+        self, path: Path, layout: dict[str, tuple[str, list[int]]], metadata: dict[str, str]
+    ) -> None:
         header: dict[str, Any] = {"__metadata__": metadata}
         offset = 0
         self._order = list(layout)
@@ -105,8 +108,9 @@ class SafetensorsWriter:
         spec = self._header[name]
         if _NAMES[tensor.dtype] != spec["dtype"] or list(tensor.shape) != spec["shape"]:
             raise ValueError(f"tensor {name} does not match its declared dtype/shape")
-        self._handle.write(tensor.contiguous().view(torch.uint8).numpy().tobytes()
-                           if tensor.numel() else b"")
+        self._handle.write(
+            tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        )
         self._next += 1
 
     def close(self) -> None:

@@ -141,8 +141,13 @@ def train(
     started = time.monotonic()
     window_start, window_steps = started, 0
     bar = tqdm(
-        total=cfg.steps, initial=start_step, disable=not runtime.is_main, desc="train",
-        unit="step", dynamic_ncols=True, mininterval=2.0,
+        total=cfg.steps,
+        initial=start_step,
+        disable=not runtime.is_main,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=2.0,
     )
     with _Preemption() as preemption:
         for step in range(start_step, cfg.steps):
@@ -156,7 +161,7 @@ def train(
                 sync = engine.no_sync() if runtime.distributed and not last else nullcontext()  # type: ignore[operator]
                 with sync, runtime.autocast():
                     loss = engine(input_ids=batch, labels=batch).loss / len(micro_batches)
-                loss.backward()  # type: ignore[no-untyped-call]
+                loss.backward()
                 step_loss += float(loss.detach())
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -176,9 +181,13 @@ def train(
             force = done == cfg.steps or done % cfg.checkpoint_interval == 0
             reporter.report(
                 Progress(
-                    run_id=checkpointer.run_id, phase="training", step=done,
-                    total_steps=cfg.steps, tokens_per_second=round(rate, 1),
-                    loss=round(step_loss, 5), eta_seconds=remaining,
+                    run_id=checkpointer.run_id,
+                    phase="training",
+                    step=done,
+                    total_steps=cfg.steps,
+                    tokens_per_second=round(rate, 1),
+                    loss=round(step_loss, 5),
+                    eta_seconds=remaining,
                 ),
                 force=force,
             )
@@ -200,4 +209,3 @@ def train(
         seconds=seconds,
         final_loss=loss_value,
     )
-

@@ -43,7 +43,9 @@ def read_marker(storage: Storage, key: str) -> tuple[CommitMarker, str] | None:
     return CommitMarker.model_validate_json(data), sha256_bytes(data)
 
 
-def verify_committed(storage: Storage, key: str, expected_sha256: str | None = None) -> CommitMarker:
+def verify_committed(
+    storage: Storage, key: str, expected_sha256: str | None = None
+) -> CommitMarker:
     """Check, without downloading, that ``key`` is committed, its files exist with the recorded
     sizes, and (if given) that its marker is the expected one."""
     found = read_marker(storage, key)
@@ -94,6 +96,8 @@ def committed_steps(storage: Storage, checkpoints_key: str) -> list[int]:
     steps = []
     for name in storage.list_children(checkpoints_key):
         step = layout.parse_checkpoint_step(name)
-        if step is not None and storage.exists(_join(_join(checkpoints_key, name), layout.COMMIT_MARKER)):
+        if step is not None and storage.exists(
+            _join(_join(checkpoints_key, name), layout.COMMIT_MARKER)
+        ):
             steps.append(step)
     return sorted(steps)

@@ -114,7 +114,9 @@ class LocalStorage(Storage):
         for path in top.rglob("*"):
             name = path.name
             # Temporary and lock files are our own write machinery, never content.
-            if path.is_file() and not (name.startswith(".") and name.endswith((".tmp", ".lock", ".part"))):
+            if path.is_file() and not (
+                name.startswith(".") and name.endswith((".tmp", ".lock", ".part"))
+            ):
                 keys.append(path.relative_to(self.base).as_posix())
         return sorted(keys)
 

@@ -41,11 +41,12 @@ class S3Storage(Storage):
         *,
         endpoint: str | None = None,
         region: str | None = None,
-        max_attempts: int = 6,
+        max_attempts: int | None = None,
         client: Any = None,
     ) -> None:
         super().__init__(root)
         endpoint = endpoint or os.environ.get("ELMFOREST_S3_ENDPOINT") or None
+        max_attempts = max_attempts or int(os.environ.get("ELMFOREST_S3_MAX_ATTEMPTS", "6"))
         config = Config(
             retries={"max_attempts": max_attempts, "mode": "standard"},
             connect_timeout=10,

@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser("average", help="export a weighted parameter average of experts")
     add_forest_args(parser)
     parser.add_argument(
-        "--weights", default="uniform",
+        "--weights",
+        default="uniform",
         help="uniform | posterior (with --target-data) | domain=w,domain=w,...",
     )
     parser.add_argument("--target-data", nargs="*", default=[], help="posterior: target text")
@@ -50,10 +51,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if unknown:
             raise BadInputError(f"--weights names unknown experts {unknown}")
     names = list(weights)
-    kept = top_k([weights[n] for n in names], args.top_k) if args.top_k else normalize(
-        [weights[n] for n in names]
+    kept = (
+        top_k([weights[n] for n in names], args.top_k)
+        if args.top_k
+        else normalize([weights[n] for n in names])
     )
-    chosen = {n: w for n, w in zip(names, kept) if w > 0}
+    chosen = {n: w for n, w in zip(names, kept, strict=False) if w > 0}
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         folder = Path(tmp) / "average"
         average_models([forest.fetch(experts[n]) for n in chosen], list(chosen.values()), folder)

@@ -13,7 +13,12 @@ from elmcore.names import branch_run_id, validate_label
 from elmcore.records import Parent, Record, Result
 from elmcore.storage.commit import committed_steps
 from elmtrain import branch_init
-from elmtrain.commands.common import add_forest_args, add_training_args, open_forest, training_config
+from elmtrain.commands.common import (
+    add_forest_args,
+    add_training_args,
+    open_forest,
+    training_config,
+)
 from elmtrain.data import cache_dir, load_sequences, sample_sequences
 from elmtrain.jobs import JobSpec, finished_result, run_training_job
 from elmtrain.models import check_vocab, load_model
@@ -50,9 +55,16 @@ def run(args: argparse.Namespace) -> Result:
     cfg = training_config(args)
     runtime = setup_runtime(cfg)
     spec = JobSpec(
-        kind="expert", run_id=run_id, out_key=layout.expert(domain, args.version),
-        train_data=args.data, val_data=args.val_data, training=cfg, domain=domain,
-        version=args.version, init_strategy=args.init, merge=args.merge,
+        kind="expert",
+        run_id=run_id,
+        out_key=layout.expert(domain, args.version),
+        train_data=args.data,
+        val_data=args.val_data,
+        training=cfg,
+        domain=domain,
+        version=args.version,
+        init_strategy=args.init,
+        merge=args.merge,
     )
     previous = finished_result(forest, run_id)
     if previous is not None:  # a retried Job after success: verify, (merge,) done
@@ -62,19 +74,29 @@ def run(args: argparse.Namespace) -> Result:
         raise BadInputError("the forest has no seed yet: run 'elmtrain seed' first")
     tokenizer = forest.tokenizer()
     init_key = f"{layout.run(run_id)}/init.json"
-    if committed_steps(forest.storage, layout.run_checkpoints(run_id)) and forest.storage.exists(init_key):
+    if committed_steps(forest.storage, layout.run_checkpoints(run_id)) and forest.storage.exists(
+        init_key
+    ):
         # Resuming: the checkpoint holds the weights; the lineage was recorded at the start.
         recorded = InitRecord.model_validate_json(forest.storage.read_bytes(init_key))
         spec.parents = recorded.parents
         return run_training_job(forest, spec, load_model(forest.seed_dir()), runtime)
     sample = sample_sequences(
         load_sequences(args.data, tokenizer, cfg.seq_len, forest.endpoint),
-        args.init_sample, cfg.seed,
+        args.init_sample,
+        cfg.seed,
     )
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         init = branch_init.initialize(
-            forest, manifest, domain, InitStrategy(args.init), sample, runtime, Path(tmp),
-            k=args.top_k, copy_from=args.copy_from,
+            forest,
+            manifest,
+            domain,
+            InitStrategy(args.init),
+            sample,
+            runtime,
+            Path(tmp),
+            k=args.top_k,
+            copy_from=args.copy_from,
         )
         model = load_model(init.model_dir)
     check_vocab(model, len(tokenizer), f"branch {domain}")

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> str:
     forest = open_forest(args)
     runtime = setup_runtime()
     tokenizer = forest.tokenizer()
-    eos = int(tokenizer.eos_token_id)  # type: ignore[arg-type]
+    eos = int(tokenizer.eos_token_id)
     dirs = (
         [forest.fetch(e) for e in forest.manifest().sorted_experts()]
         if args.ensemble
@@ -50,7 +50,9 @@ def run(args: argparse.Namespace) -> str:
     prior = torch.full((len(models),), 1.0 / len(models), dtype=torch.float64)
     for _ in range(args.max_new_tokens):
         context = torch.tensor([ids], device=runtime.device)
-        logps = torch.stack([torch.log_softmax(m(input_ids=context).logits[0].float(), -1) for m in models])
+        logps = torch.stack(
+            [torch.log_softmax(m(input_ids=context).logits[0].float(), -1) for m in models]
+        )
         # Posterior over experts from the context so far, then the mixture's next-token law.
         targets = context[0, 1:].expand(len(models), -1)[..., None]
         context_loglik = logps[:, :-1].gather(-1, targets).squeeze(-1).sum(-1).double().cpu()

@@ -8,7 +8,12 @@ from elmcore import layout
 from elmcore.errors import BadInputError
 from elmcore.names import SEED_RUN_ID
 from elmcore.records import Result
-from elmtrain.commands.common import add_forest_args, add_training_args, open_forest, training_config
+from elmtrain.commands.common import (
+    add_forest_args,
+    add_training_args,
+    open_forest,
+    training_config,
+)
 from elmtrain.config import ModelConfig, load_json_arg, parse_config
 from elmtrain.jobs import JobSpec, run_training_job
 from elmtrain.models import build_model, check_vocab, load_model
@@ -36,11 +41,16 @@ def run(args: argparse.Namespace) -> Result:
         check_vocab(model, len(tokenizer), f"--pretrained {args.pretrained}")
     else:
         model_cfg = parse_config(ModelConfig, load_json_arg(args.model, "--model"), "--model")
-        model = build_model(model_cfg, len(tokenizer), int(tokenizer.eos_token_id), cfg.seed)  # type: ignore[arg-type]
+        model = build_model(model_cfg, len(tokenizer), int(tokenizer.eos_token_id), cfg.seed)
     if cfg.steps > 0 and not args.data:
         raise BadInputError("seed: --data is required when training steps > 0")
     spec = JobSpec(
-        kind="seed", run_id=SEED_RUN_ID, out_key=layout.SEED, train_data=args.data,
-        val_data=args.val_data, training=cfg, merge=args.merge,
+        kind="seed",
+        run_id=SEED_RUN_ID,
+        out_key=layout.SEED,
+        train_data=args.data,
+        val_data=args.val_data,
+        training=cfg,
+        merge=args.merge,
     )
     return run_training_job(forest, spec, model, runtime)

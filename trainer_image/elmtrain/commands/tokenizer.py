@@ -34,7 +34,9 @@ def run(args: argparse.Namespace) -> Result:
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         folder = Path(tmp) / "tokenizer"
         if args.source:
-            tokenizer = load_tokenizer(download_folder(args.source, forest.endpoint, "tokenizer.json"))
+            tokenizer = load_tokenizer(
+                download_folder(args.source, forest.endpoint, "tokenizer.json")
+            )
             tokenizer.save_pretrained(folder)
         else:
             train_tokenizer(iter_documents(args.data, forest.endpoint), args.vocab_size, folder)
@@ -44,4 +46,3 @@ def run(args: argparse.Namespace) -> Result:
     if args.merge:
         merge_verified(forest.storage, result)
     return result
-

@@ -1,0 +1,134 @@
+"""Bad input exits 65 with one clear line; transient faults exit 75 (documented codes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from elmcore.errors import ExitCode
+from tests.conftest import elmtrain
+from tests.trainer.conftest import ForestFactory, training
+
+
+def assert_fails(expected: ExitCode, match: str, *args: str, **env: str) -> None:
+    completed = elmtrain(*args, check=False, env=env)
+    assert completed.returncode == expected, completed.stderr[-2000:]
+    last = completed.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"elmtrain {args[0]}: "), last
+    assert match in last, last
+
+
+def test_missing_data_is_bad_input(seeded_forest: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    assert_fails(
+        ExitCode.BAD_INPUT,
+        "no text files",
+        "branch",
+        "--forest",
+        str(seeded_forest),
+        "--domain",
+        "cooking",
+        "--data",
+        str(tmp_path / "empty"),
+    )
+
+
+def test_unknown_expert_is_bad_input(seeded_forest: Path, corpus: Path) -> None:
+    assert_fails(
+        ExitCode.BAD_INPUT,
+        "no expert 'nope'",
+        "eval",
+        "--forest",
+        str(seeded_forest),
+        "--model",
+        "expert:nope",
+        "--data",
+        str(corpus / "cooking" / "valid.txt"),
+    )
+
+
+def test_wrong_architecture_is_bad_input(
+    seeded_forest: Path, tokenizer_forest: Path, corpus: Path, forest_copy: ForestFactory
+) -> None:
+    # Pretrained weights whose vocabulary does not match the forest's tokenizer.
+    other = forest_copy(tokenizer_forest, "other")
+    config = json.loads((seeded_forest / "seed" / "config.json").read_text())
+    config["vocab_size"] = 999
+    pretrained = other / "pretrained"
+    pretrained.mkdir()
+    (pretrained / "config.json").write_text(json.dumps(config))
+    (pretrained / "model.safetensors").write_bytes(
+        (seeded_forest / "seed" / "model.safetensors").read_bytes()
+    )
+    assert_fails(
+        ExitCode.BAD_INPUT,
+        "model",
+        "seed",
+        "--forest",
+        str(other),
+        "--pretrained",
+        str(pretrained),
+        "--steps",
+        "0",
+    )
+
+
+def test_invalid_domain_and_config_are_bad_input(seeded_forest: Path, corpus: Path) -> None:
+    data = str(corpus / "cooking" / "train.txt")
+    assert_fails(
+        ExitCode.BAD_INPUT,
+        "DNS-1123",
+        "branch",
+        "--forest",
+        str(seeded_forest),
+        "--domain",
+        "../etc",
+        "--data",
+        data,
+    )
+    assert_fails(
+        ExitCode.BAD_INPUT,
+        "learning_rate",
+        "branch",
+        "--forest",
+        str(seeded_forest),
+        "--domain",
+        "cooking",
+        "--data",
+        data,
+        "--training",
+        '{"learning_rate": -1}',
+    )
+    assert_fails(
+        ExitCode.BAD_INPUT,
+        "no tokenizer yet",
+        "seed",
+        "--forest",
+        str(seeded_forest) + "-none",
+        "--data",
+        data,
+        "--training",
+        training(),
+    )
+
+
+def test_unreachable_storage_is_transient(corpus: Path) -> None:
+    assert_fails(
+        ExitCode.TRANSIENT,
+        "transient",
+        "eval",
+        "--forest",
+        "s3://no-such/forest",
+        "--s3-endpoint",
+        "http://127.0.0.1:9",
+        "--data",
+        str(corpus / "poetry"),
+        ELMFOREST_S3_MAX_ATTEMPTS="2",
+    )
+
+
+@pytest.mark.parametrize("argv", [["seed"], ["branch", "--forest", "x"]])
+def test_usage_errors_exit_2(argv: list[str]) -> None:
+    assert elmtrain(*argv, check=False).returncode == ExitCode.USAGE

@@ -1,0 +1,81 @@
+"""A run killed with SIGKILL resumes from its last committed step and ends bit-identical."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import elmtrain
+from tests.trainer.conftest import ForestFactory, training
+
+STEPS, INTERVAL = 80, 10
+
+
+def branch_args(forest: Path, corpus: Path) -> list[str]:
+    return [
+        "branch",
+        "--forest",
+        str(forest),
+        "--domain",
+        "cooking",
+        "--data",
+        str(corpus / "cooking" / "train.txt"),
+        "--val-data",
+        str(corpus / "cooking" / "valid.txt"),
+        "--training",
+        training(steps=STEPS, checkpoint_interval=INTERVAL),
+        "--merge",
+    ]
+
+
+def test_sigkill_mid_training_resumes_to_identical_weights(
+    seeded_forest: Path, corpus: Path, forest_copy: ForestFactory
+) -> None:
+    reference = forest_copy(seeded_forest, "reference")
+    elmtrain(*branch_args(reference, corpus))
+
+    killed = forest_copy(seeded_forest, "killed")
+    run_dir = killed / "runs" / "branch.cooking.v1"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "elmtrain", *branch_args(killed, corpus)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    first = run_dir / "checkpoints" / f"step-{INTERVAL:08d}" / "COMMITTED.json"
+    deadline = time.monotonic() + 240
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (run_dir / "result.json").exists(), "the kill came after the run had finished"
+    assert not (killed / "experts").exists()
+
+    resumed = elmtrain(*branch_args(killed, corpus))
+    assert '"checkpoint.resumed"' in resumed.stderr
+
+    expected = load_file(reference / "experts/cooking/v1/model.safetensors")
+    actual = load_file(killed / "experts/cooking/v1/model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    # The checkpoints were only for resuming: cleaned up once the expert is committed.
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_rerunning_a_finished_run_changes_nothing(
+    seeded_forest: Path, corpus: Path, forest_copy: ForestFactory
+) -> None:
+    forest = forest_copy(seeded_forest, "twice")
+    elmtrain(*branch_args(forest, corpus))
+    manifest = (forest / "manifest.json").read_text()
+    again = elmtrain(*branch_args(forest, corpus))
+    assert '"job.already_finished"' in again.stderr
+    assert (forest / "manifest.json").read_text() == manifest
