@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -66,6 +67,12 @@ def test_sigkill_mid_training_resumes_to_identical_weights(
     assert expected.keys() == actual.keys()
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name
+    # The "before" perplexity is the init's, also for the attempt that resumed.
+    metrics = [
+        json.loads((f / "experts/cooking/v1/metrics.json").read_text()) for f in (reference, killed)
+    ]
+    assert metrics[0]["val_ppl_before"] == metrics[1]["val_ppl_before"]
+    assert metrics[1]["val_ppl_after"] < metrics[1]["val_ppl_before"]
     # The checkpoints were only for resuming: cleaned up once the expert is committed.
     assert not (run_dir / "checkpoints").exists()
 

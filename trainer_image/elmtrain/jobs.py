@@ -68,6 +68,27 @@ def _validation_ppl(
     return loss, ppl, tokens
 
 
+def _before_training(
+    forest: Forest,
+    run_id: str,
+    model: PreTrainedModel,
+    val: torch.Tensor | None,
+    runtime: Runtime,
+) -> tuple[float | None, float | None]:
+    """Validation loss of the initial weights, measured once per run: a resumed attempt starts
+    from a checkpoint, not from the init, so it reads what the first attempt recorded."""
+    key = f"{layout.run(run_id)}/before.json"
+    try:
+        recorded = json.loads(forest.storage.read_bytes(key))
+        return recorded["loss"], recorded["perplexity"]
+    except NotFoundError:
+        pass
+    loss, ppl, _ = _validation_ppl(model, val, runtime)
+    if runtime.is_main:
+        forest.storage.write_bytes(key, json.dumps({"loss": loss, "perplexity": ppl}).encode())
+    return loss, ppl
+
+
 def run_training_job(
     forest: Forest, spec: JobSpec, model: PreTrainedModel, runtime: Runtime
 ) -> Result:
@@ -101,8 +122,8 @@ def run_training_job(
     )
 
     model.to(runtime.device)
-    loss_before, ppl_before, _ = _validation_ppl(model, val, runtime)
     checkpointer = Checkpointer(forest.storage, spec.run_id, cfg.keep_checkpoints)
+    loss_before, ppl_before = _before_training(forest, spec.run_id, model, val, runtime)
     outcome = train(model, sequences, cfg, runtime, checkpointer, reporter)
     reporter.report(
         Progress(run_id=spec.run_id, phase="evaluating", step=cfg.steps, total_steps=cfg.steps),
