@@ -43,17 +43,22 @@ def read_marker(storage: Storage, key: str) -> tuple[CommitMarker, str] | None:
     return CommitMarker.model_validate_json(data), sha256_bytes(data)
 
 
-def verify_committed(
-    storage: Storage, key: str, expected_sha256: str | None = None
-) -> CommitMarker:
-    """Check, without downloading, that ``key`` is committed, its files exist with the recorded
-    sizes, and (if given) that its marker is the expected one."""
+def _require_marker(storage: Storage, key: str, expected_sha256: str | None) -> CommitMarker:
     found = read_marker(storage, key)
     if found is None:
         raise IntegrityError(f"{storage.uri(key)} is not committed (no {layout.COMMIT_MARKER})")
     marker, sha = found
     if expected_sha256 is not None and sha != expected_sha256:
         raise IntegrityError(f"{storage.uri(key)} holds other bytes than recorded ({sha[:12]})")
+    return marker
+
+
+def verify_committed(
+    storage: Storage, key: str, expected_sha256: str | None = None
+) -> CommitMarker:
+    """Check, without downloading, that ``key`` is committed, its files exist with the recorded
+    sizes, and (if given) that its marker is the expected one."""
+    marker = _require_marker(storage, key, expected_sha256)
     for name, digest in marker.files.items():
         size = storage.size(_join(key, name))
         if size != digest.size:
@@ -65,12 +70,7 @@ def fetch_committed(
     storage: Storage, key: str, target: Path, expected_sha256: str | None = None
 ) -> CommitMarker:
     """Download a committed folder into ``target`` (replaced whole), verifying every file."""
-    found = read_marker(storage, key)
-    if found is None:
-        raise IntegrityError(f"{storage.uri(key)} is not committed (no {layout.COMMIT_MARKER})")
-    marker, sha = found
-    if expected_sha256 is not None and sha != expected_sha256:
-        raise IntegrityError(f"{storage.uri(key)} holds other bytes than recorded ({sha[:12]})")
+    marker = _require_marker(storage, key, expected_sha256)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
