@@ -43,7 +43,7 @@ def posterior(
         raise ValueError(f"{n} likelihoods but {len(prior)} prior weights")
     joint = [
         ll + (math.log(p) if p > 0 else -math.inf)
-        for ll, p in zip(log_likelihoods, prior, strict=False)
+        for ll, p in zip(log_likelihoods, prior, strict=True)
     ]
     norm = logsumexp(joint)
     if norm == -math.inf:
@@ -101,11 +101,11 @@ def init_weights(
             raise BadInputError(f"cannot copy expert {copy_from!r}: not in the forest")
         return {copy_from: 1.0}
     if strategy is InitStrategy.UNIFORM:
-        return dict(zip(experts, top_k([1.0] * len(experts), None), strict=False))
+        return dict(zip(experts, top_k([1.0] * len(experts), None), strict=True))
     if prior is None:
         raise BadInputError("init strategy 'posterior' needs the domain prior of the new data")
     missing = [d for d in experts if d not in prior]
     if missing:
         raise BadInputError(f"the prior has no weight for experts {missing}")
     weights = top_k([prior[d] for d in experts], k)
-    return {d: w for d, w in zip(experts, weights, strict=False) if w > 0}
+    return {d: w for d, w in zip(experts, weights, strict=True) if w > 0}

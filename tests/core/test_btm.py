@@ -18,7 +18,7 @@ LOGLIKS = [-120.5, -118.25, -131.0, -119.0]
 def brute_posterior(logliks: list[float], prior: list[float]) -> list[float]:
     # Straight Bayes in probability space (fine for these magnitudes with a shift).
     shift = max(logliks)
-    joint = [math.exp(ll - shift) * p for ll, p in zip(logliks, prior, strict=False)]
+    joint = [math.exp(ll - shift) * p for ll, p in zip(logliks, prior, strict=True)]
     return [j / sum(joint) for j in joint]
 
 

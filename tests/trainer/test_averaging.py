@@ -29,7 +29,7 @@ def test_explicit_weights_equal_the_weighted_sum(tmp_path: Path) -> None:
     averaged = load_file(tmp_path / "avg" / "model.safetensors")
     assert averaged.keys() == inputs[0].keys()
     for name, tensor in averaged.items():
-        expected = sum(w * t[name] for w, t in zip(weights, inputs, strict=False))
+        expected = sum(w * t[name] for w, t in zip(weights, inputs, strict=True))
         assert torch.allclose(tensor, expected, atol=1e-6), name  # type: ignore[arg-type]
 
 

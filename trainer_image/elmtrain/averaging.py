@@ -58,7 +58,7 @@ def average_files(paths: Sequence[Path], weights: Sequence[float], out: Path) ->
                 continue
             accumulator = template.to(torch.float32).mul_(weights[0])
             del template
-            for reader, weight in zip(readers[1:], weights[1:], strict=False):
+            for reader, weight in zip(readers[1:], weights[1:], strict=True):
                 accumulator.add_(reader.get(name).to(torch.float32), alpha=weight)
             writer.write(name, accumulator.to(DTYPES[first.tensors[name].dtype]))
             del accumulator

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.top_k
         else normalize([weights[n] for n in names])
     )
-    chosen = {n: w for n, w in zip(names, kept, strict=False) if w > 0}
+    chosen = {n: w for n, w in zip(names, kept, strict=True) if w > 0}
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         folder = Path(tmp) / "average"
         average_models([forest.fetch(experts[n]) for n in chosen], list(chosen.values()), folder)

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sequences = load_sequences([location], tokenizer, args.seq_len, forest.endpoint)
         logprobs = expert_logprobs(dirs, sequences[: args.max_sequences], runtime)
         prior_t = torch.tensor(prior, dtype=torch.float64)
-        entry: dict[str, Any] = {"prior": dict(zip(names, prior, strict=False))}
+        entry: dict[str, Any] = {"prior": dict(zip(names, prior, strict=True))}
         for k in [None, *args.top_k]:
             loss, ppl, tokens = perplexity(ensemble_logprobs(logprobs, prior_t, k))
             entry["full" if k is None else f"top{k}"] = {

@@ -33,7 +33,7 @@ def prior_for(
         load_sequences(data, forest.tokenizer(), seq_len, forest.endpoint), sample, seed
     )
     weights = domain_prior([forest.fetch(e) for e in experts], sequences, runtime)
-    return {e.domain: w for e, w in zip(experts, weights, strict=False)}
+    return {e.domain: w for e, w in zip(experts, weights, strict=True)}
 
 
 def run(args: argparse.Namespace) -> dict[str, float]:
