@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 from elmcore.errors import BadInputError
 from elmtrain.averaging import average_files, average_models
@@ -16,8 +17,11 @@ from elmtrain.config import ModelConfig
 from elmtrain.models import build_model, save_model
 
 
-def test_explicit_weights_equal_the_weighted_sum(tmp_path: Path) -> None:
-    config = ModelConfig(d_model=32, n_layers=2, n_heads=2, context_length=32)
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_explicit_weights_equal_the_weighted_sum(tmp_path: Path, family: str) -> None:
+    config = ModelConfig.model_validate(
+        {"family": family, "d_model": 32, "n_layers": 2, "n_heads": 2, "context_length": 32}
+    )
     dirs = []
     for seed in range(3):
         directory = tmp_path / f"m{seed}"
@@ -31,6 +35,8 @@ def test_explicit_weights_equal_the_weighted_sum(tmp_path: Path) -> None:
     for name, tensor in averaged.items():
         expected = sum(w * t[name] for w, t in zip(weights, inputs, strict=True))
         assert torch.allclose(tensor, expected, atol=1e-6), name  # type: ignore[arg-type]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "avg")
+    assert model.config.model_type == family
 
 
 def test_mixed_dtypes_and_integer_buffers(tmp_path: Path) -> None:
