@@ -59,6 +59,18 @@ def finished_result(forest: Forest, run_id: str) -> Result | None:
     return result
 
 
+def finish_if_done(forest: Forest, spec: JobSpec, runtime: Runtime) -> Result | None:
+    """A retried Job after success: verify the earlier result, merge it if asked, and stop
+    before any model is loaded."""
+    previous = finished_result(forest, spec.run_id)
+    if previous is None:
+        return None
+    log.info("job.already_finished", run_id=spec.run_id, path=previous.path)
+    if spec.merge and runtime.is_main:
+        merge_verified(forest.storage, previous)
+    return previous
+
+
 def _validation_ppl(
     model: PreTrainedModel, val: torch.Tensor | None, runtime: Runtime
 ) -> tuple[float | None, float | None, int]:
@@ -92,13 +104,6 @@ def _before_training(
 def run_training_job(
     forest: Forest, spec: JobSpec, model: PreTrainedModel, runtime: Runtime
 ) -> Result:
-    previous = finished_result(forest, spec.run_id)
-    if previous is not None:
-        log.info("job.already_finished", run_id=spec.run_id, path=previous.path)
-        if spec.merge and runtime.is_main:
-            merge_verified(forest.storage, previous)
-        return previous
-
     cfg = spec.training
     reporter = ProgressReporter(
         forest.storage if runtime.is_main else None, spec.run_id, cfg.progress_interval_seconds

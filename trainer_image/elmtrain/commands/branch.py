@@ -20,7 +20,7 @@ from elmtrain.commands.common import (
     training_config,
 )
 from elmtrain.data import cache_dir, load_sequences, sample_sequences
-from elmtrain.jobs import JobSpec, finished_result, run_training_job
+from elmtrain.jobs import JobSpec, finish_if_done, run_training_job
 from elmtrain.models import check_vocab, load_model
 from elmtrain.runtime import setup_runtime
 
@@ -66,9 +66,9 @@ def run(args: argparse.Namespace) -> Result:
         init_strategy=args.init,
         merge=args.merge,
     )
-    previous = finished_result(forest, run_id)
-    if previous is not None:  # a retried Job after success: verify, (merge,) done
-        return run_training_job(forest, spec, load_model(forest.seed_dir()), runtime)
+    previous = finish_if_done(forest, spec, runtime)
+    if previous is not None:
+        return previous
     manifest = forest.manifest()
     if manifest.seed is None:
         raise BadInputError("the forest has no seed yet: run 'elmtrain seed' first")

@@ -15,7 +15,7 @@ from elmtrain.commands.common import (
     training_config,
 )
 from elmtrain.config import ModelConfig, load_json_arg, parse_config
-from elmtrain.jobs import JobSpec, run_training_job
+from elmtrain.jobs import JobSpec, finish_if_done, run_training_job
 from elmtrain.models import build_model, check_vocab, load_model
 from elmtrain.runtime import setup_runtime
 
@@ -35,15 +35,6 @@ def run(args: argparse.Namespace) -> Result:
     forest = open_forest(args)
     cfg = training_config(args)
     runtime = setup_runtime(cfg)
-    tokenizer = forest.tokenizer()
-    if args.pretrained:
-        model = load_model(forest.model_dir(args.pretrained))
-        check_vocab(model, len(tokenizer), f"--pretrained {args.pretrained}")
-    else:
-        model_cfg = parse_config(ModelConfig, load_json_arg(args.model, "--model"), "--model")
-        model = build_model(model_cfg, len(tokenizer), int(tokenizer.eos_token_id), cfg.seed)
-    if cfg.steps > 0 and not args.data:
-        raise BadInputError("seed: --data is required when training steps > 0")
     spec = JobSpec(
         kind="seed",
         run_id=SEED_RUN_ID,
@@ -53,4 +44,16 @@ def run(args: argparse.Namespace) -> Result:
         training=cfg,
         merge=args.merge,
     )
+    previous = finish_if_done(forest, spec, runtime)
+    if previous is not None:
+        return previous
+    tokenizer = forest.tokenizer()
+    if args.pretrained:
+        model = load_model(forest.model_dir(args.pretrained))
+        check_vocab(model, len(tokenizer), f"--pretrained {args.pretrained}")
+    else:
+        model_cfg = parse_config(ModelConfig, load_json_arg(args.model, "--model"), "--model")
+        model = build_model(model_cfg, len(tokenizer), int(tokenizer.eos_token_id), cfg.seed)
+    if cfg.steps > 0 and not args.data:
+        raise BadInputError("seed: --data is required when training steps > 0")
     return run_training_job(forest, spec, model, runtime)
