@@ -15,10 +15,6 @@ def expert(domain: str, version: int) -> str:
     return f"experts/{validate_label(domain, 'domain')}/{version_dir(version)}"
 
 
-def expert_domain(domain: str) -> str:
-    return f"experts/{validate_label(domain, 'domain')}"
-
-
 def run(run_id: str) -> str:
     return f"runs/{validate_run_id(run_id)}"
 

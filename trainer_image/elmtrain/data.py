@@ -68,14 +68,19 @@ def _documents(path: Path, name: str) -> Iterator[str]:
 
 def iter_documents(locations: Sequence[str], endpoint: str | None = None) -> Iterator[str]:
     """Every document of every location, in a fixed order (sorted keys)."""
+    for name, local in _local_files(locations, endpoint):
+        yield from _documents(local, name)
+
+
+def _local_files(locations: Sequence[str], endpoint: str | None) -> Iterator[tuple[str, Path]]:
+    """(name, local copy) of every text file, in order; each copy lives until the next one."""
     for location in locations:
         storage = open_storage(location, endpoint=endpoint)
         for key in _text_keys(storage, location):
             with tempfile.TemporaryDirectory() as tmp:
-                name = key or StorageURI.parse(location).name
                 local = Path(tmp) / "data"
                 storage.download_file(key, local)
-                yield from _documents(local, name)
+                yield key or StorageURI.parse(location).name, local
 
 
 def _tokenize_file(path: Path, name: str, tokenizer: PreTrainedTokenizerFast) -> np.ndarray:
@@ -108,23 +113,17 @@ def load_tokens(
     """One token stream for all locations; each file is tokenized once and cached by content."""
     fingerprint = tokenizer_fingerprint(tokenizer)
     parts: list[np.ndarray] = []
-    for location in locations:
-        storage = open_storage(location, endpoint=endpoint)
-        for key in _text_keys(storage, location):
-            name = key or StorageURI.parse(location).name
-            with tempfile.TemporaryDirectory() as tmp:
-                local = Path(tmp) / "data"
-                storage.download_file(key, local)
-                cached = cache_dir() / "tokens" / f"{sha256_file(local)}-{fingerprint}.npy"
-                if cached.is_file():
-                    parts.append(np.load(cached))
-                    continue
-                tokens = _tokenize_file(local, name, tokenizer)
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            staging = cached.with_name(f".{cached.name}.{os.getpid()}.tmp.npy")
-            np.save(staging, tokens)
-            staging.replace(cached)  # atomic: concurrent jobs may share the cache
-            parts.append(tokens)
+    for name, local in _local_files(locations, endpoint):
+        cached = cache_dir() / "tokens" / f"{sha256_file(local)}-{fingerprint}.npy"
+        if cached.is_file():
+            parts.append(np.load(cached))
+            continue
+        tokens = _tokenize_file(local, name, tokenizer)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        staging = cached.with_name(f".{cached.name}.{os.getpid()}.tmp.npy")
+        np.save(staging, tokens)
+        staging.replace(cached)  # atomic: concurrent jobs may share the cache
+        parts.append(tokens)
     if not parts:
         raise BadInputError(f"no documents in {', '.join(locations)}")
     return np.concatenate(parts)

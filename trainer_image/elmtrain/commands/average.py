@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from elmcore.btm import normalize, top_k
+from elmcore.btm import top_k
 from elmcore.errors import BadInputError
 from elmcore.storage import open_storage
 from elmcore.storage.commit import commit_dir
@@ -51,11 +51,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if unknown:
             raise BadInputError(f"--weights names unknown experts {unknown}")
     names = list(weights)
-    kept = (
-        top_k([weights[n] for n in names], args.top_k)
-        if args.top_k
-        else normalize([weights[n] for n in names])
-    )
+    kept = top_k([weights[n] for n in names], args.top_k)  # None: all, normalised
     chosen = {n: w for n, w in zip(names, kept, strict=True) if w > 0}
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         folder = Path(tmp) / "average"
