@@ -13,6 +13,10 @@ PURE = [
     "elmcore.uris",
     "elmcore.records",
     "elmcore.errors",
+    "elmcore.config",
+    "elmforest.planner.branch",
+    "elmforest.planner.forest",
+    "elmforest.api.crds",
 ]
 
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import structlog
 
 from elmcore.errors import ElmError, ExitCode
+from elmcore.logs import configure_logging
 from elmtrain.commands import (
     average,
     branch,
@@ -25,7 +26,6 @@ from elmtrain.commands import (
     seed,
     tokenizer,
 )
-from elmtrain.logs import configure_logging
 from elmtrain.progress import write_termination_message
 
 COMMANDS = (tokenizer, seed, branch, merge, evaluate, posterior, ensemble_eval, average, generate)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 
 from elmcore.uris import StorageURI, check_key
@@ -23,6 +24,18 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True, repr=False)
+class S3Credentials:
+    """Static S3 keys (from a Secret); repr hides them so logs never carry a key."""
+
+    access_key_id: str
+    secret_access_key: str
+    session_token: str | None = None
+
+    def __repr__(self) -> str:
+        return "S3Credentials(***)"
 
 
 class Storage(ABC):

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from elmcore.storage.base import Storage
+from elmcore.storage.base import S3Credentials, Storage
 from elmcore.uris import StorageURI
 
 
 def open_storage(
-    location: str | StorageURI, *, endpoint: str | None = None, region: str | None = None
+    location: str | StorageURI,
+    *,
+    endpoint: str | None = None,
+    region: str | None = None,
+    credentials: S3Credentials | None = None,
 ) -> Storage:
+    """``credentials`` default to boto3's chain (environment, pod identity)."""
     uri = location if isinstance(location, StorageURI) else StorageURI.parse(location)
     if uri.scheme == "file":
         from elmcore.storage.local import LocalStorage
@@ -17,4 +22,4 @@ def open_storage(
     # boto3 is imported only when S3 is used, so local mode and pure code never need it.
     from elmcore.storage.s3 import S3Storage
 
-    return S3Storage(uri, endpoint=endpoint, region=region)
+    return S3Storage(uri, endpoint=endpoint, region=region, credentials=credentials)

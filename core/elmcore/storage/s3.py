@@ -19,7 +19,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from elmcore.errors import BadInputError, ConflictError, NotFoundError, TransientError
-from elmcore.storage.base import Storage
+from elmcore.storage.base import S3Credentials, Storage
 from elmcore.uris import StorageURI, check_key
 
 T = TypeVar("T")
@@ -42,6 +42,7 @@ class S3Storage(Storage):
         endpoint: str | None = None,
         region: str | None = None,
         max_attempts: int | None = None,
+        credentials: S3Credentials | None = None,
         client: Any = None,
     ) -> None:
         super().__init__(root)
@@ -54,8 +55,17 @@ class S3Storage(Storage):
             # Path-style addressing works with every S3-compatible server; AWS accepts it too.
             s3={"addressing_style": "path"} if endpoint else {},
         )
+        keys = (
+            {
+                "aws_access_key_id": credentials.access_key_id,
+                "aws_secret_access_key": credentials.secret_access_key,
+                "aws_session_token": credentials.session_token,
+            }
+            if credentials
+            else {}
+        )
         self.client = client or boto3.client(
-            "s3", endpoint_url=endpoint, region_name=region or None, config=config
+            "s3", endpoint_url=endpoint, region_name=region or None, config=config, **keys
         )
 
     def _key(self, key: str) -> str:

@@ -1,0 +1,1 @@
+"""elmforest: the Kubernetes operator (and local runner) for Branch-Train-Merge forests."""

@@ -1,0 +1,5 @@
+import sys
+
+from elmforest.cli import main
+
+sys.exit(main())

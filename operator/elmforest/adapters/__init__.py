@@ -1,0 +1,1 @@
+"""Thin I/O adapters: the forest's storage and the Kubernetes API."""

@@ -1,0 +1,66 @@
+"""The operator's view of a forest's storage: manifest, run records, merges and removals.
+
+Blocking (boto3); the reconcilers call it from worker threads.
+"""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from elmcore import layout
+from elmcore.errors import ElmError
+from elmcore.manifest import Manifest, remove_expert
+from elmcore.names import branch_run_id
+from elmcore.records import Progress, Result
+from elmcore.storage import S3Credentials, Storage, open_storage
+from elmcore.storage.manifest_store import load_manifest, merge_verified, update_manifest
+from elmforest.api.forest import StorageSpec
+from elmforest.planner.observed import RunRecords, StorageView
+
+
+class ForestStorage:
+    def __init__(self, spec: StorageSpec, credentials: S3Credentials | None = None) -> None:
+        self.storage: Storage = open_storage(
+            spec.uri, endpoint=spec.endpoint, region=spec.region, credentials=credentials
+        )
+
+    def view(self) -> StorageView:
+        try:
+            manifest, _ = load_manifest(self.storage)
+        except ElmError as error:
+            return StorageView(error=f"cannot read the manifest: {error}")
+        except ValidationError as error:
+            return StorageView(
+                error=f"the manifest is invalid: {error}", error_reason="BadManifest"
+            )
+        return StorageView(manifest=manifest)
+
+    def _record(self, key: str, model: type[Progress] | type[Result]) -> Progress | Result | None:
+        found = self.storage.read_versioned(key)
+        if found is None:
+            return None
+        try:
+            return model.model_validate_json(found[0])
+        except ValidationError:
+            return None  # a torn or foreign file reads as "not there yet"
+
+    def records(self, run_id: str) -> RunRecords:
+        progress = self._record(layout.run_progress(run_id), Progress)
+        result = self._record(layout.run_result(run_id), Result)
+        assert progress is None or isinstance(progress, Progress)
+        assert result is None or isinstance(result, Result)
+        return RunRecords(progress=progress, result=result)
+
+    def merge(self, result: Result) -> Manifest:
+        return merge_verified(self.storage, result)
+
+    def remove_expert(self, domain: str) -> Manifest:
+        return update_manifest(self.storage, lambda manifest: remove_expert(manifest, domain))
+
+    def delete_expert_files(self, domain: str) -> int:
+        deleted = self.storage.delete_prefix(f"experts/{domain}/")
+        prefix = branch_run_id(domain, 1).rsplit(".", 1)[0] + "."
+        for run in self.storage.list_children("runs"):
+            if run.startswith(prefix):
+                deleted += self.storage.delete_prefix(layout.run(run) + "/")
+        return deleted

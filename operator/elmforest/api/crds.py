@@ -1,0 +1,125 @@
+"""The CustomResourceDefinitions, built from the models; ``crds/`` holds their YAML.
+
+Regenerate with ``elmforest crds --write crds/``; a test fails when the files drift.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from elmforest.api import BRANCH, CATEGORY, FOREST, GROUP, VERSION, Kind
+from elmforest.api.base import DNS1123_LABEL
+from elmforest.api.branch import ElmBranchSpec, ElmBranchStatus
+from elmforest.api.forest import ElmForestSpec, ElmForestStatus
+from elmforest.api.schema import crd_schema
+
+NAME_RULE = {
+    "rule": f"self.metadata.name.matches('{DNS1123_LABEL}')",
+    "message": "metadata.name must be a DNS-1123 label (it names Jobs and storage paths)",
+}
+
+
+def _column(name: str, path: str, kind: str = "string", **extra: Any) -> dict[str, Any]:
+    return {"name": name, "jsonPath": path, "type": kind, **extra}
+
+
+AGE = _column("Age", ".metadata.creationTimestamp", "date")
+
+COLUMNS = {
+    FOREST.kind: [
+        _column("Phase", ".status.phase"),
+        _column("Experts", ".status.expertCount", "integer"),
+        _column("Revision", ".status.manifest.revision", "integer", priority=1),
+        AGE,
+    ],
+    BRANCH.kind: [
+        _column("Forest", ".spec.forest"),
+        _column("Domain", ".spec.domain"),
+        _column("Phase", ".status.phase"),
+        _column("Progress", ".status.progress.summary"),
+        _column("Perplexity", ".status.metrics.valPerplexityAfter", "number"),
+        _column("Version", ".status.version", "integer", priority=1),
+        AGE,
+    ],
+}
+
+DESCRIPTIONS = {
+    FOREST.kind: "A forest of expert LMs (BTM): storage, architecture, tokenizer, seed, trainer.",
+    BRANCH.kind: "One domain's expert LM: initialised from the forest, trained, then merged.",
+}
+
+
+def _schema(kind: Kind, spec: type[BaseModel], status: type[BaseModel]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": DESCRIPTIONS[kind.kind],
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": crd_schema(spec),
+            "status": crd_schema(status),
+        },
+        "x-kubernetes-validations": [NAME_RULE],
+    }
+
+
+def crd(kind: Kind) -> dict[str, Any]:
+    models: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
+        FOREST.kind: (ElmForestSpec, ElmForestStatus),
+        BRANCH.kind: (ElmBranchSpec, ElmBranchStatus),
+    }
+    spec, status = models[kind.kind]
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": kind.crd_name, "labels": {"app.kubernetes.io/part-of": "elmforest"}},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": kind.kind,
+                "listKind": f"{kind.kind}List",
+                "plural": kind.plural,
+                "singular": kind.singular,
+                "shortNames": [kind.short_name],
+                "categories": [CATEGORY],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": COLUMNS[kind.kind],
+                    "schema": {"openAPIV3Schema": _schema(kind, spec, status)},
+                }
+            ],
+        },
+    }
+
+
+HEADER = "# Generated from operator/elmforest/api by `elmforest crds --write crds/`. Do not edit.\n"
+
+
+def render(kind: Kind) -> str:
+    return HEADER + yaml.safe_dump(crd(kind), sort_keys=False, width=100)
+
+
+def files() -> dict[str, str]:
+    return {f"{GROUP}_{kind.plural}.yaml": render(kind) for kind in (FOREST, BRANCH)}
+
+
+def write(folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in files().items():
+        path = folder / name
+        path.write_text(text)
+        written.append(path)
+    return written

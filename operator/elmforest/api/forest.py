@@ -1,0 +1,233 @@
+"""``ElmForest``: the shared architecture, tokenizer, seed, storage and trainer of a forest."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, field_validator
+from pydantic.config import JsonDict
+
+from elmcore.config import ModelConfig, TrainingConfig
+from elmcore.errors import BadInputError
+from elmcore.uris import StorageURI
+from elmforest.api.base import (
+    DNS1123_LABEL,
+    DNS1123_SUBDOMAIN,
+    LOCATION,
+    Condition,
+    Quantity,
+    SpecModel,
+    StatusModel,
+    partial_model,
+)
+
+IMMUTABLE: JsonDict = {
+    "x-kubernetes-validations": [{"rule": "self == oldSelf", "message": "is immutable once set"}]
+}
+Locations = list[str]
+LOCATION_ITEMS: JsonDict = {"items": {"type": "string", "maxLength": 1024, "pattern": LOCATION}}
+
+if TYPE_CHECKING:
+    TrainingSpec = SpecModel
+    ModelSpec = SpecModel
+else:
+    TrainingSpec = partial_model(
+        TrainingConfig, "TrainingSpec", "Training hyperparameters; unset fields use defaults."
+    )
+    ModelSpec = partial_model(
+        ModelConfig,
+        "ModelSpec",
+        "The architecture every ELM shares; unset fields use the trainer's defaults.",
+        extra={
+            "pretrained": (
+                str | None,
+                Field(
+                    None,
+                    max_length=1024,
+                    pattern=LOCATION,
+                    description="HF-format model folder to start the seed from (instead of sizes)",
+                ),
+            )
+        },
+    )
+
+
+def _location_list(max_items: int = 64) -> object:
+    return Field(
+        default_factory=list,
+        max_length=max_items,
+        json_schema_extra=LOCATION_ITEMS,
+        description="text locations: s3://bucket/key or file:///path",
+    )
+
+
+class StorageSpec(SpecModel):
+    """Where everything the forest owns lives (tokenizer, seed, experts, runs, manifest)."""
+
+    uri: str = Field(
+        max_length=1024,
+        pattern=r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|file:///.+)$",
+        description="s3://bucket/prefix (or file:///path in local mode)",
+        json_schema_extra=IMMUTABLE,
+    )
+    endpoint: str | None = Field(
+        None,
+        max_length=512,
+        pattern=r"^https?://[^\s]+$",
+        description="S3-compatible endpoint (MinIO, Ceph, R2); unset for AWS",
+    )
+    region: str | None = Field(None, max_length=64, pattern=r"^[a-z0-9-]+$")
+    credentials_secret: str | None = Field(
+        None,
+        max_length=253,
+        pattern=DNS1123_SUBDOMAIN,
+        description=(
+            "Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN optional);"
+            " unset: the pod's own identity (IRSA / EKS pod identity)"
+        ),
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        try:
+            StorageURI.parse(value)
+        except BadInputError as error:
+            raise ValueError(str(error)) from None
+        return value
+
+
+class TokenizerSpec(SpecModel):
+    """One tokenizer per forest: ensembling and averaging need it."""
+
+    from_: str | None = Field(
+        None,
+        alias="from",
+        max_length=1024,
+        pattern=LOCATION,
+        description="an existing HF tokenizer folder; unset: train a byte-level BPE",
+    )
+    vocab_size: int = Field(8192, ge=256, le=262144, description="BPE vocabulary size")
+    data: Locations = _location_list()  # type: ignore[assignment]
+
+
+class SeedSpec(SpecModel):
+    """The seed LM every ELM descends from."""
+
+    data: Locations = _location_list()  # type: ignore[assignment]
+    val_data: Locations = _location_list()  # type: ignore[assignment]
+    training: TrainingSpec | None = None
+
+
+class Toleration(SpecModel):
+    key: str | None = Field(None, max_length=317)
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = Field(None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(None, ge=0)
+
+
+class Resources(SpecModel):
+    """Container resources beside GPUs (``cpu``, ``memory``, ``ephemeral-storage``)."""
+
+    requests: dict[str, Quantity] = Field(default_factory=dict, max_length=16)
+    limits: dict[str, Quantity] = Field(default_factory=dict, max_length=16)
+
+
+class TrainerSpec(SpecModel):
+    """How trainer Jobs run: the image and where their pods may go."""
+
+    image: str | None = Field(
+        None,
+        max_length=512,
+        pattern=r"^[^@\s]+@sha256:[0-9a-f]{64}$",
+        description="trainer image pinned by digest (repo@sha256:...); required on a cluster",
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    gpus: int = Field(0, ge=0, le=64, description="nvidia.com/gpu per Job; >1 runs torchrun")
+    resources: Resources = Field(default_factory=Resources)
+    node_selector: dict[str, str] = Field(default_factory=dict, max_length=32)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    priority_class_name: str | None = Field(None, max_length=253, pattern=DNS1123_SUBDOMAIN)
+    queue_name: str | None = Field(
+        None, max_length=63, pattern=DNS1123_LABEL, description="Kueue LocalQueue name"
+    )
+    service_account_name: str | None = Field(None, max_length=253, pattern=DNS1123_SUBDOMAIN)
+    backoff_limit: int = Field(
+        3, ge=0, le=100, description="pod failures per Job (preemption does not count)"
+    )
+    active_deadline_seconds: int | None = Field(None, ge=60, description="wall-clock limit")
+    ttl_seconds_after_finished: int = Field(3600, ge=0, description="keep finished Jobs this long")
+
+
+class MergePolicy(SpecModel):
+    """When a trained ELM joins the forest. Both unset: always (automatic)."""
+
+    max_val_perplexity: float | None = Field(
+        None, gt=0, description="merge only if validation perplexity is at most this"
+    )
+    require_improvement: bool = Field(
+        False, description="merge only if training lowered the domain's validation perplexity"
+    )
+
+
+class ElmForestSpec(SpecModel):
+    storage: StorageSpec
+    model: ModelSpec = Field(
+        default_factory=ModelSpec,
+        json_schema_extra=IMMUTABLE,
+    )
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, json_schema_extra=IMMUTABLE)
+    seed: SeedSpec = Field(default_factory=SeedSpec)
+    trainer: TrainerSpec = Field(default_factory=TrainerSpec)
+    branch_defaults: TrainingSpec | None = Field(
+        None, description="training hyperparameters every branch inherits"
+    )
+    max_concurrent_branches: int = Field(4, ge=1, le=1024, description="branch Jobs at once")
+    merge_policy: MergePolicy = Field(default_factory=MergePolicy)
+
+
+# ---- status -------------------------------------------------------------------------------
+
+ForestPhase = Literal["Pending", "Tokenizing", "Seeding", "Ready", "Failed"]
+
+
+class ArtifactStatus(StatusModel):
+    uri: str
+    sha256: str
+
+
+class ParentStatus(StatusModel):
+    kind: Literal["seed", "expert"]
+    domain: str | None = None
+    version: int | None = None
+    weight: float
+
+
+class ExpertStatus(StatusModel):
+    domain: str
+    branch: str | None = None
+    version: int
+    uri: str
+    sha256: str
+    init_strategy: str | None = None
+    parents: list[ParentStatus] = Field(default_factory=list)
+    val_perplexity_before: float | None = None
+    val_perplexity_after: float | None = None
+
+
+class ManifestStatus(StatusModel):
+    uri: str
+    revision: int
+
+
+class ElmForestStatus(StatusModel):
+    phase: ForestPhase = "Pending"
+    message: str = ""
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    manifest: ManifestStatus | None = None
+    tokenizer: ArtifactStatus | None = None
+    seed: ArtifactStatus | None = None
+    experts: list[ExpertStatus] = Field(default_factory=list)
+    expert_count: int = 0

@@ -1,0 +1,177 @@
+"""The forest planner: tokenizer, then seed, then Ready; status mirrors the manifest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from elmcore import layout
+from elmcore.manifest import Manifest
+from elmforest.api import FOREST
+from elmforest.api.forest import (
+    ArtifactStatus,
+    ElmForestSpec,
+    ElmForestStatus,
+    ExpertStatus,
+    ForestPhase,
+    ManifestStatus,
+    ParentStatus,
+)
+from elmforest.planner.actions import CreateJob, Event, MergeResult, PatchStatus, Plan
+from elmforest.planner.conditions import READY, set_condition
+from elmforest.planner.jobs import JobRequest, Owner, build_job
+from elmforest.planner.naming import digest, forest_job_name
+from elmforest.planner.observed import JobState, RunRecords, StorageView
+from elmforest.planner.trainer_args import seed_argv, tokenizer_argv
+
+POLL_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class ForestInput:
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    spec: ElmForestSpec | None
+    status: ElmForestStatus
+    storage: StorageView = field(default_factory=StorageView)
+    jobs: dict[str, JobState] = field(default_factory=dict)
+    records: dict[str, RunRecords] = field(default_factory=dict)  # "tokenizer" / "seed"
+    branches_by_domain: dict[str, str] = field(default_factory=dict)
+    require_image: bool = True  # a cluster needs an image; local mode runs processes
+
+
+def spec_problem(spec: ElmForestSpec, require_image: bool) -> str | None:
+    """What makes a well-typed spec impossible to run, in one sentence."""
+    if require_image and not spec.trainer.image:
+        return "spec.trainer.image is required (an image pinned by digest)"
+    if not spec.tokenizer.from_ and not (spec.tokenizer.data or spec.seed.data):
+        return "spec.tokenizer needs 'from' or 'data' (or spec.seed.data to train on)"
+    steps = (spec.seed.training.model_dump().get("steps") if spec.seed.training else None) or 0
+    if not spec.seed.data and not spec.model.model_dump().get("pretrained") and steps != 0:
+        return "spec.seed.data is required unless spec.model.pretrained is given"
+    return None
+
+
+def artifact_uri(spec: ElmForestSpec, path: str) -> str:
+    return f"{spec.storage.uri.rstrip('/')}/{path}"
+
+
+def experts_status(
+    spec: ElmForestSpec, manifest: Manifest, branches: dict[str, str]
+) -> list[ExpertStatus]:
+    return [
+        ExpertStatus(
+            domain=entry.domain,
+            branch=branches.get(entry.domain),
+            version=entry.version,
+            uri=artifact_uri(spec, entry.path),
+            sha256=entry.sha256,
+            init_strategy=entry.init_strategy,
+            parents=[ParentStatus.model_validate(p.model_dump()) for p in entry.parents],
+            val_perplexity_before=entry.metrics.val_ppl_before,
+            val_perplexity_after=entry.metrics.val_ppl_after,
+        )
+        for entry in manifest.sorted_experts()
+    ]
+
+
+def _finish(plan: Plan, old: ElmForestStatus, new: ElmForestStatus) -> Plan:
+    if new.phase != old.phase:
+        kind: Literal["Normal", "Warning"] = "Warning" if new.phase == "Failed" else "Normal"
+        plan.actions.insert(0, Event(kind, new.phase, new.message or f"forest is {new.phase}"))
+    if new.to_api() != old.to_api():
+        plan.add(PatchStatus(new.to_api()))
+    return plan
+
+
+def _failed(inp: ForestInput, status: ElmForestStatus, reason: str, message: str) -> Plan:
+    status.phase, status.message = "Failed", message
+    status.conditions = set_condition(
+        status.conditions, READY, "False", reason, message, inp.generation
+    )
+    return _finish(Plan(requeue_after=POLL_SECONDS * 3), inp.status, status)
+
+
+def plan_forest(inp: ForestInput, spec_error: str | None = None) -> Plan:
+    status = inp.status.model_copy(deep=True)
+    status.observed_generation = inp.generation
+    if inp.spec is None or spec_error:
+        return _failed(inp, status, "InvalidSpec", spec_error or "the spec is invalid")
+    spec = inp.spec
+    problem = spec_problem(spec, inp.require_image)
+    if problem:
+        return _failed(inp, status, "InvalidSpec", problem)
+    if inp.storage.error or inp.storage.manifest is None:
+        message = inp.storage.error or "storage is not readable"
+        return _failed(inp, status, inp.storage.error_reason, message)
+    manifest = inp.storage.manifest
+    status.manifest = ManifestStatus(
+        uri=artifact_uri(spec, layout.MANIFEST), revision=manifest.revision
+    )
+    if manifest.tokenizer is not None:
+        status.tokenizer = ArtifactStatus(
+            uri=artifact_uri(spec, manifest.tokenizer.path), sha256=manifest.tokenizer.sha256
+        )
+    if manifest.seed is not None:
+        status.seed = ArtifactStatus(
+            uri=artifact_uri(spec, manifest.seed.path), sha256=manifest.seed.sha256
+        )
+    status.experts = experts_status(spec, manifest, inp.branches_by_domain)
+    status.expert_count = len(status.experts)
+    for role, done in (("tokenizer", manifest.tokenizer), ("seed", manifest.seed)):
+        if done is None:
+            return _build_step(inp, spec, status, role)
+    status.phase, status.message = "Ready", f"{status.expert_count} experts merged"
+    status.conditions = set_condition(
+        status.conditions,
+        READY,
+        "True",
+        "SeedReady",
+        "tokenizer and seed are merged",
+        inp.generation,
+    )
+    return _finish(Plan(), inp.status, status)
+
+
+def _build_step(inp: ForestInput, spec: ElmForestSpec, status: ElmForestStatus, role: str) -> Plan:
+    """Produce the tokenizer or the seed: merge a finished result, else run (or watch) its Job."""
+    phase: ForestPhase = "Tokenizing" if role == "tokenizer" else "Seeding"
+    argv = tokenizer_argv(spec) if role == "tokenizer" else seed_argv(spec)
+    name = forest_job_name(inp.name, role, digest(argv))
+    records = inp.records.get(role, RunRecords())
+    plan = Plan(requeue_after=POLL_SECONDS)
+    if records.result is not None:
+        # Merging is idempotent (CAS, keyed by sha256): a repeat after a crash changes nothing.
+        status.phase, status.message = phase, f"merging the {role}"
+        return _finish(plan.add(MergeResult(records.result)), inp.status, status)
+    job = inp.jobs.get(name)
+    if job is not None and job.phase == "Failed":
+        return _failed(inp, status, f"{role.capitalize()}Failed", f"{name}: {job.message}")
+    if job is None:
+        request = JobRequest(
+            name=name,
+            namespace=inp.namespace,
+            owner=Owner(FOREST.kind, inp.name, inp.uid),
+            forest=inp.name,
+            role=role,
+            run_id=role,
+            argv=argv,
+            trainer=spec.trainer,
+            storage=spec.storage,
+        )
+        plan.add(CreateJob(build_job(request)))
+    status.phase = phase
+    status.message = _progress_message(role, name, records)
+    status.conditions = set_condition(
+        status.conditions, READY, "False", phase, status.message, inp.generation
+    )
+    return _finish(plan, inp.status, status)
+
+
+def _progress_message(role: str, job: str, records: RunRecords) -> str:
+    progress = records.progress
+    if progress is None or not progress.total_steps:
+        return f"{role}: Job {job}"
+    return f"{role}: step {progress.step}/{progress.total_steps} (Job {job})"

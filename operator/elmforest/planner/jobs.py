@@ -1,0 +1,210 @@
+"""The trainer Job manifest, built purely from the resources (no API calls).
+
+Every pod meets Pod Security Standards "restricted"; the failure policy makes preemption free and
+bad input final (the trainer's exit code 65 fails the Job at once, no retries).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from elmcore.errors import ExitCode
+from elmforest.api import API_VERSION
+from elmforest.api.forest import StorageSpec, TrainerSpec
+from elmforest.planner.naming import (
+    ANNOTATION_RUN,
+    LABEL_BRANCH,
+    LABEL_FOREST,
+    LABEL_ROLE,
+    MANAGED_BY,
+    OPERATOR,
+)
+
+CONTAINER = "trainer"
+TRAINER_UID = 10001  # the trainer image's user
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+GPU_RESOURCE = "nvidia.com/gpu"
+CACHE = "/cache"
+CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+@dataclass(frozen=True)
+class Owner:
+    kind: str
+    name: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": self.kind,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    name: str
+    namespace: str
+    owner: Owner
+    forest: str
+    role: str  # tokenizer | seed | branch
+    run_id: str
+    argv: list[str]  # elmtrain arguments after the program name
+    trainer: TrainerSpec
+    storage: StorageSpec
+    branch: str | None = None
+
+
+def merge_trainer(base: TrainerSpec, overrides: dict[str, Any]) -> TrainerSpec:
+    """The forest's trainer settings with a branch's overrides (set fields win)."""
+    return base.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+
+
+def _env(storage: StorageSpec) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "ELMFOREST_LOG_FORMAT", "value": "json"},
+        {"name": "ELMTRAIN_CACHE", "value": f"{CACHE}/elmtrain"},
+        {"name": "HF_HOME", "value": f"{CACHE}/hf"},
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+        {"name": "TMPDIR", "value": "/tmp"},
+    ]
+    if storage.endpoint:
+        env.append({"name": "ELMFOREST_S3_ENDPOINT", "value": storage.endpoint})
+    if storage.region:
+        env.append({"name": "AWS_REGION", "value": storage.region})
+    if storage.credentials_secret:
+        for key in CREDENTIAL_KEYS:
+            ref: dict[str, Any] = {"name": storage.credentials_secret, "key": key}
+            if key == "AWS_SESSION_TOKEN":
+                ref["optional"] = True
+            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    return env
+
+
+def _resources(trainer: TrainerSpec) -> dict[str, Any]:
+    requests = dict(trainer.resources.requests)
+    limits = dict(trainer.resources.limits)
+    if trainer.gpus:
+        limits[GPU_RESOURCE] = trainer.gpus
+        requests[GPU_RESOURCE] = trainer.gpus
+    return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
+
+
+def _command(trainer: TrainerSpec) -> list[str]:
+    if trainer.gpus > 1:
+        # One process per GPU; the trainer reads torchrun's environment for DDP.
+        return ["torchrun", "--standalone", f"--nproc-per-node={trainer.gpus}", "-m", "elmtrain"]
+    return ["elmtrain"]
+
+
+def pod_security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": TRAINER_UID,
+        "runAsGroup": TRAINER_UID,
+        "fsGroup": TRAINER_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def failure_policy() -> dict[str, Any]:
+    return {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": CONTAINER,
+                    "operator": "In",
+                    "values": [int(ExitCode.USAGE), int(ExitCode.BAD_INPUT)],
+                },
+            },
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+        ]
+    }
+
+
+def build_job(request: JobRequest) -> dict[str, Any]:
+    trainer = request.trainer
+    labels = {
+        MANAGED_BY: OPERATOR,
+        "app.kubernetes.io/name": "elmforest-trainer",
+        LABEL_FOREST: request.forest,
+        LABEL_ROLE: request.role,
+    }
+    if request.branch:
+        labels[LABEL_BRANCH] = request.branch
+    job_labels = dict(labels)
+    if trainer.queue_name:
+        job_labels[KUEUE_QUEUE_LABEL] = trainer.queue_name
+    volumes = [
+        {"name": "cache", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+    mounts = [
+        {"name": "cache", "mountPath": CACHE},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": trainer.image,
+        "imagePullPolicy": trainer.image_pull_policy,
+        "command": _command(trainer),
+        "args": request.argv,
+        "env": _env(request.storage),
+        "resources": _resources(trainer),
+        "securityContext": container_security_context(),
+        "volumeMounts": mounts,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "securityContext": pod_security_context(),
+        "containers": [container],
+        "volumes": volumes,
+        "automountServiceAccountToken": False,
+    }
+    optional = {
+        "serviceAccountName": trainer.service_account_name,
+        "priorityClassName": trainer.priority_class_name,
+        "nodeSelector": trainer.node_selector or None,
+        "tolerations": [t.model_dump(by_alias=True, exclude_none=True) for t in trainer.tolerations]
+        or None,
+    }
+    pod_spec.update({k: v for k, v in optional.items() if v is not None})
+    spec: dict[str, Any] = {
+        "backoffLimit": trainer.backoff_limit,
+        "podFailurePolicy": failure_policy(),
+        "ttlSecondsAfterFinished": trainer.ttl_seconds_after_finished,
+        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+    }
+    if trainer.active_deadline_seconds:
+        spec["activeDeadlineSeconds"] = trainer.active_deadline_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": request.name,
+            "namespace": request.namespace,
+            "labels": job_labels,
+            "annotations": {ANNOTATION_RUN: request.run_id},
+            "ownerReferences": [request.owner.reference()],
+        },
+        "spec": spec,
+    }

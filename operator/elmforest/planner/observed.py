@@ -1,0 +1,59 @@
+"""What the reconcilers observed, in plain types the planners read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from elmcore.manifest import Manifest
+from elmcore.records import Progress, Result
+
+JobPhase = Literal["Running", "Succeeded", "Failed"]
+
+
+@dataclass(frozen=True)
+class JobState:
+    name: str
+    phase: JobPhase
+    reason: str = ""  # the Failed condition's reason (PodFailurePolicy, BackoffLimitExceeded...)
+    message: str = ""
+
+    @property
+    def permanent(self) -> bool:
+        """Failed by the pod failure policy: the trainer said the input is bad (exit 65)."""
+        return self.phase == "Failed" and self.reason == "PodFailurePolicy"
+
+
+def job_state(job: dict[str, object]) -> JobState:
+    """Read a batch/v1 Job's status the way the Job controller writes it."""
+    metadata = job.get("metadata")
+    status = job.get("status")
+    name = str(metadata.get("name", "")) if isinstance(metadata, dict) else ""
+    conditions = status.get("conditions", []) if isinstance(status, dict) else []
+    for condition in conditions or []:
+        if not isinstance(condition, dict) or condition.get("status") != "True":
+            continue
+        if condition.get("type") == "Complete":
+            return JobState(name, "Succeeded")
+        if condition.get("type") == "Failed":
+            return JobState(
+                name, "Failed", str(condition.get("reason", "")), str(condition.get("message", ""))
+            )
+    return JobState(name, "Running")
+
+
+@dataclass(frozen=True)
+class RunRecords:
+    """A run's records in storage: its progress and, once finished, its verified result."""
+
+    progress: Progress | None = None
+    result: Result | None = None
+
+
+@dataclass(frozen=True)
+class StorageView:
+    """The forest's storage as the operator could read it."""
+
+    manifest: Manifest | None = None
+    error: str | None = None  # why storage could not be read (bad secret, unreachable...)
+    error_reason: str = "StorageUnavailable"

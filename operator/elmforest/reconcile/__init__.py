@@ -1,0 +1,1 @@
+"""Observe -> plan (pure) -> apply, for each kind. Kopf handlers call into here."""

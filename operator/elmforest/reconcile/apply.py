@@ -1,0 +1,74 @@
+"""Carry out a plan's actions in order, against Kubernetes and storage."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, cast
+
+import kopf
+import structlog
+
+from elmforest.adapters.forest_storage import ForestStorage
+from elmforest.api import Kind
+from elmforest.planner.actions import (
+    CreateJob,
+    DeleteExpertFiles,
+    DeleteJob,
+    Event,
+    MergeResult,
+    PatchStatus,
+    Plan,
+    RemoveExpert,
+)
+from elmforest.planner.diff import merge_patch
+from elmforest.reconcile.context import OperatorContext
+
+log = structlog.get_logger("elmforest.apply")
+
+
+async def apply_plan(
+    ctx: OperatorContext,
+    kind: Kind,
+    body: Mapping[str, Any],
+    plan: Plan,
+    storage: ForestStorage | None,
+) -> None:
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    current_status = dict(body.get("status") or {})
+    for action in plan.actions:
+        match action:
+            case PatchStatus(status=status):
+                patch = merge_patch(current_status, status)
+                if patch:
+                    await ctx.io(ctx.kube.patch_status, kind, namespace, name, patch)
+                    current_status = status
+                    ctx.metrics.count("status_patches", kind.kind)
+            case CreateJob(body=job):
+                created = await ctx.io(ctx.kube.create_job, job)
+                if created:
+                    ctx.metrics.count("jobs_created", kind.kind)
+                    log.info("job.created", job=job["metadata"]["name"], owner=name)
+            case DeleteJob(name=job_name, reason=reason):
+                await ctx.io(ctx.kube.delete_job, namespace, job_name)
+                log.info("job.deleted", job=job_name, reason=reason)
+            case MergeResult(result=result):
+                assert storage is not None
+                manifest = await ctx.io(storage.merge, result)
+                ctx.metrics.count("merges", kind.kind)
+                log.info("manifest.merged", run=result.run_id, revision=manifest.revision)
+            case RemoveExpert(domain=domain):
+                assert storage is not None
+                manifest = await ctx.io(storage.remove_expert, domain)
+                log.info("manifest.removed", domain=domain, revision=manifest.revision)
+            case DeleteExpertFiles(domain=domain):
+                assert storage is not None
+                count = await ctx.io(storage.delete_expert_files, domain)
+                log.info("storage.deleted", domain=domain, objects=count)
+            case Event(type=type_, reason=reason, message=message):
+                kopf.event(
+                    kopf.Body(cast(kopf.RawBody, dict(body))),
+                    type=type_,
+                    reason=reason,
+                    message=message,
+                )

@@ -1,0 +1,177 @@
+"""Reconcile one ElmBranch (and finalize it on deletion): observe, plan, apply."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from elmcore.names import branch_run_id
+from elmforest.adapters.forest_storage import ForestStorage
+from elmforest.adapters.kube import SecretNotFoundError
+from elmforest.api import BRANCH
+from elmforest.api.branch import ElmBranchSpec, ElmBranchStatus
+from elmforest.api.forest import ElmForestSpec
+from elmforest.planner.actions import CreateJob, Event, PatchStatus, Plan
+from elmforest.planner.branch import ACTIVE, BranchInput, ForestView, plan_branch, plan_deletion
+from elmforest.planner.conditions import READY, set_condition
+from elmforest.planner.observed import JobState, RunRecords
+from elmforest.reconcile.apply import apply_plan
+from elmforest.reconcile.context import OperatorContext
+from elmforest.reconcile.forests import validation_message
+
+
+@dataclass(frozen=True)
+class Sibling:
+    """What the branch index keeps of each branch: enough for ownership and slots."""
+
+    name: str
+    domain: str
+    created: str
+    phase: str
+    deleting: bool
+
+
+def sibling(body: Mapping[str, Any]) -> Sibling:
+    meta, spec = body["metadata"], body.get("spec") or {}
+    return Sibling(
+        name=meta["name"],
+        domain=str(spec.get("domain", "")),
+        created=str(meta.get("creationTimestamp", "")),
+        phase=str((body.get("status") or {}).get("phase", "Pending")),
+        deleting=bool(meta.get("deletionTimestamp")),
+    )
+
+
+def domain_owner(siblings: Iterable[Sibling], domain: str) -> str | None:
+    """The oldest live branch of the domain owns it (ties: by name)."""
+    claims = sorted((s.created, s.name) for s in siblings if s.domain == domain and not s.deleting)
+    return claims[0][1] if claims else None
+
+
+def forest_view(forest: Mapping[str, Any] | None) -> ForestView | None:
+    if forest is None or forest["metadata"].get("deletionTimestamp"):
+        return None
+    try:
+        spec = ElmForestSpec.model_validate(forest.get("spec") or {})
+    except ValidationError:
+        return None
+    ready = (forest.get("status") or {}).get("phase") == "Ready"
+    return ForestView(forest["metadata"]["name"], spec, ready, forest["metadata"].get("uid", ""))
+
+
+async def _invalid(ctx: OperatorContext, body: Mapping[str, Any], message: str) -> None:
+    status = ElmBranchStatus.model_validate(body.get("status") or {})
+    generation = int(body["metadata"].get("generation") or 0)
+    new = status.model_copy(deep=True)
+    new.phase, new.message, new.observed_generation = "Failed", message, generation
+    new.conditions = set_condition(
+        new.conditions, READY, "False", "InvalidSpec", message, generation
+    )
+    plan = Plan()
+    if new.to_api() != status.to_api():
+        plan.add(Event("Warning", "InvalidSpec", message), PatchStatus(new.to_api()))
+    await apply_plan(ctx, BRANCH, body, plan, None)
+
+
+async def reconcile_branch(
+    ctx: OperatorContext,
+    body: Mapping[str, Any],
+    forest: Mapping[str, Any] | None,
+    siblings: list[Sibling],
+    jobs: Mapping[str, JobState],
+) -> float | None:
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    ctx.metrics.count("reconciles", BRANCH.kind)
+    try:
+        spec = ElmBranchSpec.model_validate(body.get("spec") or {})
+    except ValidationError as error:
+        await _invalid(ctx, body, validation_message(error, "spec"))
+        return None
+    status = ElmBranchStatus.model_validate(body.get("status") or {})
+    view = forest_view(forest)
+    storage: ForestStorage | None = None
+    records, merged = RunRecords(), None
+    steady = status.phase == "Merged" and status.merged_version == status.version
+    if view is not None and not steady:
+        try:
+            storage = await ctx.storage(namespace, view.spec.storage)
+        except SecretNotFoundError as error:
+            view = ForestView(view.name, view.spec, ready=False, uid=view.uid)
+            await _invalid(ctx, body, str(error))
+            return ctx.settings.resync_seconds
+        manifest = (await ctx.io(storage.view)).manifest
+        merged = manifest.experts.get(spec.domain) if manifest else None
+        if status.version is not None:
+            records = await ctx.io(storage.records, branch_run_id(spec.domain, status.version))
+    # Slots are counted and taken under the forest's lock, so two branches never race for one.
+    async with ctx.forest_lock(namespace, spec.forest):
+        others = {s.name for s in siblings if s.name != name and s.phase in ACTIVE}
+        others |= ctx.reserved(namespace, spec.forest) - {name}
+        inp = BranchInput(
+            name=name,
+            namespace=namespace,
+            uid=meta.get("uid", ""),
+            generation=int(meta.get("generation") or 0),
+            spec=spec,
+            status=status,
+            forest=view,
+            domain_owner=domain_owner(siblings, spec.domain),
+            active_elsewhere=len(others),
+            job=jobs.get(status.job_name) if status.job_name else None,
+            records=records,
+            merged=merged,
+        )
+        plan = plan_branch(inp)
+        if any(isinstance(a, CreateJob) for a in plan.actions):
+            ctx.reserve(namespace, spec.forest, name)
+        await apply_plan(ctx, BRANCH, body, plan, storage)
+    phase = next((a.status.get("phase") for a in plan.actions if isinstance(a, PatchStatus)), None)
+    phase = phase or status.phase
+    if phase not in ACTIVE:
+        ctx.release(namespace, spec.forest, name)
+    ctx.metrics.phase(BRANCH.kind, namespace, name, phase)
+    return plan.requeue_after
+
+
+async def finalize_branch(
+    ctx: OperatorContext,
+    body: Mapping[str, Any],
+    forest: Mapping[str, Any] | None,
+    siblings: list[Sibling],
+) -> None:
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    try:
+        spec = ElmBranchSpec.model_validate(body.get("spec") or {})
+    except ValidationError:
+        return  # never valid, never trained: nothing to remove
+    view = forest_view(forest)
+    ctx.release(namespace, spec.forest, name)
+    ctx.metrics.phase(BRANCH.kind, namespace, name, None)
+    if view is None:
+        return  # the forest is gone; its storage is the user's to keep or delete
+    storage = await ctx.storage(namespace, view.spec.storage)
+    manifest = (await ctx.io(storage.view)).manifest
+    inp = BranchInput(
+        name=name,
+        namespace=namespace,
+        uid=meta.get("uid", ""),
+        generation=int(meta.get("generation") or 0),
+        spec=spec,
+        status=ElmBranchStatus.model_validate(body.get("status") or {}),
+        forest=view,
+        # Ownership as it stood before the deletion: this branch counts as live here.
+        domain_owner=domain_owner(
+            [
+                Sibling(s.name, s.domain, s.created, s.phase, s.deleting and s.name != name)
+                for s in siblings
+            ],
+            spec.domain,
+        ),
+        merged=manifest.experts.get(spec.domain) if manifest else None,
+    )
+    await apply_plan(ctx, BRANCH, body, plan_deletion(inp), storage)

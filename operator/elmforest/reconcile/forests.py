@@ -1,0 +1,75 @@
+"""Reconcile one ElmForest: observe its storage and Jobs, plan, apply."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from elmforest.adapters.forest_storage import ForestStorage
+from elmforest.adapters.kube import SecretNotFoundError
+from elmforest.api import FOREST
+from elmforest.api.forest import ElmForestSpec, ElmForestStatus
+from elmforest.planner.forest import ForestInput, plan_forest
+from elmforest.planner.observed import JobState, RunRecords, StorageView
+from elmforest.reconcile.apply import apply_plan
+from elmforest.reconcile.context import OperatorContext
+
+
+def validation_message(error: ValidationError, prefix: str) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return f"{prefix}.{where}: {first['msg']}" if where else f"{prefix}: {first['msg']}"
+
+
+async def reconcile_forest(
+    ctx: OperatorContext,
+    body: Mapping[str, Any],
+    jobs: Mapping[str, JobState],
+    branches_by_domain: dict[str, str],
+) -> float | None:
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    status = ElmForestStatus.model_validate(body.get("status") or {})
+    ctx.metrics.count("reconciles", FOREST.kind)
+    spec: ElmForestSpec | None = None
+    spec_error: str | None = None
+    try:
+        spec = ElmForestSpec.model_validate(body.get("spec") or {})
+    except ValidationError as error:
+        spec_error = validation_message(error, "spec")
+    view, storage = StorageView(), None
+    records: dict[str, RunRecords] = {}
+    if spec is not None:
+        try:
+            storage = await ctx.storage(namespace, spec.storage)
+            view = await ctx.io(storage.view)
+        except SecretNotFoundError as error:
+            view = StorageView(error=str(error), error_reason="SecretNotFound")
+        if view.manifest is not None and storage is not None:
+            for role in ("tokenizer", "seed"):
+                if getattr(view.manifest, role) is None:
+                    records[role] = await ctx.io(storage.records, role)
+                    break
+    inp = ForestInput(
+        name=name,
+        namespace=namespace,
+        uid=meta.get("uid", ""),
+        generation=int(meta.get("generation") or 0),
+        spec=spec,
+        status=status,
+        storage=view,
+        jobs=dict(jobs),
+        records=records,
+        branches_by_domain=branches_by_domain,
+    )
+    plan = plan_forest(inp, spec_error)
+    await apply_plan(
+        ctx, FOREST, body, plan, storage if isinstance(storage, ForestStorage) else None
+    )
+    phase = next(
+        (a.status.get("phase") for a in plan.actions if hasattr(a, "status")), status.phase
+    )
+    ctx.metrics.phase(FOREST.kind, namespace, name, phase)
+    return plan.requeue_after

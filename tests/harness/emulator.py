@@ -1,0 +1,244 @@
+"""KMock's KubernetesEmulator, extended with the API-server semantics our operator relies on.
+
+KMock stores objects and serves list/watch/get/create/patch/delete with finalizers. Real API
+servers also: assign uid, creationTimestamp and resourceVersion; refuse stale writes with 409;
+bump metadata.generation on spec changes only; separate the status subresource (status writes
+go through /status, and the main endpoint ignores status); and garbage-collect dependents whose
+owner is gone. Writes are handled here, reads and watches by KMock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime
+import itertools
+import uuid
+from typing import Any
+
+import aiohttp.web
+from kmock import KubernetesEmulator, Request, ResourceInfo, resource
+from kmock._internal import dicts
+from kmock._internal.k8s import KubernetesError, KubernetesObjectNotFoundError
+
+Key = tuple[resource, str | None, str]
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _conflict(message: str, reason: str = "Conflict") -> KubernetesError:
+    return KubernetesError(status=409, reason=reason, message=message)
+
+
+class ClusterEmulator(KubernetesEmulator):
+    """Thread-unsafe by design: it runs in one event loop, like KMock itself."""
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self._versions = itertools.count(1000)
+        self._write_lock = asyncio.Lock()
+
+    # ---- helpers usable in-process (the kubelet uses them) --------------------------------
+
+    def declare(
+        self, path: str, kind: str, *, status: bool = False, namespaced: bool = True, **extra: Any
+    ) -> resource:
+        res = resource(path)
+        self.resources[res] = ResourceInfo(
+            kind=kind,
+            namespaced=namespaced,
+            subresources={"status"} if status else set(),
+            verbs={"get", "list", "watch", "create", "patch", "update", "delete"},
+            **extra,
+        )
+        return res
+
+    def has_status(self, res: resource) -> bool:
+        try:
+            return "status" in self.resources[res].subresources
+        except KeyError:
+            return False
+
+    def live(self, res: resource, namespace: str | None = None) -> list[dict[str, Any]]:
+        return [
+            copy.deepcopy(obj.raw)
+            for (r, ns, _), obj in list(self.objects.items())
+            if r == res and not obj.deleted and (namespace is None or ns == namespace)
+        ]
+
+    def get(self, res: resource, namespace: str | None, name: str) -> dict[str, Any] | None:
+        key = (res, namespace, name)
+        if key not in self.objects or self.objects[key].deleted:
+            return None
+        return copy.deepcopy(self.objects[key].raw)
+
+    async def write_status(self, res: resource, namespace: str, name: str, status: Any) -> None:
+        """What a controller does: replace an object's status (the kubelet uses this)."""
+        async with self._write_lock:
+            current = self.get(res, namespace, name)
+            if current is None:
+                return
+            current["status"] = status
+            await self._store(res, namespace, name, current, "MODIFIED")
+
+    # ---- request handling -------------------------------------------------------------------
+
+    async def _handle(self, request: Request) -> aiohttp.web.StreamResponse:
+        method = str(request.method.value if hasattr(request.method, "value") else request.method)
+        method = method.upper()
+        if request.resource is None or method not in ("POST", "PATCH", "PUT", "DELETE"):
+            return await super()._handle(request)
+        async with self._write_lock:
+            if method == "POST":
+                obj, code = await self._create(request), 201
+            elif method == "DELETE" and request.name is None:
+                obj, code = await self._delete_collection(request), 200
+            elif method == "DELETE":
+                obj, code = (
+                    await self._delete(request.resource, request.namespace, request.name),
+                    200,
+                )
+            else:
+                obj, code = await self._update(request, replace=method == "PUT"), 200
+        return aiohttp.web.json_response(obj, status=code)
+
+    async def _store(
+        self, res: resource, namespace: str | None, name: str, body: dict[str, Any], event: str
+    ) -> dict[str, Any]:
+        body.setdefault("metadata", {})["resourceVersion"] = str(next(self._versions))
+        key: Key = (res, namespace, name)
+        if key in self.objects:
+            self.objects[key].create(body)
+        else:
+            self.objects[key] = body
+        await self._buses[res].put({"type": event, "object": copy.deepcopy(body)})
+        return body
+
+    async def _create(self, request: Request) -> dict[str, Any]:
+        assert request.resource is not None
+        body = copy.deepcopy(request.data or {})
+        meta = body.setdefault("metadata", {})
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+        namespace = request.namespace or meta.get("namespace")
+        if namespace:
+            meta["namespace"] = namespace
+        name = meta.get("name")
+        if not name:
+            raise KubernetesError(status=422, reason="Invalid", message="metadata.name required")
+        if self.get(request.resource, namespace, name) is not None:
+            raise _conflict(f"{request.resource.plural} {name!r} already exists", "AlreadyExists")
+        meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1)
+        for field in ("deletionTimestamp", "resourceVersion"):
+            meta.pop(field, None)
+        if self.has_status(request.resource):
+            body.pop("status", None)
+        return await self._store(request.resource, namespace, name, body, "ADDED")
+
+    async def _update(self, request: Request, *, replace: bool) -> dict[str, Any]:
+        res, namespace, name = request.resource, request.namespace, request.name
+        assert res is not None and name is not None
+        current = self.get(res, namespace, name)
+        if current is None:
+            raise KubernetesObjectNotFoundError()
+        change = request.data
+        if isinstance(change, dict):
+            wanted_version = (change.get("metadata") or {}).get("resourceVersion")
+            if wanted_version and wanted_version != current["metadata"]["resourceVersion"]:
+                raise _conflict(
+                    f"Operation cannot be fulfilled on {res.plural} {name!r}: the object has "
+                    "been modified; please apply your changes to the latest version and try again"
+                )
+        if replace:
+            proposed = copy.deepcopy(change)
+        else:
+            proposed = dict(dicts.patch_dict(copy.deepcopy(current), change))
+        updated = self._admit(res, current, proposed, status_only=request.subresource == "status")
+        if updated == current:
+            return current  # a no-op write changes nothing, not even the resourceVersion
+        meta = updated["metadata"]
+        if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+            return await self._remove(res, namespace, name, updated)
+        return await self._store(res, namespace, name, updated, "MODIFIED")
+
+    def _admit(
+        self, res: resource, current: dict[str, Any], proposed: dict[str, Any], status_only: bool
+    ) -> dict[str, Any]:
+        """Apply the API server's rules to a proposed new state."""
+        if status_only:
+            updated = copy.deepcopy(current)
+            updated["status"] = proposed.get("status")
+            if updated["status"] is None:
+                updated.pop("status")
+            return updated
+        updated = copy.deepcopy(proposed)
+        if self.has_status(res):
+            updated.pop("status", None)
+            if "status" in current:
+                updated["status"] = copy.deepcopy(current["status"])
+        meta = updated.setdefault("metadata", {})
+        for field in ("uid", "creationTimestamp", "namespace", "name", "deletionTimestamp"):
+            if field in current["metadata"]:
+                meta[field] = current["metadata"][field]
+            else:
+                meta.pop(field, None)
+        meta["resourceVersion"] = current["metadata"]["resourceVersion"]
+        generation = int(current["metadata"].get("generation", 1))
+        spec_before = {k: v for k, v in current.items() if k not in ("metadata", "status")}
+        spec_after = {k: v for k, v in updated.items() if k not in ("metadata", "status")}
+        meta["generation"] = generation + 1 if spec_before != spec_after else generation
+        return updated
+
+    async def _delete(self, res: resource, namespace: str | None, name: str) -> dict[str, Any]:
+        current = self.get(res, namespace, name)
+        if current is None:
+            raise KubernetesObjectNotFoundError()
+        meta = current["metadata"]
+        if meta.get("finalizers"):
+            if not meta.get("deletionTimestamp"):
+                meta["deletionTimestamp"] = _now()
+                return await self._store(res, namespace, name, current, "MODIFIED")
+            return current
+        return await self._remove(res, namespace, name, current)
+
+    async def _remove(
+        self, res: resource, namespace: str | None, name: str, last: dict[str, Any]
+    ) -> dict[str, Any]:
+        self.objects[res, namespace, name].delete()
+        await self._buses[res].put({"type": "DELETED", "object": copy.deepcopy(last)})
+        await self._collect_garbage(last["metadata"].get("uid"))
+        return last
+
+    async def _collect_garbage(self, owner_uid: str | None) -> None:
+        """Background cascading deletion: dependents whose every owner is gone are deleted."""
+        if not owner_uid:
+            return
+        live_uids = {
+            obj.raw["metadata"].get("uid") for obj in list(self.objects.values()) if not obj.deleted
+        }
+        for (res, namespace, name), obj in list(self.objects.items()):
+            if obj.deleted:
+                continue
+            owners = obj.raw["metadata"].get("ownerReferences") or []
+            uids = {ref.get("uid") for ref in owners}
+            if owner_uid in uids and not (uids & live_uids):
+                await self._delete(res, namespace, name)
+
+    async def _delete_collection(self, request: Request) -> dict[str, Any]:
+        assert request.resource is not None
+        selector = dict(
+            item.split("=", 1)
+            for item in (request.params.get("labelSelector") or "").split(",")
+            if "=" in item
+        )
+        items = []
+        for body in self.live(request.resource, request.namespace):
+            labels = body["metadata"].get("labels") or {}
+            if all(labels.get(k) == v for k, v in selector.items()):
+                meta = body["metadata"]
+                items.append(
+                    await self._delete(request.resource, meta.get("namespace"), meta["name"])
+                )
+        return {"kind": "Status", "apiVersion": "v1", "status": "Success", "items": items}

@@ -1,0 +1,72 @@
+"""The committed CRD YAML is exactly what the models generate, and is a structural schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from elmforest.api import BRANCH, FOREST, crds
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", sorted(crds.files()))
+def test_committed_crds_match_the_models(name: str) -> None:
+    committed = (ROOT / "crds" / name).read_text()
+    assert committed == crds.files()[name], "run: elmforest crds --write crds/"
+
+
+def _walk(node: dict[str, Any], path: str) -> list[str]:
+    problems = []
+    typed = (
+        "type" in node
+        or node.get("x-kubernetes-int-or-string")
+        or node.get("x-kubernetes-preserve-unknown-fields")
+    )
+    if not typed:
+        problems.append(f"{path}: no type")
+    if "$ref" in node or ("anyOf" in node and not node.get("x-kubernetes-int-or-string")):
+        problems.append(f"{path}: not structural")
+    if node.get("additionalProperties") is False:
+        problems.append(f"{path}: additionalProperties false")
+    for key, sub in node.get("properties", {}).items():
+        problems += _walk(sub, f"{path}.{key}")
+    if isinstance(node.get("items"), dict):
+        problems += _walk(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        problems += _walk(node["additionalProperties"], f"{path}{{}}")
+    return problems
+
+
+@pytest.mark.parametrize("kind", [FOREST, BRANCH], ids=lambda k: k.kind)
+def test_schema_is_structural_with_rules_and_columns(kind: crds.Kind) -> None:
+    crd = yaml.safe_load(crds.render(kind))
+    version = crd["spec"]["versions"][0]
+    schema = version["schema"]["openAPIV3Schema"]
+    assert _walk(schema, kind.kind) == []
+    assert version["subresources"] == {"status": {}}
+    assert crd["spec"]["names"]["categories"] == ["btm"]
+    assert crd["spec"]["names"]["shortNames"] == [kind.short_name]
+    assert schema["x-kubernetes-validations"][0]["rule"].startswith("self.metadata.name.matches")
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert "Phase" in columns and "Age" in columns
+
+
+def test_branch_schema_bounds_and_immutability() -> None:
+    spec = yaml.safe_load(crds.render(BRANCH))["spec"]["versions"][0]["schema"]["openAPIV3Schema"][
+        "properties"
+    ]["spec"]
+    for field in ("forest", "domain"):
+        rules = spec["properties"][field]["x-kubernetes-validations"]
+        assert {"rule": "self == oldSelf", "message": "is immutable once set"} in rules
+        assert spec["properties"][field]["maxLength"] <= 253
+    assert spec["properties"]["domain"]["pattern"] == "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+    assert spec["properties"]["data"]["properties"]["train"]["maxItems"] == 64
+    training = spec["properties"]["training"]["properties"]
+    assert training["steps"]["minimum"] == 0 and "default" not in training["steps"]
+    assert spec["properties"]["init"]["x-kubernetes-validations"][0]["rule"].startswith(
+        "self.strategy != 'copy'"
+    )

@@ -1,0 +1,117 @@
+"""The real operator against the emulator: a forest and three branches train, merge, change."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from elmforest.api import BRANCH, crds
+from tests.harness.cluster import Cluster, printer_table
+from tests.operator.conftest import branch_body, forest_body, read_manifest
+
+pytestmark = pytest.mark.slow
+
+
+def _phase(cluster: Cluster, kind: str, name: str) -> str | None:
+    status: dict[str, Any] = cluster.get(kind, name).get("status") or {}
+    return status.get("phase")
+
+
+def _all_merged(cluster: Cluster, names: list[str]) -> bool:
+    phases = {n: _phase(cluster, "ElmBranch", n) for n in names}
+    failed = [n for n, p in phases.items() if p == "Failed"]
+    if failed:
+        raise AssertionError(
+            f"branches failed: {[cluster.get('ElmBranch', n)['status'] for n in failed]}"
+        )
+    return all(p == "Merged" for p in phases.values())
+
+
+def test_forest_with_three_branches(cluster: Cluster, s3_data: str, s3_endpoint: str) -> None:
+    cluster.start_operator()
+    cluster.create(forest_body("demo", s3_data, s3_endpoint))
+    names = []
+    for domain in ("cooking", "sailing", "finance"):
+        names.append(f"demo-{domain}")
+        cluster.create(branch_body(f"demo-{domain}", "demo", domain, s3_data))
+    cluster.wait_for("three merged branches", lambda: _all_merged(cluster, names), timeout=360)
+
+    manifest = read_manifest(s3_endpoint, s3_data, "demo")
+    assert sorted(manifest.experts) == ["cooking", "finance", "sailing"]
+    for entry in manifest.experts.values():
+        assert entry.version == 1 and entry.parents, entry
+        assert math.isfinite(entry.metrics.val_ppl_after or math.nan)
+    forest = cluster.get("ElmForest", "demo")
+    assert forest["status"]["phase"] == "Ready"
+    assert forest["status"]["expertCount"] == 3
+    assert {e["branch"] for e in forest["status"]["experts"]} == set(names)
+    assert forest["status"]["manifest"]["revision"] == manifest.revision
+
+    rows = printer_table(crds.crd(BRANCH), cluster.list("ElmBranch"))
+    for row in rows:
+        assert row["Phase"] == "Merged" and row["Forest"] == "demo"
+        assert row["Progress"].startswith("20/20")
+        assert math.isfinite(row["Perplexity"]) and row["Perplexity"] > 1
+    jobs = [j["metadata"]["name"] for j in cluster.list("Job")]
+    for name in names:
+        assert [j for j in jobs if j.startswith(name)] == [f"{name}-v1-a1"], jobs
+        status = cluster.get("ElmBranch", name)["status"]
+        assert status["observedGeneration"] == 1 and status["conditions"][0]["status"] == "True"
+
+    # Delete one branch: the finalizer removes its expert from the manifest, then it goes.
+    cluster.delete("ElmBranch", "demo-finance")
+    cluster.wait_for(
+        "finance removed",
+        lambda: (
+            "finance" not in read_manifest(s3_endpoint, s3_data, "demo").experts
+            and "demo-finance" not in {b["metadata"]["name"] for b in cluster.list("ElmBranch")}
+        ),
+    )
+    cluster.wait_for(
+        "the forest to list two experts",
+        lambda: cluster.get("ElmForest", "demo")["status"]["expertCount"] == 2,
+    )
+
+    # Edit one branch's steps: version 2 trains and replaces version 1 when it merges.
+    cluster.patch("ElmBranch", "demo-sailing", {"spec": {"training": {"steps": 24}}})
+    cluster.wait_for(
+        "sailing v2 merged",
+        lambda: (
+            (read_manifest(s3_endpoint, s3_data, "demo").experts["sailing"].version == 2)
+            and _phase(cluster, "ElmBranch", "demo-sailing") == "Merged"
+        ),
+        timeout=300,
+    )
+    status = cluster.get("ElmBranch", "demo-sailing")["status"]
+    assert status["version"] == 2 and status["progress"]["summary"].startswith("24/24")
+    assert status["observedGeneration"] == 2
+    assert sorted(read_manifest(s3_endpoint, s3_data, "demo").experts) == ["cooking", "sailing"]
+
+
+def test_operator_restart_mid_training(cluster: Cluster, s3_data: str, s3_endpoint: str) -> None:
+    """Kill the operator while a branch trains, start it again: merged once, one Job."""
+    cluster.start_operator()
+    cluster.create(forest_body("restart", s3_data, s3_endpoint))
+    training = {"steps": 120, "checkpointInterval": 20, "progressIntervalSeconds": 0.2}
+    cluster.create(branch_body("restart-poetry", "restart", "poetry", s3_data, training=training))
+
+    def training_started() -> bool:
+        status = cluster.get("ElmBranch", "restart-poetry").get("status") or {}
+        return status.get("phase") == "Training" and status.get("progress", {}).get("step", 0) > 0
+
+    cluster.wait_for("training to start", training_started, timeout=300, every=0.2)
+    cluster.stop_operator(hard=True)  # SIGKILL: no cleanup, no goodbye
+    cluster.start_operator()
+    cluster.wait_for(
+        "the branch to merge", lambda: _phase(cluster, "ElmBranch", "restart-poetry") == "Merged"
+    )
+    manifest = read_manifest(s3_endpoint, s3_data, "restart")
+    assert list(manifest.experts) == ["poetry"] and manifest.experts["poetry"].version == 1
+    # tokenizer, seed, poetry: each merge is one revision, so a repeated merge would show here.
+    assert manifest.revision == 3
+    jobs = [j["metadata"]["name"] for j in cluster.list("Job")]
+    assert [j for j in jobs if j.startswith("restart-poetry")] == ["restart-poetry-v1-a1"]
+    assert cluster.kubelet is not None
+    assert cluster.kubelet.started.count("restart-poetry-v1-a1") == 1
