@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import kopf
@@ -19,7 +19,13 @@ from elmforest.adapters.kube import Kube, load_config
 from elmforest.api import BRANCH, FOREST, GROUP, VERSION
 from elmforest.planner.naming import FINALIZER, LABEL_BRANCH, LABEL_FOREST, MANAGED_BY, OPERATOR
 from elmforest.planner.observed import JobState, job_state
-from elmforest.reconcile.branches import Sibling, finalize_branch, reconcile_branch, sibling
+from elmforest.reconcile.branches import (
+    Sibling,
+    finalize_branch,
+    owners_by_domain,
+    reconcile_branch,
+    sibling,
+)
 from elmforest.reconcile.context import OperatorContext, Settings
 from elmforest.reconcile.forests import reconcile_forest
 
@@ -83,8 +89,10 @@ def branch_index(
 
 
 @kopf.index("batch", "v1", "jobs", labels=JOB_LABELS)
-def job_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    return {(namespace, name): job_state(dict(body))}
+def job_index(namespace: str | None, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    # Keyed by owner, so a reconcile looks up its own Jobs instead of scanning them all.
+    owners = body.get("metadata", {}).get("ownerReferences") or [{}]
+    return {(namespace, owners[0].get("kind"), owners[0].get("name")): job_state(dict(body))}
 
 
 def _forest_body(
@@ -97,9 +105,28 @@ def _siblings(index: kopf.Index[Any, Any], namespace: str | None, forest: str) -
     return list(index.get((namespace, forest), []))
 
 
-def _jobs(index: kopf.Index[Any, Any], namespace: str) -> dict[str, JobState]:
-    # Keyed by name within the namespace; the index holds only the operator's own Jobs.
-    return {job.name: job for (ns, _), store in index.items() if ns == namespace for job in store}
+def _owned_jobs(
+    index: kopf.Index[Any, Any], namespace: str, kind: str, owner: str
+) -> dict[str, JobState]:
+    return {job.name: job for job in index.get((namespace, kind, owner), [])}
+
+
+async def _run_loop(
+    ctx: OperatorContext,
+    key: tuple[str, str, str],
+    stopped: kopf.DaemonStopped,
+    reconcile_once: Callable[[], Awaitable[float | None]],
+) -> None:
+    """Reconcile, then sleep until woken or the resync interval (shorter if asked) passes."""
+    resync = ctx.settings.resync_seconds
+    while not stopped:
+        try:
+            delay = await reconcile_once()
+        except Exception:
+            log.exception("reconcile_failed", kind=key[0], namespace=key[1], name=key[2])
+            ctx.metrics.count("reconcile_errors", key[0])
+            delay = ctx.settings.error_backoff_seconds
+        await ctx.wakeups.wait(key, min(delay or resync, resync))
 
 
 # ---- wake-ups: a change wakes the loops that depend on it ---------------------------------
@@ -156,27 +183,14 @@ async def forest_loop(
     **kwargs: Any,
 ) -> None:
     ctx = _ctx(memo)
-    namespace = namespace or ""
-    key = (FOREST.kind, namespace, name)
-    while not stopped:
-        try:
-            domains = {
-                s.domain: s.name
-                for s in sorted(
-                    _siblings(kwargs["branch_index"], namespace, name), key=lambda s: s.created
-                )[::-1]
-                if not s.deleting
-            }
-            delay = await reconcile_forest(
-                ctx, body, _jobs(kwargs["job_index"], namespace), domains
-            )
-        except Exception:
-            log.exception("forest.reconcile_failed", namespace=namespace, forest=name)
-            ctx.metrics.count("reconcile_errors", FOREST.kind)
-            delay = ctx.settings.error_backoff_seconds
-        await ctx.wakeups.wait(
-            key, min(delay or ctx.settings.resync_seconds, ctx.settings.resync_seconds)
-        )
+    ns = namespace or ""
+
+    async def reconcile_once() -> float | None:
+        siblings = _siblings(kwargs["branch_index"], ns, name)
+        jobs = _owned_jobs(kwargs["job_index"], ns, FOREST.kind, name)
+        return await reconcile_forest(ctx, body, jobs, owners_by_domain(siblings))
+
+    await _run_loop(ctx, (FOREST.kind, ns, name), stopped, reconcile_once)
 
 
 @kopf.daemon(GROUP, VERSION, BRANCH.plural, cancellation_timeout=2.0)
@@ -189,25 +203,19 @@ async def branch_loop(
     **kwargs: Any,
 ) -> None:
     ctx = _ctx(memo)
-    namespace = namespace or ""
-    key = (BRANCH.kind, namespace, name)
-    while not stopped:
+    ns = namespace or ""
+
+    async def reconcile_once() -> float | None:
         forest = str((body.get("spec") or {}).get("forest", ""))
-        try:
-            delay = await reconcile_branch(
-                ctx,
-                body,
-                _forest_body(kwargs["forest_index"], namespace, forest),
-                _siblings(kwargs["branch_index"], namespace, forest),
-                _jobs(kwargs["job_index"], namespace),
-            )
-        except Exception:
-            log.exception("branch.reconcile_failed", namespace=namespace, branch=name)
-            ctx.metrics.count("reconcile_errors", BRANCH.kind)
-            delay = ctx.settings.error_backoff_seconds
-        await ctx.wakeups.wait(
-            key, min(delay or ctx.settings.resync_seconds, ctx.settings.resync_seconds)
+        return await reconcile_branch(
+            ctx,
+            body,
+            _forest_body(kwargs["forest_index"], ns, forest),
+            _siblings(kwargs["branch_index"], ns, forest),
+            _owned_jobs(kwargs["job_index"], ns, BRANCH.kind, name),
         )
+
+    await _run_loop(ctx, (BRANCH.kind, ns, name), stopped, reconcile_once)
 
 
 # ---- deletion ------------------------------------------------------------------------------

@@ -86,8 +86,7 @@ class ClusterEmulator(KubernetesEmulator):
     # ---- request handling -------------------------------------------------------------------
 
     async def _handle(self, request: Request) -> aiohttp.web.StreamResponse:
-        method = str(request.method.value if hasattr(request.method, "value") else request.method)
-        method = method.upper()
+        method = request.method.value
         if request.resource is None or method not in ("POST", "PATCH", "PUT", "DELETE"):
             return await super()._handle(request)
         async with self._write_lock:

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from elmcore import layout
 from elmcore.errors import ElmError
-from elmcore.manifest import Manifest, remove_expert
+from elmcore.manifest import ExpertEntry, Manifest, remove_expert
 from elmcore.names import branch_run_id
 from elmcore.records import Progress, Result
 from elmcore.storage import S3Credentials, Storage, open_storage
@@ -34,6 +34,11 @@ class ForestStorage:
                 error=f"the manifest is invalid: {error}", error_reason="BadManifest"
             )
         return StorageView(manifest=manifest)
+
+    def merged_expert(self, domain: str) -> ExpertEntry | None:
+        """The manifest's entry for ``domain`` (None if absent or the manifest is unreadable)."""
+        manifest = self.view().manifest
+        return manifest.experts.get(domain) if manifest else None
 
     def _record(self, key: str, model: type[Progress] | type[Result]) -> Progress | Result | None:
         found = self.storage.read_versioned(key)

@@ -59,3 +59,8 @@ class Plan:
     def add(self, *actions: Action) -> Plan:
         self.actions.extend(actions)
         return self
+
+    def phase(self, default: str) -> str:
+        """The phase this plan's status patch sets, else ``default`` (unchanged)."""
+        patches = [a.status for a in self.actions if isinstance(a, PatchStatus)]
+        return str(patches[-1].get("phase", default)) if patches else default

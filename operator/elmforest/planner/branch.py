@@ -97,8 +97,14 @@ def _set_phase(
     )
 
 
-def _finish(plan: Plan, inp: BranchInput, status: ElmBranchStatus) -> Plan:
-    """Add the status patch (only if it changed) and an Event on each phase change."""
+def _finish(
+    plan: Plan, inp: BranchInput, status: ElmBranchStatus, *, status_last: bool = False
+) -> Plan:
+    """Add the status patch (only if it changed) and an Event on each phase change.
+
+    The patch goes first (before a Job is created, it names that Job) unless ``status_last``
+    (after a merge: a crash before the patch only repeats the merge, which is a no-op).
+    """
     old = inp.status
     if status.phase != old.phase or (
         status.phase in ("Failed", "Waiting") and status.message != old.message
@@ -106,7 +112,8 @@ def _finish(plan: Plan, inp: BranchInput, status: ElmBranchStatus) -> Plan:
         kind: Literal["Normal", "Warning"] = "Warning" if status.phase == "Failed" else "Normal"
         plan.actions.insert(0, Event(kind, status.phase, status.message))
     if status.to_api() != old.to_api():
-        plan.actions.insert(0, PatchStatus(status.to_api()))
+        patch = PatchStatus(status.to_api())
+        plan.actions.insert(len(plan.actions) if status_last else 0, patch)
     return plan
 
 
@@ -201,11 +208,7 @@ def _merge(inp: BranchInput, status: ElmBranchStatus, result: Result) -> Plan:
         plan.add(MergeResult(result))
     status.merged_version = result.version
     _set_phase(inp, status, "Merged", "Merged", f"v{result.version} merged into the forest")
-    # The status patch goes last: if we crash before it, the next round re-merges (a no-op).
-    _finish(plan, inp, status)
-    patches = [a for a in plan.actions if isinstance(a, PatchStatus)]
-    plan.actions = [a for a in plan.actions if not isinstance(a, PatchStatus)] + patches
-    return plan
+    return _finish(plan, inp, status, status_last=True)
 
 
 def _parent_key(kind: str, domain: str | None, version: int | None) -> str:

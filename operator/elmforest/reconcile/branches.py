@@ -45,10 +45,17 @@ def sibling(body: Mapping[str, Any]) -> Sibling:
     )
 
 
+def owners_by_domain(siblings: Iterable[Sibling]) -> dict[str, str]:
+    """Each domain's owner: its oldest live branch (ties: by name)."""
+    owners: dict[str, str] = {}
+    for branch in sorted(siblings, key=lambda s: (s.created, s.name)):
+        if not branch.deleting:
+            owners.setdefault(branch.domain, branch.name)
+    return owners
+
+
 def domain_owner(siblings: Iterable[Sibling], domain: str) -> str | None:
-    """The oldest live branch of the domain owns it (ties: by name)."""
-    claims = sorted((s.created, s.name) for s in siblings if s.domain == domain and not s.deleting)
-    return claims[0][1] if claims else None
+    return owners_by_domain(siblings).get(domain)
 
 
 def forest_view(forest: Mapping[str, Any] | None) -> ForestView | None:
@@ -100,11 +107,9 @@ async def reconcile_branch(
         try:
             storage = await ctx.storage(namespace, view.spec.storage)
         except SecretNotFoundError as error:
-            view = ForestView(view.name, view.spec, ready=False, uid=view.uid)
             await _invalid(ctx, body, str(error))
             return ctx.settings.resync_seconds
-        manifest = (await ctx.io(storage.view)).manifest
-        merged = manifest.experts.get(spec.domain) if manifest else None
+        merged = await ctx.io(storage.merged_expert, spec.domain)
         if status.version is not None:
             records = await ctx.io(storage.records, branch_run_id(spec.domain, status.version))
     # Slots are counted and taken under the forest's lock, so two branches never race for one.
@@ -129,8 +134,7 @@ async def reconcile_branch(
         if any(isinstance(a, CreateJob) for a in plan.actions):
             ctx.reserve(namespace, spec.forest, name)
         await apply_plan(ctx, BRANCH, body, plan, storage)
-    phase = next((a.status.get("phase") for a in plan.actions if isinstance(a, PatchStatus)), None)
-    phase = phase or status.phase
+    phase = plan.phase(status.phase)
     if phase not in ACTIVE:
         ctx.release(namespace, spec.forest, name)
     ctx.metrics.phase(BRANCH.kind, namespace, name, phase)
@@ -155,7 +159,7 @@ async def finalize_branch(
     if view is None:
         return  # the forest is gone; its storage is the user's to keep or delete
     storage = await ctx.storage(namespace, view.spec.storage)
-    manifest = (await ctx.io(storage.view)).manifest
+    merged = await ctx.io(storage.merged_expert, spec.domain)
     inp = BranchInput(
         name=name,
         namespace=namespace,
@@ -172,6 +176,6 @@ async def finalize_branch(
             ],
             spec.domain,
         ),
-        merged=manifest.experts.get(spec.domain) if manifest else None,
+        merged=merged,
     )
     await apply_plan(ctx, BRANCH, body, plan_deletion(inp), storage)

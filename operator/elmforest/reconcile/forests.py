@@ -7,7 +7,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from elmforest.adapters.forest_storage import ForestStorage
 from elmforest.adapters.kube import SecretNotFoundError
 from elmforest.api import FOREST
 from elmforest.api.forest import ElmForestSpec, ElmForestStatus
@@ -65,11 +64,6 @@ async def reconcile_forest(
         branches_by_domain=branches_by_domain,
     )
     plan = plan_forest(inp, spec_error)
-    await apply_plan(
-        ctx, FOREST, body, plan, storage if isinstance(storage, ForestStorage) else None
-    )
-    phase = next(
-        (a.status.get("phase") for a in plan.actions if hasattr(a, "status")), status.phase
-    )
-    ctx.metrics.phase(FOREST.kind, namespace, name, phase)
+    await apply_plan(ctx, FOREST, body, plan, storage)
+    ctx.metrics.phase(FOREST.kind, namespace, name, plan.phase(status.phase))
     return plan.requeue_after
