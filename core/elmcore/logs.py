@@ -5,17 +5,22 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import TextIO
 
 import structlog
 
 
-def configure_logging(level: str = "info") -> None:
-    fmt = os.environ.get("ELMFOREST_LOG_FORMAT", "auto")
-    as_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+def configure_logging(
+    level: str = "info", stream: TextIO | None = None, fmt: str | None = None
+) -> None:
+    """Log to ``stream`` (stderr); ``fmt`` (else $ELMFOREST_LOG_FORMAT): json, console, auto."""
+    stream = stream or sys.stderr
+    fmt = fmt or os.environ.get("ELMFOREST_LOG_FORMAT", "auto")
+    as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if as_json
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
     structlog.configure(
         processors=[
@@ -28,6 +33,6 @@ def configure_logging(level: str = "info") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )

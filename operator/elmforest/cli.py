@@ -1,5 +1,6 @@
-"""``elmforest``: run the operator, or print the CRDs.
+"""``elmforest``: train a forest on this machine, run the operator, or print the CRDs.
 
+``elmforest up -f DIR`` runs the operator's planners locally (trainer Jobs as processes);
 ``elmforest operator`` wraps ``kopf run`` with this project's defaults: peering off (one
 replica; the Deployment uses the Recreate strategy), a liveness endpoint, Prometheus metrics.
 """
@@ -10,10 +11,15 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
+from elmcore.errors import ElmError
 from elmcore.logs import configure_logging
+
+if TYPE_CHECKING:
+    from elmforest.local.commands import Options
 
 
 def _operator(args: argparse.Namespace) -> int:
@@ -47,10 +53,67 @@ def _crds(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local(args: argparse.Namespace) -> int:
+    from elmforest.local import commands
+
+    paths = [Path(p) for p in args.file]
+    options = commands.Options(
+        paths=paths,
+        state_dir=Path(args.state_dir) if args.state_dir else commands.default_state_dir(paths),
+        parallel=getattr(args, "parallel", None) or commands.default_parallel(),
+        poll_seconds=getattr(args, "poll", 1.0),
+        timeout_seconds=getattr(args, "timeout", None),
+        report=not getattr(args, "no_report", False),
+        top_k=getattr(args, "top_k", 2),
+        force_report=getattr(args, "force", False),
+    )
+    run = {"up": commands.up, "down": commands.down, "report": commands.report}[args.command]
+    # The screen shows the progress table; this process's own log goes to a file beside it.
+    options.state_dir.mkdir(parents=True, exist_ok=True)
+    with (options.state_dir / "elmforest.log").open("a") as log:
+        configure_logging(args.log_level, stream=log, fmt="console")
+        return _run_local(args.command, run, options)
+
+
+def _run_local(command: str, run: Callable[[Options, TextIO], int], options: Options) -> int:
+    try:
+        return run(options, sys.stdout)
+    except ElmError as error:
+        sys.stderr.write(f"elmforest {command}: error: {error}\n")
+        return int(error.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"elmforest {command}: interrupted\n")
+        return 130
+
+
+def _add_local(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    up = sub.add_parser("up", help="train the forest in these files on this machine")
+    down = sub.add_parser("down", help="remove these files' branches (and forests) locally")
+    report = sub.add_parser("report", help="perplexity table and plot of a local forest")
+    for parser in (up, down, report):
+        parser.add_argument(
+            "-f",
+            "--file",
+            action="append",
+            required=True,
+            help="YAML file or folder of ElmForest / ElmBranch (repeatable)",
+        )
+        parser.add_argument("--state-dir", help="default: .elmforest/ beside the first file")
+        parser.set_defaults(func=_local)
+    up.add_argument("--parallel", type=int, help="trainer processes at once (default: cores, <=4)")
+    up.add_argument("--poll", type=float, default=1.0, help="seconds between checks")
+    up.add_argument("--timeout", type=float, help="stop (resumably) after this many seconds")
+    up.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    for parser in (up, report):
+        parser.add_argument("--top-k", type=int, default=2, help="the sparse ensemble's k")
+    report.add_argument("--force", action="store_true", help="recompute even if up to date")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elmforest", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default=os.environ.get("ELMFOREST_LOG_LEVEL", "info"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_local(sub)
 
     op = sub.add_parser("operator", help="run the Kubernetes operator")
     op.add_argument(

@@ -19,13 +19,8 @@ from elmforest.adapters.kube import Kube, load_config
 from elmforest.api import BRANCH, FOREST, GROUP, VERSION
 from elmforest.planner.naming import FINALIZER, LABEL_BRANCH, LABEL_FOREST, MANAGED_BY, OPERATOR
 from elmforest.planner.observed import JobState, job_state
-from elmforest.reconcile.branches import (
-    Sibling,
-    finalize_branch,
-    owners_by_domain,
-    reconcile_branch,
-    sibling,
-)
+from elmforest.planner.siblings import Sibling, owners_by_domain, sibling
+from elmforest.reconcile.branches import finalize_branch, reconcile_branch
 from elmforest.reconcile.context import OperatorContext, Settings
 from elmforest.reconcile.forests import reconcile_forest
 

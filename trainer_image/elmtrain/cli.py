@@ -23,12 +23,24 @@ from elmtrain.commands import (
     generate,
     merge,
     posterior,
+    report,
     seed,
     tokenizer,
 )
 from elmtrain.progress import write_termination_message
 
-COMMANDS = (tokenizer, seed, branch, merge, evaluate, posterior, ensemble_eval, average, generate)
+COMMANDS = (
+    tokenizer,
+    seed,
+    branch,
+    merge,
+    evaluate,
+    posterior,
+    ensemble_eval,
+    average,
+    generate,
+    report,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

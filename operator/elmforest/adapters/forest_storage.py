@@ -15,7 +15,10 @@ from elmcore.records import Progress, Result
 from elmcore.storage import S3Credentials, Storage, open_storage
 from elmcore.storage.manifest_store import load_manifest, merge_verified, update_manifest
 from elmforest.api.forest import StorageSpec
+from elmforest.planner.actions import Action, DeleteExpertFiles, MergeResult, RemoveExpert
 from elmforest.planner.observed import RunRecords, StorageView
+
+FOREST_ROLES = ("tokenizer", "seed")  # built in this order before any branch
 
 
 class ForestStorage:
@@ -34,6 +37,36 @@ class ForestStorage:
                 error=f"the manifest is invalid: {error}", error_reason="BadManifest"
             )
         return StorageView(manifest=manifest)
+
+    def observe_forest(self) -> tuple[StorageView, dict[str, RunRecords]]:
+        """The manifest, and the records of the first forest artifact not merged yet."""
+        view = self.view()
+        records: dict[str, RunRecords] = {}
+        if view.manifest is not None:
+            missing = [r for r in FOREST_ROLES if getattr(view.manifest, r) is None]
+            if missing:
+                records[missing[0]] = self.records(missing[0])
+        return view, records
+
+    def observe_branch(
+        self, domain: str, version: int | None
+    ) -> tuple[RunRecords, ExpertEntry | None]:
+        """A branch version's run records, and the manifest's entry for its domain."""
+        records = self.records(branch_run_id(domain, version)) if version else RunRecords()
+        return records, self.merged_expert(domain)
+
+    def apply(self, action: Action) -> str:
+        """Carry out a storage action; returns a line for the log."""
+        match action:
+            case MergeResult(result=result):
+                manifest = self.merge(result)
+                return f"merged {result.run_id} (manifest revision {manifest.revision})"
+            case RemoveExpert(domain=domain):
+                manifest = self.remove_expert(domain)
+                return f"removed expert {domain} (manifest revision {manifest.revision})"
+            case DeleteExpertFiles(domain=domain):
+                return f"deleted {self.delete_expert_files(domain)} objects of expert {domain}"
+        raise TypeError(f"not a storage action: {action!r}")
 
     def merged_expert(self, domain: str) -> ExpertEntry | None:
         """The manifest's entry for ``domain`` (None if absent or the manifest is unreadable)."""

@@ -40,6 +40,12 @@ class DataSpec(SpecModel):
         json_schema_extra=LOCATION_ITEMS,
         description="held-out text for perplexity before and after training",
     )
+    test: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        json_schema_extra=LOCATION_ITEMS,
+        description="text for reports only (never trained on); unset: the validation text",
+    )
 
 
 class InitSpec(SpecModel):

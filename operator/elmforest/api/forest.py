@@ -52,12 +52,14 @@ else:
     )
 
 
-def _location_list(max_items: int = 64) -> object:
+def _location_list(
+    description: str = "text locations: s3://bucket/key or file:///path",
+) -> object:
     return Field(
         default_factory=list,
-        max_length=max_items,
+        max_length=64,
         json_schema_extra=LOCATION_ITEMS,
-        description="text locations: s3://bucket/key or file:///path",
+        description=description,
     )
 
 
@@ -171,6 +173,21 @@ class MergePolicy(SpecModel):
     )
 
 
+class EvaluationSpec(SpecModel):
+    """An extra column of the forest's report, e.g. a domain no branch trains on."""
+
+    domain: str = Field(max_length=63, pattern=DNS1123_LABEL, description="the column's name")
+    data: Locations = Field(
+        min_length=1,
+        max_length=64,
+        json_schema_extra=LOCATION_ITEMS,
+        description="evaluation text",
+    )
+    prior_data: Locations = _location_list(  # type: ignore[assignment]
+        "held-out text of the domain for its cached prior; unset: a uniform prior"
+    )
+
+
 class ElmForestSpec(SpecModel):
     storage: StorageSpec
     model: ModelSpec = Field(
@@ -185,6 +202,11 @@ class ElmForestSpec(SpecModel):
     )
     max_concurrent_branches: int = Field(4, ge=1, le=1024, description="branch Jobs at once")
     merge_policy: MergePolicy = Field(default_factory=MergePolicy)
+    evaluation: list[EvaluationSpec] = Field(
+        default_factory=list,
+        max_length=64,
+        description="report columns beside the branches' own domains (out-of-domain text)",
+    )
 
 
 # ---- status -------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def spec_fingerprint(spec: ElmBranchSpec) -> str:
     """What determines the expert's weights; resources, suspend and retention do not."""
     return digest(
         {
-            "data": spec.data.model_dump(mode="json"),
+            "data": spec.data.model_dump(mode="json", exclude={"test"}),  # reports only
             "init": spec.init.model_dump(mode="json"),
             "training": overrides(spec.training),
         },

@@ -52,19 +52,12 @@ async def apply_plan(
             case DeleteJob(name=job_name, reason=reason):
                 await ctx.io(ctx.kube.delete_job, namespace, job_name)
                 log.info("job.deleted", job=job_name, reason=reason)
-            case MergeResult(result=result):
+            case MergeResult() | RemoveExpert() | DeleteExpertFiles():
                 assert storage is not None
-                manifest = await ctx.io(storage.merge, result)
-                ctx.metrics.count("merges", kind.kind)
-                log.info("manifest.merged", run=result.run_id, revision=manifest.revision)
-            case RemoveExpert(domain=domain):
-                assert storage is not None
-                manifest = await ctx.io(storage.remove_expert, domain)
-                log.info("manifest.removed", domain=domain, revision=manifest.revision)
-            case DeleteExpertFiles(domain=domain):
-                assert storage is not None
-                count = await ctx.io(storage.delete_expert_files, domain)
-                log.info("storage.deleted", domain=domain, objects=count)
+                done = await ctx.io(storage.apply, action)
+                if isinstance(action, MergeResult):
+                    ctx.metrics.count("merges", kind.kind)
+                log.info("storage.changed", owner=name, change=done)
             case Event(type=type_, reason=reason, message=message):
                 kopf.event(
                     kopf.Body(cast(kopf.RawBody, dict(body))),

@@ -2,71 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
 
-from elmcore.names import branch_run_id
 from elmforest.adapters.forest_storage import ForestStorage
 from elmforest.adapters.kube import SecretNotFoundError
 from elmforest.api import BRANCH
 from elmforest.api.branch import ElmBranchSpec, ElmBranchStatus
-from elmforest.api.forest import ElmForestSpec
 from elmforest.planner.actions import CreateJob, Event, PatchStatus, Plan
-from elmforest.planner.branch import ACTIVE, BranchInput, ForestView, plan_branch, plan_deletion
+from elmforest.planner.branch import ACTIVE, BranchInput, plan_branch, plan_deletion
 from elmforest.planner.conditions import READY, set_condition
 from elmforest.planner.observed import JobState, RunRecords
+from elmforest.planner.siblings import Sibling, domain_owner, forest_view, owner_before_deletion
 from elmforest.reconcile.apply import apply_plan
 from elmforest.reconcile.context import OperatorContext
 from elmforest.reconcile.forests import validation_message
-
-
-@dataclass(frozen=True)
-class Sibling:
-    """What the branch index keeps of each branch: enough for ownership and slots."""
-
-    name: str
-    domain: str
-    created: str
-    phase: str
-    deleting: bool
-
-
-def sibling(body: Mapping[str, Any]) -> Sibling:
-    meta, spec = body["metadata"], body.get("spec") or {}
-    return Sibling(
-        name=meta["name"],
-        domain=str(spec.get("domain", "")),
-        created=str(meta.get("creationTimestamp", "")),
-        phase=str((body.get("status") or {}).get("phase", "Pending")),
-        deleting=bool(meta.get("deletionTimestamp")),
-    )
-
-
-def owners_by_domain(siblings: Iterable[Sibling]) -> dict[str, str]:
-    """Each domain's owner: its oldest live branch (ties: by name)."""
-    owners: dict[str, str] = {}
-    for branch in sorted(siblings, key=lambda s: (s.created, s.name)):
-        if not branch.deleting:
-            owners.setdefault(branch.domain, branch.name)
-    return owners
-
-
-def domain_owner(siblings: Iterable[Sibling], domain: str) -> str | None:
-    return owners_by_domain(siblings).get(domain)
-
-
-def forest_view(forest: Mapping[str, Any] | None) -> ForestView | None:
-    if forest is None or forest["metadata"].get("deletionTimestamp"):
-        return None
-    try:
-        spec = ElmForestSpec.model_validate(forest.get("spec") or {})
-    except ValidationError:
-        return None
-    ready = (forest.get("status") or {}).get("phase") == "Ready"
-    return ForestView(forest["metadata"]["name"], spec, ready, forest["metadata"].get("uid", ""))
 
 
 async def _invalid(ctx: OperatorContext, body: Mapping[str, Any], message: str) -> None:
@@ -109,9 +61,7 @@ async def reconcile_branch(
         except SecretNotFoundError as error:
             await _invalid(ctx, body, str(error))
             return ctx.settings.resync_seconds
-        merged = await ctx.io(storage.merged_expert, spec.domain)
-        if status.version is not None:
-            records = await ctx.io(storage.records, branch_run_id(spec.domain, status.version))
+        records, merged = await ctx.io(storage.observe_branch, spec.domain, status.version)
     # Slots are counted and taken under the forest's lock, so two branches never race for one.
     async with ctx.forest_lock(namespace, spec.forest):
         others = {s.name for s in siblings if s.name != name and s.phase in ACTIVE}
@@ -168,14 +118,7 @@ async def finalize_branch(
         spec=spec,
         status=ElmBranchStatus.model_validate(body.get("status") or {}),
         forest=view,
-        # Ownership as it stood before the deletion: this branch counts as live here.
-        domain_owner=domain_owner(
-            [
-                Sibling(s.name, s.domain, s.created, s.phase, s.deleting and s.name != name)
-                for s in siblings
-            ],
-            spec.domain,
-        ),
+        domain_owner=owner_before_deletion(siblings, name, spec.domain),
         merged=merged,
     )
     await apply_plan(ctx, BRANCH, body, plan_deletion(inp), storage)

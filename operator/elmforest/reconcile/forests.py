@@ -43,14 +43,9 @@ async def reconcile_forest(
     if spec is not None:
         try:
             storage = await ctx.storage(namespace, spec.storage)
-            view = await ctx.io(storage.view)
+            view, records = await ctx.io(storage.observe_forest)
         except SecretNotFoundError as error:
             view = StorageView(error=str(error), error_reason="SecretNotFound")
-        if view.manifest is not None and storage is not None:
-            for role in ("tokenizer", "seed"):
-                if getattr(view.manifest, role) is None:
-                    records[role] = await ctx.io(storage.records, role)
-                    break
     inp = ForestInput(
         name=name,
         namespace=namespace,

@@ -1,0 +1,1 @@
+"""Local mode: the operator's planners on one machine, trainer Jobs as local processes."""

@@ -1,0 +1,71 @@
+"""The branches of one forest as the planners see each other: domain ownership and the forest.
+
+Shared by the operator (which reads them from its indexes) and local mode (from its state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from elmforest.api.forest import ElmForestSpec
+from elmforest.planner.branch import ForestView
+
+
+@dataclass(frozen=True)
+class Sibling:
+    """What is kept of each branch: enough for ownership and slots."""
+
+    name: str
+    domain: str
+    created: str
+    phase: str
+    deleting: bool
+
+
+def sibling(body: Mapping[str, Any]) -> Sibling:
+    meta, spec = body["metadata"], body.get("spec") or {}
+    return Sibling(
+        name=meta["name"],
+        domain=str(spec.get("domain", "")),
+        created=str(meta.get("creationTimestamp", "")),
+        phase=str((body.get("status") or {}).get("phase", "Pending")),
+        deleting=bool(meta.get("deletionTimestamp")),
+    )
+
+
+def owners_by_domain(siblings: Iterable[Sibling]) -> dict[str, str]:
+    """Each domain's owner: its oldest live branch (ties: by name)."""
+    owners: dict[str, str] = {}
+    for branch in sorted(siblings, key=lambda s: (s.created, s.name)):
+        if not branch.deleting:
+            owners.setdefault(branch.domain, branch.name)
+    return owners
+
+
+def domain_owner(siblings: Iterable[Sibling], domain: str) -> str | None:
+    return owners_by_domain(siblings).get(domain)
+
+
+def owner_before_deletion(siblings: Iterable[Sibling], name: str, domain: str) -> str | None:
+    """The domain's owner as it stood before ``name`` was deleted (it counts as live)."""
+    live = [
+        Sibling(s.name, s.domain, s.created, s.phase, s.deleting and s.name != name)
+        for s in siblings
+    ]
+    return domain_owner(live, domain)
+
+
+def forest_view(forest: Mapping[str, Any] | None) -> ForestView | None:
+    """The forest a branch grows from; None while it is missing, deleted or invalid."""
+    if forest is None or forest["metadata"].get("deletionTimestamp"):
+        return None
+    try:
+        spec = ElmForestSpec.model_validate(forest.get("spec") or {})
+    except ValidationError:
+        return None
+    ready = (forest.get("status") or {}).get("phase") == "Ready"
+    return ForestView(forest["metadata"]["name"], spec, ready, forest["metadata"].get("uid", ""))

@@ -1,0 +1,141 @@
+"""Local mode reads the cluster's YAML: bad files fail fast, naming the file, line and field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from elmforest.api.branch import ElmBranchSpec
+from elmforest.api.forest import ElmForestSpec
+from elmforest.local.resources import ManifestError, load
+
+FOREST = """\
+apiVersion: btm.elmforest.io/v1alpha1
+kind: ElmForest
+metadata:
+  name: demo
+spec:
+  storage:
+    uri: out/storage
+  seed:
+    data: [data/a.txt]
+"""
+BRANCH = """\
+apiVersion: btm.elmforest.io/v1alpha1
+kind: ElmBranch
+metadata:
+  name: {name}
+spec:
+  forest: {forest}
+  domain: {domain}
+  data:
+    train: [data/{domain}.txt, s3://bucket/{domain}.txt, /abs/{domain}.txt]
+"""
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def branch(name: str = "code", domain: str = "code", forest: str = "demo") -> str:
+    return BRANCH.format(name=name, domain=domain, forest=forest)
+
+
+def error_of(*paths: Path) -> str:
+    with pytest.raises(ManifestError) as caught:
+        load(paths)
+    return str(caught.value)
+
+
+def test_loads_a_folder_and_resolves_relative_paths_against_it(tmp_path: Path) -> None:
+    write(tmp_path, "forest.yaml", FOREST)
+    write(tmp_path, "code.yaml", branch())
+    write(tmp_path, "notes.txt", "not yaml, not read")
+    write(tmp_path, "secret.yaml", "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\n")
+    declaration = load([tmp_path])
+    forest = declaration.forests["demo"].spec
+    assert isinstance(forest, ElmForestSpec)
+    assert forest.storage.uri == f"file://{tmp_path}/out/storage"
+    assert forest.seed.data == [f"file://{tmp_path}/data/a.txt"]
+    code = declaration.branch_spec("code")
+    assert isinstance(code, ElmBranchSpec)
+    assert code.data.train == [
+        f"file://{tmp_path}/data/code.txt",
+        "s3://bucket/code.txt",  # URIs pass through
+        "file:///abs/code.txt",
+    ]
+    assert declaration.branches["code"].line == 1
+
+
+def test_unknown_field_names_file_line_and_field(tmp_path: Path) -> None:
+    write(tmp_path, "forest.yaml", FOREST)
+    bad = write(tmp_path, "code.yaml", branch().replace("  domain: code\n", "  domian: code\n"))
+    message = error_of(tmp_path)
+    assert f"{bad}:7:" in message
+    assert "spec.domian: unknown field" in message
+
+
+def test_missing_forest_names_file_and_field(tmp_path: Path) -> None:
+    write(tmp_path, "forest.yaml", FOREST)
+    bad = write(tmp_path, "code.yaml", branch(forest="nowhere"))
+    message = error_of(tmp_path)
+    assert str(bad) in message
+    assert "spec.forest: no ElmForest 'nowhere'" in message
+
+
+def test_invalid_domain_names_file_line_and_field(tmp_path: Path) -> None:
+    write(tmp_path, "forest.yaml", FOREST)
+    bad = write(tmp_path, "code.yaml", branch(domain="Code_Review"))
+    message = error_of(tmp_path)
+    assert f"{bad}:7: ElmBranch 'code': spec.domain:" in message
+    assert "'Code_Review' is not a valid name" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("kind: ElmForest\napiVersion: btm.elmforest.io/v1\nmetadata: {name: x}\n", "unknown"),
+        ("apiVersion: btm.elmforest.io/v1alpha1\nkind: ElmForest\nmetadata: {}\n", "name"),
+        ("apiVersion: btm.elmforest.io/v1alpha1\nkind: ElmForest\nmetadata: {name: x}\n", "spec"),
+        ("spec: [unclosed\n", "not valid YAML"),
+        ("- just\n- a list\n", "expected a resource"),
+        (FOREST.replace("uri: out/storage", "uri: s3://Bad_Bucket/x"), "spec.storage.uri"),
+    ],
+)
+def test_other_bad_documents(tmp_path: Path, text: str, expected: str) -> None:
+    bad = write(tmp_path, "bad.yaml", text)
+    message = error_of(bad)
+    assert message.startswith(str(bad))
+    assert expected in message
+
+
+def test_duplicates_are_refused(tmp_path: Path) -> None:
+    write(tmp_path, "forest.yaml", FOREST)
+    write(tmp_path, "a.yaml", branch(name="a", domain="code"))
+    write(tmp_path, "b.yaml", branch(name="b", domain="code"))
+    assert "already trained by ElmBranch 'a'" in error_of(tmp_path)
+    (tmp_path / "b.yaml").write_text(branch(name="a", domain="other"))
+    assert "declared twice" in error_of(tmp_path)
+
+
+def test_cli_fails_fast_without_training(tmp_path: Path) -> None:
+    write(tmp_path, "forest.yaml", FOREST)
+    bad = write(tmp_path, "code.yaml", branch(domain="NOT-OK"))
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "elmforest", "up", "-f", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 65
+    assert f"elmforest up: error: {bad}:7: ElmBranch 'code': spec.domain:" in done.stderr
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / ".elmforest" / "state.json").exists()
