@@ -27,7 +27,6 @@ def _operator(args: argparse.Namespace) -> int:
 
     os.environ["ELMFOREST_RESYNC_SECONDS"] = str(args.resync)
     os.environ["ELMFOREST_METRICS_PORT"] = str(args.metrics_port)
-    os.environ["ELMFOREST_NAMESPACED"] = "1" if args.namespace else "0"
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr)
     import elmforest.handlers  # noqa: F401  (registers the handlers)
 
@@ -50,6 +49,14 @@ def _crds(args: argparse.Namespace) -> int:
             sys.stdout.write(f"wrote {path}\n")
     else:
         sys.stdout.write("---\n".join(crds.files().values()))
+    return 0
+
+
+def _chart(args: argparse.Namespace) -> int:
+    from elmforest import chart
+
+    for path in chart.write(Path(args.write)):
+        sys.stdout.write(f"wrote {path}\n")
     return 0
 
 
@@ -131,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     crd = sub.add_parser("crds", help="print the CRDs (or --write them to a folder)")
     crd.add_argument("--write", metavar="DIR")
     crd.set_defaults(func=_crds)
+
+    gen = sub.add_parser("chart", help="regenerate the Helm chart's schema, RBAC rules and CRDs")
+    gen.add_argument("--write", metavar="CHART_DIR", required=True)
+    gen.set_defaults(func=_chart)
     return parser
 
 

@@ -17,6 +17,7 @@ import structlog
 
 from elmforest.adapters.kube import Kube, load_config
 from elmforest.api import BRANCH, FOREST, GROUP, VERSION
+from elmforest.planner.defaults import Defaults
 from elmforest.planner.naming import FINALIZER, LABEL_BRANCH, LABEL_FOREST, MANAGED_BY, OPERATOR
 from elmforest.planner.observed import JobState, job_state
 from elmforest.planner.siblings import Sibling, owners_by_domain, sibling
@@ -44,14 +45,16 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     settings.posting.level = logging.WARNING  # Events come from the planner, not Kopf's logs
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
-    if os.environ.get("ELMFOREST_NAMESPACED") == "1":
-        # Watching given namespaces only: no cluster-wide scans of namespaces or CRDs, so a
-        # namespaced Role suffices (least privilege).
-        settings.scanning.disabled = True
+    # No runtime scans of namespaces or CRDs: the CRDs are installed before the operator
+    # starts (a CRD upgrade restarts it), so RBAC needs neither (least privilege).
+    settings.scanning.disabled = True
     load_config()
     ctx = OperatorContext(
         Kube(),
-        Settings(resync_seconds=float(os.environ.get("ELMFOREST_RESYNC_SECONDS", "15"))),
+        Settings(
+            resync_seconds=float(os.environ.get("ELMFOREST_RESYNC_SECONDS", "15")),
+            defaults=Defaults.from_env(os.environ),
+        ),
     )
     memo[CONTEXT_KEY] = ctx
     port = int(os.environ.get("ELMFOREST_METRICS_PORT", "0"))

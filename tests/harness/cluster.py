@@ -25,8 +25,9 @@ from typing import Any
 import kmock
 import yaml
 
+from elmforest.adapters.kube import PERMISSIONS
 from elmforest.api import BRANCH, FOREST, GROUP, VERSION, Kind
-from tests.harness.emulator import ClusterEmulator
+from tests.harness.emulator import TEST_CLIENT, ClusterEmulator
 from tests.harness.kubelet import Kubelet
 
 NAMESPACE = "team-a"
@@ -172,6 +173,12 @@ class Cluster:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(10)
 
+    def unpermitted_requests(self) -> list[tuple[str, str, str]]:
+        """The operator's requests that its RBAC rules (PERMISSIONS) would have refused."""
+        allowed = {(p.group, p.resource, verb) for p in PERMISSIONS for verb in p.verbs}
+        assert self.emulator is not None
+        return sorted(set(self.emulator.audit) - allowed)
+
     def operator_log(self) -> str:
         return "\n".join(p.read_text(errors="replace")[-20000:] for p in self._operator_logs)
 
@@ -181,6 +188,7 @@ class Cluster:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.url + path, data=data, method=method)
         request.add_header("Content-Type", ctype or "application/json")
+        request.add_header("User-Agent", TEST_CLIENT)
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 return json.loads(response.read() or b"null")

@@ -22,6 +22,7 @@ from kmock._internal import dicts
 from kmock._internal.k8s import KubernetesError, KubernetesObjectNotFoundError
 
 Key = tuple[resource, str | None, str]
+TEST_CLIENT = "elmforest-tests"  # the User-Agent of the tests' own kubectl: not audited
 
 
 def _now() -> str:
@@ -39,6 +40,9 @@ class ClusterEmulator(KubernetesEmulator):
         super().__attrs_post_init__()
         self._versions = itertools.count(1000)
         self._write_lock = asyncio.Lock()
+        # Every (group, resource[/subresource], verb) a client other than the tests asked for:
+        # what RBAC must allow the operator.
+        self.audit: set[tuple[str, str, str]] = set()
 
     # ---- helpers usable in-process (the kubelet uses them) --------------------------------
 
@@ -85,7 +89,24 @@ class ClusterEmulator(KubernetesEmulator):
 
     # ---- request handling -------------------------------------------------------------------
 
+    def _record(self, request: Request) -> None:
+        res = request.resource
+        if res is None or not res.plural:  # discovery: open to every authenticated user
+            return
+        if request.headers.get("User-Agent", "").startswith(TEST_CLIENT):
+            return
+        method = request.method.value
+        verb = {"POST": "create", "PATCH": "patch", "PUT": "update"}.get(method, "")
+        if method == "GET":
+            watching = str(request.params.get("watch", "")).lower() in ("true", "1")
+            verb = "get" if request.name else ("watch" if watching else "list")
+        elif method == "DELETE":
+            verb = "delete" if request.name else "deletecollection"
+        name = res.plural + (f"/{request.subresource}" if request.subresource else "")
+        self.audit.add((res.group or "", name, verb))
+
     async def _handle(self, request: Request) -> aiohttp.web.StreamResponse:
+        self._record(request)
         method = request.method.value
         if request.resource is None or method not in ("POST", "PATCH", "PUT", "DELETE"):
             return await super()._handle(request)

@@ -140,6 +140,8 @@ def test_quickstart_up_resume_idempotent_prune_down(tmp_path: Path) -> None:
     assert (manifest_path.read_text(), (state_dir / "state.json").read_text()) == before
     assert sorted(p.name for p in (state_dir / "logs").iterdir()) == logs_before
     assert "scoring" not in again.stdout
+    shown = elmforest("report", "-f", str(folder))  # on demand: the stored report, reused
+    assert shown.returncode == 0 and markdown in shown.stdout, shown.stdout + shown.stderr
 
     # 4. Delete a branch file: its expert leaves the manifest, the others stay.
     (folder / "branch-quotes.yaml").unlink()

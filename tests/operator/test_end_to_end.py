@@ -89,6 +89,15 @@ def test_forest_with_three_branches(cluster: Cluster, s3_data: str, s3_endpoint:
     assert status["observedGeneration"] == 2
     assert sorted(read_manifest(s3_endpoint, s3_data, "demo").experts) == ["cooking", "sailing"]
 
+    # Delete the forest: its finalizer deletes its branches' Jobs (by label), then it goes.
+    cluster.delete("ElmForest", "demo")
+    cluster.wait_for(
+        "the forest and its Jobs gone",
+        lambda: not cluster.list("ElmForest") and not cluster.list("Job"),
+    )
+    # Everything the operator asked of the API server is within its RBAC rules.
+    assert cluster.unpermitted_requests() == []
+
 
 def test_operator_restart_mid_training(cluster: Cluster, s3_data: str, s3_endpoint: str) -> None:
     """Kill the operator while a branch trains, start it again: merged once, one Job."""
@@ -115,3 +124,4 @@ def test_operator_restart_mid_training(cluster: Cluster, s3_data: str, s3_endpoi
     assert [j for j in jobs if j.startswith("restart-poetry")] == ["restart-poetry-v1-a1"]
     assert cluster.kubelet is not None
     assert cluster.kubelet.started.count("restart-poetry-v1-a1") == 1
+    assert cluster.unpermitted_requests() == []

@@ -50,7 +50,10 @@ def test_failure_policy_and_credentials() -> None:
     body = job(activeDeadlineSeconds=3600)
     rules = body["spec"]["podFailurePolicy"]["rules"]
     assert rules[0]["action"] == "FailJob" and 65 in rules[0]["onExitCodes"]["values"]
-    assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert rules[1] == {
+        "action": "Ignore",
+        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+    }
     assert body["spec"]["activeDeadlineSeconds"] == 3600
     env = {e["name"]: e for e in body["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "keys"

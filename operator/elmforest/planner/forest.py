@@ -45,7 +45,7 @@ class ForestInput:
 def spec_problem(spec: ElmForestSpec, require_image: bool) -> str | None:
     """What makes a well-typed spec impossible to run, in one sentence."""
     if require_image and not spec.trainer.image:
-        return "spec.trainer.image is required (an image pinned by digest)"
+        return "spec.trainer.image is required (pinned by digest; or the chart's trainer.image)"
     if not spec.tokenizer.from_ and not (spec.tokenizer.data or spec.seed.data):
         return "spec.tokenizer needs 'from' or 'data' (or spec.seed.data to train on)"
     steps = (spec.seed.training.model_dump().get("steps") if spec.seed.training else None) or 0

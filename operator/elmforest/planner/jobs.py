@@ -133,7 +133,10 @@ def failure_policy() -> dict[str, Any]:
                     "values": [int(ExitCode.USAGE), int(ExitCode.BAD_INPUT)],
                 },
             },
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            {
+                "action": "Ignore",
+                "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+            },
         ]
     }
 

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from elmforest.api.forest import ElmForestSpec
 from elmforest.planner.branch import ForestView
+from elmforest.planner.defaults import Defaults
 
 
 @dataclass(frozen=True)
@@ -59,12 +60,16 @@ def owner_before_deletion(siblings: Iterable[Sibling], name: str, domain: str) -
     return domain_owner(live, domain)
 
 
-def forest_view(forest: Mapping[str, Any] | None) -> ForestView | None:
+def forest_view(
+    forest: Mapping[str, Any] | None, defaults: Defaults | None = None
+) -> ForestView | None:
     """The forest a branch grows from; None while it is missing, deleted or invalid."""
     if forest is None or forest["metadata"].get("deletionTimestamp"):
         return None
     try:
         spec = ElmForestSpec.model_validate(forest.get("spec") or {})
+        if defaults is not None:
+            spec = defaults.apply(spec)
     except ValidationError:
         return None
     ready = (forest.get("status") or {}).get("phase") == "Ready"

@@ -51,7 +51,7 @@ async def reconcile_branch(
         await _invalid(ctx, body, validation_message(error, "spec"))
         return None
     status = ElmBranchStatus.model_validate(body.get("status") or {})
-    view = forest_view(forest)
+    view = forest_view(forest, ctx.settings.defaults)
     storage: ForestStorage | None = None
     records, merged = RunRecords(), None
     steady = status.phase == "Merged" and status.merged_version == status.version
@@ -103,7 +103,7 @@ async def finalize_branch(
         spec = ElmBranchSpec.model_validate(body.get("spec") or {})
     except ValidationError:
         return  # never valid, never trained: nothing to remove
-    view = forest_view(forest)
+    view = forest_view(forest, ctx.settings.defaults)
     ctx.release(namespace, spec.forest, name)
     ctx.metrics.phase(BRANCH.kind, namespace, name, None)
     if view is None:

@@ -15,6 +15,7 @@ from elmforest.adapters.forest_storage import ForestStorage
 from elmforest.adapters.kube import Kube
 from elmforest.api.forest import StorageSpec
 from elmforest.metrics import Metrics
+from elmforest.planner.defaults import Defaults
 from elmforest.reconcile.wakeups import Wakeups
 
 T = TypeVar("T")
@@ -27,6 +28,7 @@ class Settings:
     resync_seconds: float = 15.0  # the level-triggered safety net
     error_backoff_seconds: float = 5.0
     workers: int = 16  # threads for blocking I/O (kubernetes client, boto3)
+    defaults: Defaults = field(default_factory=Defaults)  # the chart's trainer/storage values
 
 
 @dataclass

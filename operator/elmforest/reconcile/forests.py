@@ -35,7 +35,7 @@ async def reconcile_forest(
     spec: ElmForestSpec | None = None
     spec_error: str | None = None
     try:
-        spec = ElmForestSpec.model_validate(body.get("spec") or {})
+        spec = ctx.settings.defaults.apply(ElmForestSpec.model_validate(body.get("spec") or {}))
     except ValidationError as error:
         spec_error = validation_message(error, "spec")
     view, storage = StorageView(), None
