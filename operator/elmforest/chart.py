@@ -38,7 +38,8 @@ def values_schema() -> Schema:
     raw = ChartValues.model_json_schema(by_alias=True, mode="validation")
     schema: Schema = _inline(raw, raw.get("$defs", {}))
     return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        # Draft 7: what every Helm 3 and 4 release validates (no 2020-12 keyword is used).
+        "$schema": "http://json-schema.org/draft-07/schema#",
         "title": "elmforest chart values",
         **schema,
     }
