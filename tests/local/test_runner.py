@@ -130,3 +130,22 @@ def test_immutable_fields_cannot_change_between_runs(tmp_path: Path) -> None:
     path.write_text(FOREST.format(uri="two"))
     with pytest.raises(ManifestError, match=r"forest.yaml:1: ElmForest 'demo': spec.storage.uri"):
         engine.declare(load([path]))
+
+
+def test_gpus_are_slots(tmp_path: Path) -> None:
+    """On a GPU machine each Job gets its own GPUs, and waits while too few are free."""
+    runner = ProcessRunner(
+        logs=tmp_path / "logs", cache=tmp_path / "cache", parallel=4, gpus=["0", "1"]
+    )
+    state = LocalState()
+    show = "import os, time; print('gpus=' + os.environ['CUDA_VISIBLE_DEVICES']); time.sleep(1)"
+    wide, narrow = python_job("wide", show), python_job("narrow", show)
+    wide.env["ELMFOREST_LOCAL_GPUS"] = "2"
+    for record in (wide, narrow):
+        record.log = str(tmp_path / f"{record.name}.log")
+        state.jobs[record.name] = record
+    runner.sync(state)
+    assert (wide.phase, narrow.phase) == ("Running", "Pending")  # both GPUs are taken
+    run_to_end(runner, state)
+    assert "gpus=0,1" in Path(wide.log).read_text()
+    assert "gpus=0" in Path(narrow.log).read_text()

@@ -151,15 +151,25 @@ class ProcessRunner:
             if record is not None:
                 events.append(self._judge(record, code))
         for record in state.jobs.values():
-            if self.stopping or len(self.processes) >= self._capacity():
+            if self.stopping or len(self.processes) >= self.parallel:
                 break
-            if self.queued(record) and time.monotonic() >= self.not_before.get(record.name, 0):
-                self._start(state, record)
-                events.append(f"{record.name}: started")
+            if not self.queued(record) or time.monotonic() < self.not_before.get(record.name, 0):
+                continue
+            gpus = self._free_gpus(record)
+            if gpus is None:
+                continue  # waits for GPUs, as a pod waits for a node that has them
+            self._start(state, record, gpus)
+            events.append(f"{record.name}: started")
         return events
 
-    def _capacity(self) -> int:
-        return min(self.parallel, len(self.gpus)) if self.gpus else self.parallel
+    def _free_gpus(self, record: JobRecord) -> list[str] | None:
+        """The GPUs for this Job (one at least, on a GPU machine), or None if too few are free."""
+        if not self.gpus:
+            return []
+        busy = {g for p in self.processes.values() for g in p.gpus}
+        free = [g for g in self.gpus if g not in busy]
+        wanted = max(1, int(record.env.get("ELMFOREST_LOCAL_GPUS", "1")))
+        return free[:wanted] if len(free) >= min(wanted, len(self.gpus)) else None
 
     def _judge(self, record: JobRecord, code: int) -> str:
         if code == 0:
@@ -178,10 +188,7 @@ class ProcessRunner:
         self.not_before[record.name] = time.monotonic() + min(60.0, 2.0 * 2**record.failures)
         return f"{record.name}: exited {code} ({message}); retrying"
 
-    def _start(self, state: LocalState, record: JobRecord) -> None:
-        busy = {g for p in self.processes.values() for g in p.gpus}
-        free = [g for g in self.gpus if g not in busy]
-        gpus = free[: max(1, int(record.env.get("ELMFOREST_LOCAL_GPUS", "1")))] if free else []
+    def _start(self, state: LocalState, record: JobRecord, gpus: list[str]) -> None:
         threads = self._threads(state, record)
         env = {
             **os.environ,
