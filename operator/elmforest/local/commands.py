@@ -23,7 +23,7 @@ from elmforest.local import report as reports
 from elmforest.local.display import Display, rows
 from elmforest.local.engine import Engine
 from elmforest.local.resources import Declaration, load, yaml_files
-from elmforest.local.runner import ProcessRunner
+from elmforest.local.runner import ProcessRunner, usable_cpus
 from elmforest.local.state import LocalState, ObjectRecord, StateStore
 from elmforest.planner.actions import Event
 
@@ -37,7 +37,7 @@ def default_state_dir(paths: Sequence[Path]) -> Path:
 
 def default_parallel() -> int:
     """Trainer processes at once: up to 4, one per core (each gets its share of threads)."""
-    return max(1, min(4, os.cpu_count() or 1))
+    return max(1, min(4, usable_cpus()))
 
 
 @dataclass

@@ -35,6 +35,12 @@ _CONTAINER_ENV = {"ELMTRAIN_CACHE", "HF_HOME", "TMPDIR"}
 STOP_GRACE_SECONDS = 30.0  # SIGTERM -> the trainer commits a checkpoint -> exit
 
 
+def usable_cpus() -> int:
+    """Cores this process may run on (its affinity, e.g. a container's cpuset), not the host's."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+
+
 def visible_gpus() -> list[str]:
     """GPU ids this machine offers (CUDA_VISIBLE_DEVICES, else nvidia-smi), without torch."""
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -95,7 +101,7 @@ class ProcessRunner:
     logs: Path
     cache: Path
     parallel: int
-    cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
+    cpus: int = field(default_factory=usable_cpus)
     gpus: list[str] = field(default_factory=visible_gpus)
     processes: dict[str, _Process] = field(default_factory=dict)
     not_before: dict[str, float] = field(default_factory=dict)  # restart backoff
