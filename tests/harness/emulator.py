@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import datetime
 import itertools
 import uuid
@@ -22,6 +23,20 @@ from kmock._internal import dicts
 from kmock._internal.k8s import KubernetesError, KubernetesObjectNotFoundError
 
 Key = tuple[resource, str | None, str]
+
+
+@dataclasses.dataclass
+class Fault:
+    """Answer the next ``times`` matching requests with ``status`` (0: stall, then serve)."""
+
+    method: str  # GET, POST, PATCH, PUT, DELETE
+    resource: str  # plural, or plural/subresource
+    status: int
+    times: int = 1
+    stall_seconds: float = 0.0
+    hits: int = 0
+
+
 TEST_CLIENT = "elmforest-tests"  # the User-Agent of the tests' own kubectl: not audited
 
 
@@ -43,6 +58,7 @@ class ClusterEmulator(KubernetesEmulator):
         # Every (group, resource[/subresource], verb) a client other than the tests asked for:
         # what RBAC must allow the operator.
         self.audit: set[tuple[str, str, str]] = set()
+        self.faults: list[Fault] = []  # injected API errors and stalls (reliability tests)
 
     # ---- helpers usable in-process (the kubelet uses them) --------------------------------
 
@@ -89,12 +105,18 @@ class ClusterEmulator(KubernetesEmulator):
 
     # ---- request handling -------------------------------------------------------------------
 
-    def _record(self, request: Request) -> None:
+    @staticmethod
+    def _client_resource(request: Request) -> str | None:
+        """``plural[/subresource]`` of a request from a client under test (not the tests' own
+        kubectl, not discovery, which every authenticated user may read)."""
         res = request.resource
-        if res is None or not res.plural:  # discovery: open to every authenticated user
-            return
+        if res is None or not res.plural:
+            return None
         if request.headers.get("User-Agent", "").startswith(TEST_CLIENT):
-            return
+            return None
+        return res.plural + (f"/{request.subresource}" if request.subresource else "")
+
+    def _record(self, request: Request, name: str) -> None:
         method = request.method.value
         verb = {"POST": "create", "PATCH": "patch", "PUT": "update"}.get(method, "")
         if method == "GET":
@@ -102,11 +124,30 @@ class ClusterEmulator(KubernetesEmulator):
             verb = "get" if request.name else ("watch" if watching else "list")
         elif method == "DELETE":
             verb = "delete" if request.name else "deletecollection"
-        name = res.plural + (f"/{request.subresource}" if request.subresource else "")
-        self.audit.add((res.group or "", name, verb))
+        assert request.resource is not None
+        self.audit.add((request.resource.group or "", name, verb))
+
+    def _fault_for(self, request: Request, name: str) -> Fault | None:
+        for fault in self.faults:
+            matches = (fault.method, fault.resource) == (request.method.value, name)
+            if matches and fault.hits < fault.times:
+                fault.hits += 1
+                return fault
+        return None
 
     async def _handle(self, request: Request) -> aiohttp.web.StreamResponse:
-        self._record(request)
+        name = self._client_resource(request)
+        fault = None
+        if name is not None:
+            self._record(request, name)
+            fault = self._fault_for(request, name)
+        if fault is not None and fault.status:
+            status = {"kind": "Status", "apiVersion": "v1", "status": "Failure"}
+            status.update(code=fault.status, reason="Injected", message="injected by the test")
+            headers = {"Retry-After": "1"} if fault.status == 429 else {}
+            return aiohttp.web.json_response(status, status=fault.status, headers=headers)
+        if fault is not None:
+            await asyncio.sleep(fault.stall_seconds)  # a slow API server, then a real answer
         method = request.method.value
         if request.resource is None or method not in ("POST", "PATCH", "PUT", "DELETE"):
             return await super()._handle(request)

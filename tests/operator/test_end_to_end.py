@@ -9,6 +9,7 @@ import pytest
 
 from elmforest.api import BRANCH, crds
 from tests.harness.cluster import Cluster, printer_table
+from tests.harness.emulator import Fault
 from tests.operator.conftest import branch_body, forest_body, read_manifest
 
 pytestmark = pytest.mark.slow
@@ -99,8 +100,24 @@ def test_forest_with_three_branches(cluster: Cluster, s3_data: str, s3_endpoint:
     assert cluster.unpermitted_requests() == []
 
 
+# Kubernetes API faults on the operator's reads and writes, met on the way (each must be hit).
+API_FAULTS = [
+    Fault("POST", "jobs", 500, times=2),
+    Fault("POST", "jobs", 429, times=1),
+    Fault("POST", "jobs", 409, times=1),  # a conflict that is not "already exists"
+    Fault("PATCH", "elmforests/status", 503, times=2),
+    Fault("PATCH", "elmbranches/status", 500, times=2),
+    Fault("PATCH", "elmbranches/status", 409, times=1),
+    Fault("PATCH", "elmbranches", 0, times=2, stall_seconds=3.0),  # Kopf's finalizer patch
+    Fault("GET", "jobs", 503, times=1),  # a list or watch of Jobs
+]
+
+
 def test_operator_restart_mid_training(cluster: Cluster, s3_data: str, s3_endpoint: str) -> None:
-    """Kill the operator while a branch trains, start it again: merged once, one Job."""
+    """Kill the operator while a branch trains, start it again, all under API faults (409,
+    429, 500, 503, stalls): it retries with backoff and converges, merged once, one Job."""
+    assert cluster.emulator is not None
+    cluster.emulator.faults.extend(API_FAULTS)
     cluster.start_operator()
     cluster.create(forest_body("restart", s3_data, s3_endpoint))
     training = {"steps": 120, "checkpointInterval": 20, "progressIntervalSeconds": 0.2}
@@ -125,3 +142,4 @@ def test_operator_restart_mid_training(cluster: Cluster, s3_data: str, s3_endpoi
     assert cluster.kubelet is not None
     assert cluster.kubelet.started.count("restart-poetry-v1-a1") == 1
     assert cluster.unpermitted_requests() == []
+    assert [f for f in API_FAULTS if f.hits < f.times] == []  # every fault was met
