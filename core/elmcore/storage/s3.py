@@ -14,11 +14,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import boto3
+import boto3.exceptions
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
-from elmcore.errors import BadInputError, ConflictError, NotFoundError, TransientError
+from elmcore.errors import (
+    BadInputError,
+    ConflictError,
+    ElmError,
+    NotFoundError,
+    TransientError,
+)
 from elmcore.storage.base import S3Credentials, Storage
 from elmcore.uris import StorageURI, check_key
 
@@ -77,15 +84,14 @@ class S3Storage(Storage):
     def _call(self, what: str, key: str, fn: Callable[[], T]) -> T:
         try:
             return fn()
+        except boto3.exceptions.S3UploadFailedError as error:
+            # s3transfer wraps the failed PutObject's ClientError: judge that one instead.
+            cause = error.__cause__
+            if isinstance(cause, botocore.exceptions.ClientError):
+                raise self._client_error(what, key, cause) from cause
+            raise TransientError(f"{what} {self.uri(key)} failed: {error}") from error
         except botocore.exceptions.ClientError as error:
-            code = _code(error)
-            if code in _NOT_FOUND:
-                raise NotFoundError(f"{self.uri(key)} does not exist") from None
-            if code in _CONFLICT:
-                raise ConflictError(f"{what} {self.uri(key)}: precondition failed") from None
-            if code in _DENIED:
-                raise BadInputError(f"{what} {self.uri(key)}: access denied ({code})") from None
-            raise TransientError(f"{what} {self.uri(key)} failed: {code or error}") from error
+            raise self._client_error(what, key, error) from error
         except (
             botocore.exceptions.BotoCoreError,
             ConnectionError,
@@ -94,6 +100,18 @@ class S3Storage(Storage):
             if isinstance(error, botocore.exceptions.NoCredentialsError):
                 raise BadInputError(f"{what} {self.uri(key)}: no S3 credentials found") from None
             raise TransientError(f"{what} {self.uri(key)} failed: {error}") from error
+
+    def _client_error(
+        self, what: str, key: str, error: botocore.exceptions.ClientError
+    ) -> ElmError:
+        code = _code(error)
+        if code in _NOT_FOUND:
+            return NotFoundError(f"{self.uri(key)} does not exist")
+        if code in _CONFLICT:
+            return ConflictError(f"{what} {self.uri(key)}: precondition failed")
+        if code in _DENIED:
+            return BadInputError(f"{what} {self.uri(key)}: access denied ({code})")
+        return TransientError(f"{what} {self.uri(key)} failed: {code or error}")
 
     def read_bytes(self, key: str) -> bytes:
         def get() -> bytes:

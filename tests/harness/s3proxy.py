@@ -1,0 +1,112 @@
+"""A fault-injecting HTTP proxy in front of the moto S3 server.
+
+Clients (boto3 in the trainer) talk to the proxy; it forwards every request to moto unchanged,
+except those matching a rule, which get an S3 error (500, 503 SlowDown, 412) or a stall first.
+moto does not check SigV4 signatures, so forwarding with another Host header is fine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+from dataclasses import dataclass, field
+
+import aiohttp
+import aiohttp.web
+
+_HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
+
+
+@dataclass
+class S3Fault:
+    method: str  # GET, PUT, HEAD, POST, DELETE
+    key: str  # a regular expression searched in the request path
+    status: int  # 0: stall for ``stall_seconds``, then forward
+    times: int = 1
+    code: str = "InternalError"  # the S3 error code in the XML body (SlowDown, ...)
+    stall_seconds: float = 0.0
+    hits: int = 0
+
+    def matches(self, method: str, path: str) -> bool:
+        return method == self.method and re.search(self.key, path) is not None
+
+
+@dataclass
+class S3FaultProxy:
+    upstream: str
+    faults: list[S3Fault] = field(default_factory=list)
+    url: str = ""
+    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
+    _runner: aiohttp.web.AppRunner | None = None
+    _session: aiohttp.ClientSession | None = None
+
+    def start(self) -> S3FaultProxy:
+        ready = threading.Event()
+        threading.Thread(target=self._serve, args=(ready,), daemon=True, name="s3proxy").start()
+        if not ready.wait(10):
+            raise RuntimeError("the S3 proxy did not start")
+        return self
+
+    def stop(self) -> None:
+        async def close() -> None:
+            if self._session is not None:
+                await self._session.close()
+            if self._runner is not None:
+                await self._runner.cleanup()
+
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+    def _serve(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._listen())
+        ready.set()
+        self._loop.run_forever()
+
+    async def _listen(self) -> None:
+        app = aiohttp.web.Application(client_max_size=1 << 30)
+        app.router.add_route("*", "/{tail:.*}", self._forward)
+        self._runner = aiohttp.web.AppRunner(app)
+        await self._runner.setup()
+        site = aiohttp.web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}"
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+
+    def _fault(self, method: str, path: str) -> S3Fault | None:
+        for fault in self.faults:
+            if fault.hits < fault.times and fault.matches(method, path):
+                fault.hits += 1
+                return fault
+        return None
+
+    async def _forward(self, request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
+        body = await request.read()
+        fault = self._fault(request.method, request.path)
+        if fault is not None and fault.status:
+            xml = (
+                f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{fault.code}</Code>"
+                f"<Message>injected by the test</Message></Error>"
+            )
+            return aiohttp.web.Response(
+                status=fault.status, text=xml, content_type="application/xml"
+            )
+        if fault is not None:
+            await asyncio.sleep(fault.stall_seconds)
+        assert self._session is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        async with self._session.request(
+            request.method,
+            self.upstream + request.rel_url.path_qs,
+            headers=headers,
+            data=body,
+            allow_redirects=False,
+        ) as upstream:
+            payload = await upstream.read()
+            reply = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
+            if request.method == "HEAD" and "Content-Length" in upstream.headers:
+                # No body comes back, but the object's size must (boto3 plans downloads by it).
+                reply["Content-Length"] = upstream.headers["Content-Length"]
+            return aiohttp.web.Response(status=upstream.status, body=payload, headers=reply)
