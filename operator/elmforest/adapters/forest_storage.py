@@ -49,11 +49,13 @@ class ForestStorage:
         return view, records
 
     def observe_branch(
-        self, domain: str, version: int | None
+        self, domain: str, version: int | None, manifest: Manifest | None = None
     ) -> tuple[RunRecords, ExpertEntry | None]:
-        """A branch version's run records, and the manifest's entry for its domain."""
+        """A branch version's run records, and the manifest's entry for its domain (from
+        ``manifest`` when the caller has just read it, else read here)."""
         records = self.records(branch_run_id(domain, version)) if version else RunRecords()
-        return records, self.merged_expert(domain)
+        merged = manifest.experts.get(domain) if manifest else self.merged_expert(domain)
+        return records, merged
 
     def apply(self, action: Action) -> str:
         """Carry out a storage action; returns a line for the log."""

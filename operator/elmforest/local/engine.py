@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from elmcore.manifest import Manifest
 from elmcore.records import Progress
 from elmforest.adapters.forest_storage import ForestStorage
 from elmforest.api import BRANCH, FOREST
@@ -53,6 +54,9 @@ class Engine:
     on_log: LogSink
     storages: dict[StorageSpec, ForestStorage] = field(default_factory=dict)
     progress: dict[str, Progress] = field(default_factory=dict)  # forest -> tokenizer/seed run
+    # Each forest's manifest as read at the start of this step: its branches read their own
+    # entries from it (only a branch changes its own entry), one read per forest, not per branch.
+    manifests: dict[str, Manifest] = field(default_factory=dict)
 
     # ---- declarations -> objects -------------------------------------------------------------
 
@@ -155,6 +159,10 @@ class Engine:
         spec = ElmForestSpec.model_validate(record.spec)
         storage = self.storage(spec.storage)
         view, records = storage.observe_forest()
+        if view.manifest is not None:
+            self.manifests[record.name] = view.manifest
+        else:
+            self.manifests.pop(record.name, None)
         owner = f"{FOREST.kind}/{record.name}"
         jobs = {n: self.runner.job_state(j) for n, j in self.state.jobs.items() if j.owner == owner}
         siblings = [sibling(b.body()) for b in self.branches_of(record.name)]
@@ -206,7 +214,9 @@ class Engine:
         steady = status.phase == "Merged" and status.merged_version == status.version
         if view is not None and (deleting or not steady):
             storage = self.storage(view.spec.storage)
-            records, merged = storage.observe_branch(spec.domain, status.version)
+            # A deletion reads the manifest afresh: it must see what is there now.
+            manifest = None if deleting else self.manifests.get(spec.forest)
+            records, merged = storage.observe_branch(spec.domain, status.version, manifest)
         job = self.state.jobs.get(status.job_name) if status.job_name else None
         active = [s for s in siblings if s.name != record.name and s.phase in ACTIVE]
         return BranchInput(

@@ -103,7 +103,7 @@ class StateStore:
             raise BadInputError(f"{path}: unreadable local state ({error})") from None
 
     def save(self, state: LocalState) -> None:
-        text = state.model_dump_json(indent=1, exclude_defaults=False)
+        text = state.model_dump_json(indent=1)
         self._storage.write_bytes(STATE_FILE, text.encode())
 
     @contextmanager
