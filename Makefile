@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck pytest install clean quickstart
+.PHONY: test lint typecheck pytest install clean quickstart reliability
 
 install: $(STAMP)
 
@@ -30,6 +30,15 @@ test: lint typecheck pytest
 # A whole forest (tokenizer, seed, four experts, report) on this machine's CPU, in minutes.
 quickstart: $(STAMP)
 	$(VENV)/bin/elmforest up -f examples/quickstart/
+
+# The whole reliability sweep (about 45 minutes on 2 cores; docs/reliability.md): every crash
+# point and 20 double crashes, then the fault, preemption, concurrency and soak tests at full
+# size and 20x the fuzzing. The suite (`make test`) runs a seeded sample of each.
+reliability: $(STAMP)
+	$(PY) -m tests.reliability.sweep --doubles 20 --out reliability-results.json
+	ELMFOREST_FUZZ_SCALE=20 ELMFOREST_SOAK_BRANCHES=40 $(VENV)/bin/pytest -s \
+	  tests/reliability tests/planner/test_hostile_input.py tests/trainer/test_s3_faults.py \
+	  tests/trainer/test_resume.py tests/operator/test_end_to_end.py::test_operator_restart_and_preemption
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -2,51 +2,27 @@
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
-import socket
+import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.harness.moto import create_bucket, moto_server
 from tests.textgen import write_domains
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """moto's standalone server: the real S3 wire protocol, conditional writes included."""
-    port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        process.kill()
-        raise RuntimeError("moto server did not start")
-    yield endpoint
-    process.terminate()
-    process.wait(timeout=10)
+    with moto_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(autouse=True)
@@ -61,14 +37,8 @@ def _aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathF
 
 @pytest.fixture
 def s3_bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
-    import boto3
-
     name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50]
-    name = name.strip("-")
-    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
-        client.create_bucket(Bucket=name)
-    return name
+    return create_bucket(s3_endpoint, name.strip("-"))
 
 
 @pytest.fixture(scope="session")
@@ -95,3 +65,58 @@ def elmtrain(
             f"elmtrain {' '.join(args)} exited {completed.returncode}:\n{completed.stderr[-4000:]}"
         )
     return completed
+
+
+# ---- a tiny forest template (tokenizer + seed), built once per session with the real CLI ----
+
+TINY_MODEL = json.dumps({"d_model": 48, "n_layers": 2, "n_heads": 2, "context_length": 64})
+
+
+def training(**overrides: object) -> str:
+    base = {
+        "steps": 30,
+        "batch_size": 8,
+        "seq_len": 64,
+        "checkpoint_interval": 10,
+        "warmup_steps": 5,
+        "learning_rate": 3e-3,
+        "eval_batches": 4,
+    }
+    return json.dumps({**base, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tokenizer_forest(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
+    forest = tmp_path_factory.mktemp("template") / "tokenizer-only"
+    elmtrain(
+        "tokenizer",
+        "--forest",
+        str(forest),
+        "--data",
+        str(corpus),
+        "--vocab-size",
+        "320",
+        "--merge",
+    )
+    return forest
+
+
+@pytest.fixture(scope="session")
+def seeded_forest(
+    tmp_path_factory: pytest.TempPathFactory, tokenizer_forest: Path, corpus: Path
+) -> Path:
+    forest = tmp_path_factory.mktemp("template") / "seeded"
+    shutil.copytree(tokenizer_forest, forest)
+    elmtrain(
+        "seed",
+        "--forest",
+        str(forest),
+        "--data",
+        *[str(corpus / d / "train.txt") for d in ("cooking", "sailing", "finance", "poetry")],
+        "--model",
+        TINY_MODEL,
+        "--training",
+        training(steps=40),
+        "--merge",
+    )
+    return forest

@@ -34,8 +34,10 @@ def test_read_write_list_delete(storage: Storage) -> None:
     assert storage.list_keys("a") == ["a/b.txt", "a/c/d.txt"]
     assert storage.list_children("a") == ["b.txt", "c"]
     assert storage.size("a/b.txt") == 5
-    assert storage.delete_prefix("a") == 2
-    assert storage.list_keys("a") == []
+    assert storage.list_keys("a/") == storage.list_keys("a")  # a folder, with or without "/"
+    storage.write_bytes("ab.txt", b"not below a/")
+    assert storage.delete_prefix("a/") == 2
+    assert storage.list_keys("") == ["ab.txt"]
     with pytest.raises(NotFoundError):
         storage.read_bytes("a/b.txt")
 

@@ -18,9 +18,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import kmock
 import yaml
@@ -30,6 +30,7 @@ from elmforest.api import BRANCH, FOREST, GROUP, VERSION, Kind
 from tests.harness.emulator import TEST_CLIENT, ClusterEmulator
 from tests.harness.kubelet import Kubelet
 
+T = TypeVar("T")
 NAMESPACE = "team-a"
 PATHS = {
     "ElmForest": f"/apis/{GROUP}/{VERSION}/namespaces/{{ns}}/{FOREST.plural}",
@@ -40,6 +41,27 @@ PATHS = {
 }
 
 
+class _Server(kmock.Server):
+    """kmock.Server without its DNS interception. It patches aiohttp's resolver for the whole
+    process and must be unwound last-in-first-out; clusters in parallel threads (the crash
+    sweep) would unwind it out of order. Clients here connect by IP, so it is not needed."""
+
+    _dns_lock = threading.Lock()
+
+    async def __aenter__(self) -> _Server:
+        with self._dns_lock:
+            await super().__aenter__()
+            assert self._managed_interceptor is not None
+            await self._managed_interceptor.__aexit__(None, None, None)
+            self._managed_interceptor = _Unpatched()  # type: ignore[assignment]
+        return self
+
+
+class _Unpatched:
+    async def __aexit__(self, *_: object) -> None:
+        pass
+
+
 class ApiError(Exception):
     def __init__(self, status: int, body: str) -> None:
         super().__init__(f"HTTP {status}: {body[:300]}")
@@ -47,9 +69,13 @@ class ApiError(Exception):
 
 
 class Cluster:
-    def __init__(self, workdir: Path, base_env: dict[str, str]) -> None:
+    def __init__(
+        self, workdir: Path, base_env: dict[str, str], programs: dict[str, list[str]] | None = None
+    ) -> None:
         self.workdir = workdir
         self.base_env = base_env
+        self.programs = programs  # what the kubelet runs for a container command (None: real)
+        self.operator_starts = 0
         self.url = ""
         self.emulator: ClusterEmulator | None = None
         self.kubelet: Kubelet | None = None
@@ -74,7 +100,7 @@ class Cluster:
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()
-        async with ClusterEmulator() as emulator, kmock.Server(emulator) as server:
+        async with ClusterEmulator() as emulator, _Server(emulator) as server:
             self.emulator = emulator
             self.url = str(server.url).rstrip("/")
             for kind in (FOREST, BRANCH):
@@ -102,6 +128,8 @@ class Cluster:
                 "metadata": {"name": NAMESPACE, "uid": "ns-uid"},
             }
             self.kubelet = Kubelet(emulator, self.workdir / "pods", self.base_env)
+            if self.programs is not None:
+                self.kubelet.programs.update(self.programs)
             task = asyncio.create_task(self.kubelet.run())
             self._ready.set()
             await self._stop.wait()
@@ -116,6 +144,10 @@ class Cluster:
             return fn()
 
         return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(30)
+
+    def await_(self, coroutine: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        """Run a coroutine (a kubelet action, say) in the cluster's loop and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     def stop(self) -> None:
         self.stop_operator()
@@ -160,7 +192,18 @@ class Cluster:
             self.operator = subprocess.Popen(
                 argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
+        self.operator_starts += 1
         return self.operator
+
+    def kill_operator(self) -> None:
+        """SIGKILL the operator now, from any thread, without waiting (a crash)."""
+        process = self.operator
+        if process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+
+    def operator_alive(self) -> bool:
+        return self.operator is not None and self.operator.poll() is None
 
     def stop_operator(self, hard: bool = False) -> None:
         process, self.operator = self.operator, None

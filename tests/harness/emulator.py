@@ -10,17 +10,23 @@ owner is gone. Writes are handled here, reads and watches by KMock.
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import dataclasses
 import datetime
 import itertools
+import random
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp.web
+import jsonpatch
 from kmock import KubernetesEmulator, Request, ResourceInfo, resource
-from kmock._internal import dicts
+from kmock._internal import dicts, rendering
 from kmock._internal.k8s import KubernetesError, KubernetesObjectNotFoundError
+
+from tests.harness.crashes import CrashSwitch
 
 Key = tuple[resource, str | None, str]
 
@@ -38,6 +44,7 @@ class Fault:
 
 
 TEST_CLIENT = "elmforest-tests"  # the User-Agent of the tests' own kubectl: not audited
+WRITES = ("POST", "PATCH", "PUT", "DELETE")
 
 
 def _now() -> str:
@@ -59,6 +66,13 @@ class ClusterEmulator(KubernetesEmulator):
         # what RBAC must allow the operator.
         self.audit: set[tuple[str, str, str]] = set()
         self.faults: list[Fault] = []  # injected API errors and stalls (reliability tests)
+        self.crashes: CrashSwitch | None = None  # kills the operator at chosen writes
+        # Watch streams end after this many seconds (None: never), like an API server's
+        # timeouts or a flaky load balancer; the soak test sets it. Counted in ``watches``.
+        self.watch_lifetime: tuple[float, float] | None = None
+        self.watches = 0
+        self.created: collections.Counter[tuple[str, str]] = collections.Counter()  # plural, name
+        self._watch_random = random.Random(0)
 
     # ---- helpers usable in-process (the kubelet uses them) --------------------------------
 
@@ -149,8 +163,42 @@ class ClusterEmulator(KubernetesEmulator):
         if fault is not None:
             await asyncio.sleep(fault.stall_seconds)  # a slow API server, then a real answer
         method = request.method.value
-        if request.resource is None or method not in ("POST", "PATCH", "PUT", "DELETE"):
+        if request.resource is None or method not in WRITES:
             return await super()._handle(request)
+        crash = None
+        if name is not None and self.crashes is not None:
+            crash = self.crashes.effect(f"{method} {name}")
+            if crash == "before":  # the operator died before its write arrived
+                return aiohttp.web.json_response({"kind": "Status"}, status=503)
+        try:
+            return await self._write(request, method)
+        finally:
+            if crash == "after":  # the write took effect; the operator never saw the answer
+                assert self.crashes is not None
+                self.crashes.kill()
+
+    async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[rendering.Payload]:
+        self.watches += 1
+        stream = super()._serve_watch(request)
+        if self.watch_lifetime is None:
+            async for item in stream:
+                yield item
+            return
+        lifetime = self._watch_random.uniform(*self.watch_lifetime)
+        deadline = asyncio.get_running_loop().time() + lifetime
+        try:
+            while True:
+                left = deadline - asyncio.get_running_loop().time()
+                try:
+                    item = await asyncio.wait_for(anext(stream), max(left, 0.0))
+                except (TimeoutError, StopAsyncIteration):
+                    return  # the stream ends: the client must watch again
+                yield item
+        finally:
+            await stream.aclose()
+
+    async def _write(self, request: Request, method: str) -> aiohttp.web.StreamResponse:
+        assert request.resource is not None
         async with self._write_lock:
             if method == "POST":
                 obj, code = await self._create(request), 201
@@ -196,6 +244,7 @@ class ClusterEmulator(KubernetesEmulator):
             meta.pop(field, None)
         if self.has_status(request.resource):
             body.pop("status", None)
+        self.created[request.resource.plural, name] += 1
         return await self._store(request.resource, namespace, name, body, "ADDED")
 
     async def _update(self, request: Request, *, replace: bool) -> dict[str, Any]:
@@ -215,7 +264,12 @@ class ClusterEmulator(KubernetesEmulator):
         if replace:
             proposed = copy.deepcopy(change)
         else:
-            proposed = dict(dicts.patch_dict(copy.deepcopy(current), change))
+            try:
+                proposed = dict(dicts.patch_dict(copy.deepcopy(current), change))
+            except jsonpatch.JsonPatchException as error:
+                # A failed "test" op (Kopf tests resourceVersion before adding finalizers) is
+                # 422 Invalid on a real API server; clients re-read and try again.
+                raise KubernetesError(status=422, reason="Invalid", message=str(error)) from None
         updated = self._admit(res, current, proposed, status_only=request.subresource == "status")
         if updated == current:
             return current  # a no-op write changes nothing, not even the resourceVersion

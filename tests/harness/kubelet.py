@@ -2,8 +2,9 @@
 
 It reads Jobs from the emulator, resolves the container's environment (values and Secret keys),
 maps volume mounts to per-Job folders, runs the command (``elmtrain`` is this venv's), and
-writes the Job status the way Kubernetes does: retries within ``backoffLimit``, FailJob on the
-pod failure policy's exit codes, Complete on success. Deleting a Job kills its process.
+writes the Job status the way Kubernetes does: retries within ``backoffLimit``, the pod failure
+policy's rules (FailJob, Ignore, Count; on exit codes or the DisruptionTarget condition), Complete
+on success. Deleting a Job kills its process; ``evict`` preempts a pod like a node drain does.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Pod:
     process: asyncio.subprocess.Process
     log: Path
     termination: Path
+    disrupted: bool = False  # evicted: the pod carries a DisruptionTarget condition
 
 
 @dataclass
@@ -43,10 +45,12 @@ class Kubelet:
     workdir: Path
     base_env: dict[str, str]
     poll_seconds: float = 0.2
+    programs: dict[str, list[str]] = field(default_factory=lambda: dict(PROGRAMS))
     pods: dict[str, Pod] = field(default_factory=dict)  # by Job uid
     failures: dict[str, int] = field(default_factory=dict)
     finished: set[str] = field(default_factory=set)
-    started: list[str] = field(default_factory=list)  # Job names, in start order
+    started: list[str] = field(default_factory=list)  # Job names, in start order (one per pod)
+    evictions: int = 0
 
     async def run(self) -> None:
         try:
@@ -93,8 +97,8 @@ class Kubelet:
 
     async def _start(self, job: dict[str, Any]) -> None:
         meta = job["metadata"]
-        attempt = self.failures.get(meta["uid"], 0)
-        folder = self.workdir / meta["namespace"] / f"{meta['name']}-{attempt}"
+        pod_number = self.started.count(meta["name"])
+        folder = self.workdir / meta["namespace"] / f"{meta['name']}-{pod_number}"
         folder.mkdir(parents=True, exist_ok=True)
         container = job["spec"]["template"]["spec"]["containers"][0]
         mounts = {}
@@ -106,7 +110,8 @@ class Kubelet:
         termination = folder / "termination-log"
         env["ELMTRAIN_TERMINATION_LOG"] = str(termination)
         command = list(container.get("command") or [])
-        argv = [*PROGRAMS.get(command[0], command[:1]), *command[1:], *container.get("args", [])]
+        program = self.programs.get(command[0], command[:1])
+        argv = [*program, *command[1:], *container.get("args", [])]
         log = folder / "pod.log"
         with log.open("wb") as out:
             process = await asyncio.create_subprocess_exec(
@@ -136,10 +141,15 @@ class Kubelet:
             ]
             self.finished.add(meta["uid"])
         else:
-            failed = self.failures.get(meta["uid"], 0) + 1
+            action = self._policy_action(spec, code, pod.disrupted)
+            failed = self.failures.get(meta["uid"], 0) + (action != "Ignore")
             self.failures[meta["uid"]] = failed
             status["failed"] = failed
-            reason = self._failure_reason(spec, code, failed)
+            reason = None
+            if action == "FailJob":
+                reason = "PodFailurePolicy"
+            elif failed > int(spec.get("backoffLimit", 6)):
+                reason = "BackoffLimitExceeded"
             if reason is None:
                 await self.cluster.write_status(JOBS, meta["namespace"], meta["name"], status)
                 return  # the Job controller starts a replacement pod on the next sync
@@ -156,20 +166,35 @@ class Kubelet:
         await self.cluster.write_status(JOBS, meta["namespace"], meta["name"], status)
 
     @staticmethod
-    def _failure_reason(spec: dict[str, Any], code: int | None, failed: int) -> str | None:
+    def _policy_action(spec: dict[str, Any], code: int | None, disrupted: bool) -> str:
+        """The first matching rule's action (FailJob, Ignore, Count), else Count."""
         for rule in (spec.get("podFailurePolicy") or {}).get("rules", []):
-            codes = rule.get("onExitCodes") or {}
-            if rule.get("action") == "FailJob" and code in codes.get("values", []):
-                return "PodFailurePolicy"
-        if failed > int(spec.get("backoffLimit", 6)):
-            return "BackoffLimitExceeded"
-        return None
+            codes = rule.get("onExitCodes")
+            if codes is not None:
+                inside = code in codes.get("values", [])
+                if inside == (codes.get("operator", "In") == "In"):
+                    return str(rule["action"])
+            for condition in rule.get("onPodConditions") or []:
+                if disrupted and condition.get("type") == "DisruptionTarget":
+                    return str(rule["action"])
+        return "Count"
+
+    async def evict(self, job_name: str, grace: float) -> bool:
+        """Preempt the Job's running pod: DisruptionTarget, SIGTERM, SIGKILL after ``grace``."""
+        for uid, pod in self.pods.items():
+            job = next((j for j in self.cluster.live(JOBS) if j["metadata"]["uid"] == uid), None)
+            if job is not None and job["metadata"]["name"] == job_name:
+                pod.disrupted = True
+                self.evictions += 1
+                await self._kill(pod, grace)
+                return True
+        return False
 
     async def _kill(self, pod: Pod, grace: float = 5.0) -> None:
         if pod.process.returncode is not None:
             return
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(pod.process.pid, signal.SIGTERM)
+            os.killpg(pod.process.pid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
         try:
             await asyncio.wait_for(pod.process.wait(), grace)
         except TimeoutError:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import aiohttp
 import aiohttp.web
 
+from tests.harness.crashes import CrashSwitch
+
 _HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
 
 
@@ -36,6 +38,8 @@ class S3Fault:
 class S3FaultProxy:
     upstream: str
     faults: list[S3Fault] = field(default_factory=list)
+    crashes: CrashSwitch | None = None  # counts writes (PUT, POST, DELETE), kills at chosen ones
+    requests: int = 0
     url: str = ""
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
     _runner: aiohttp.web.AppRunner | None = None
@@ -84,6 +88,7 @@ class S3FaultProxy:
 
     async def _forward(self, request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
         body = await request.read()
+        self.requests += 1
         fault = self._fault(request.method, request.path)
         if fault is not None and fault.status:
             xml = (
@@ -95,6 +100,20 @@ class S3FaultProxy:
             )
         if fault is not None:
             await asyncio.sleep(fault.stall_seconds)
+        crash = None
+        if self.crashes is not None and request.method in ("PUT", "POST", "DELETE"):
+            name = _object_name(request.rel_url.path_qs)
+            crash = self.crashes.effect(f"{request.method} s3:{name}")
+            if crash == "before":
+                return aiohttp.web.Response(status=503)
+        try:
+            return await self._upstream(request, body)
+        finally:
+            if crash == "after":
+                assert self.crashes is not None
+                self.crashes.kill()
+
+    async def _upstream(self, request: aiohttp.web.Request, body: bytes) -> aiohttp.web.Response:
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
         async with self._session.request(
@@ -110,3 +129,8 @@ class S3FaultProxy:
                 # No body comes back, but the object's size must (boto3 plans downloads by it).
                 reply["Content-Length"] = upstream.headers["Content-Length"]
             return aiohttp.web.Response(status=upstream.status, body=payload, headers=reply)
+
+
+def _object_name(path: str) -> str:
+    """The last part of a key (``manifest.json``) or a bucket operation (``bucket?delete``)."""
+    return path.split("=", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "/"

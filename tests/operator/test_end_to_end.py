@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from typing import Any
 
 import pytest
 
 from elmforest.api import BRANCH, crds
-from tests.harness.cluster import Cluster, printer_table
+from tests.harness.cluster import NAMESPACE, Cluster, printer_table
 from tests.harness.emulator import Fault
 from tests.operator.conftest import branch_body, forest_body, read_manifest
 
@@ -113,23 +115,61 @@ API_FAULTS = [
 ]
 
 
-def test_operator_restart_mid_training(cluster: Cluster, s3_data: str, s3_endpoint: str) -> None:
+def _resumed_step(cluster: Cluster, job: str, pod: int) -> int:
+    """The step the ``pod``-th pod (from 0) of ``job`` resumed from, read from its log."""
+    log = cluster.workdir / "pods" / NAMESPACE / f"{job}-{pod}" / "pod.log"
+    for line in log.read_text().splitlines():
+        if '"checkpoint.resumed"' in line:
+            return int(json.loads(line)["step"])
+    raise AssertionError(f"{job} pod {pod} did not resume:\n{log.read_text()[-3000:]}")
+
+
+def test_operator_restart_and_preemption(cluster: Cluster, s3_data: str, s3_endpoint: str) -> None:
     """Kill the operator while a branch trains, start it again, all under API faults (409,
-    429, 500, 503, stalls): it retries with backoff and converges, merged once, one Job."""
-    assert cluster.emulator is not None
+    429, 500, 503, stalls): it retries with backoff and converges, merged once, one Job. Then
+    the node is drained twice under the trainer (SIGTERM with a grace period, then SIGKILL at
+    once): the pod failure policy ignores both, so no attempt is used, and each replacement
+    pod resumes within one checkpoint interval."""
+    assert cluster.emulator is not None and cluster.kubelet is not None
+    kubelet = cluster.kubelet
     cluster.emulator.faults.extend(API_FAULTS)
     cluster.start_operator()
     cluster.create(forest_body("restart", s3_data, s3_endpoint))
-    training = {"steps": 120, "checkpointInterval": 20, "progressIntervalSeconds": 0.2}
+    interval = 20
+    training = {"steps": 200, "checkpointInterval": interval, "progressIntervalSeconds": 0.1}
     cluster.create(branch_body("restart-poetry", "restart", "poetry", s3_data, training=training))
+    job = "restart-poetry-v1-a1"
 
-    def training_started() -> bool:
+    def step_at_least(step: int) -> bool:
         status = cluster.get("ElmBranch", "restart-poetry").get("status") or {}
-        return status.get("phase") == "Training" and status.get("progress", {}).get("step", 0) > 0
+        if status.get("phase") == "Merged":
+            raise AssertionError(f"training finished before step {step} was seen")
+        return status.get("phase") == "Training" and status["progress"]["step"] >= step
 
-    cluster.wait_for("training to start", training_started, timeout=300, every=0.2)
+    cluster.wait_for("training to start", lambda: step_at_least(1), timeout=300, every=0.1)
     cluster.stop_operator(hard=True)  # SIGKILL: no cleanup, no goodbye
     cluster.start_operator()
+
+    # A drain with a grace period: SIGTERM, the trainer checkpoints where it is and exits 75.
+    cluster.wait_for("step 30", lambda: step_at_least(30), every=0.1)
+    assert cluster.await_(kubelet.evict(job, grace=20.0))
+    first_resume = _wait_resumed(cluster, job, pod=1)
+    pod0 = cluster.workdir / "pods" / NAMESPACE / f"{job}-0"
+    said = re.search(r"preempted \(SIGTERM\) at step (\d+)", (pod0 / "pod.log").read_text())
+    assert said is not None and first_resume == int(said.group(1)) >= 30  # nothing lost
+
+    # A hard preemption: SIGKILL at once, nothing saved; the replacement resumes from the
+    # last committed checkpoint, at most one interval behind the last step seen.
+    seen = first_resume + interval + 5
+    cluster.wait_for(f"step {seen}", lambda: step_at_least(seen), every=0.05)
+    assert cluster.await_(kubelet.evict(job, grace=0.0))
+    second_resume = _wait_resumed(cluster, job, pod=2)
+    assert seen - interval <= second_resume <= seen + interval, (seen, second_resume)
+    print(
+        f"preempted: SIGTERM at step {first_resume}, resumed there; SIGKILL after step {seen}"
+        f" was seen, resumed from {second_resume} (interval {interval})"
+    )
+
     cluster.wait_for(
         "the branch to merge", lambda: _phase(cluster, "ElmBranch", "restart-poetry") == "Merged"
     )
@@ -138,8 +178,21 @@ def test_operator_restart_mid_training(cluster: Cluster, s3_data: str, s3_endpoi
     # tokenizer, seed, poetry: each merge is one revision, so a repeated merge would show here.
     assert manifest.revision == 3
     jobs = [j["metadata"]["name"] for j in cluster.list("Job")]
-    assert [j for j in jobs if j.startswith("restart-poetry")] == ["restart-poetry-v1-a1"]
-    assert cluster.kubelet is not None
-    assert cluster.kubelet.started.count("restart-poetry-v1-a1") == 1
+    assert [j for j in jobs if j.startswith("restart-poetry")] == [job]
+    # Three pods of one Job, and the evictions used none of its failure budget.
+    assert kubelet.started.count(job) == 3 and kubelet.evictions == 2
+    assert (cluster.get("Job", job)["status"].get("failed") or 0) == 0
+    status = cluster.get("ElmBranch", "restart-poetry")["status"]
+    assert status["attempt"] == 1 and status["progress"]["summary"].startswith("200/200")
     assert cluster.unpermitted_requests() == []
     assert [f for f in API_FAULTS if f.hits < f.times] == []  # every fault was met
+
+
+def _wait_resumed(cluster: Cluster, job: str, pod: int) -> int:
+    log = cluster.workdir / "pods" / NAMESPACE / f"{job}-{pod}" / "pod.log"
+    cluster.wait_for(
+        f"pod {pod} of {job} to resume",
+        lambda: log.exists() and '"checkpoint.resumed"' in log.read_text(),
+        every=0.1,
+    )
+    return _resumed_step(cluster, job, pod)

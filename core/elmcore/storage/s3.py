@@ -58,7 +58,8 @@ class S3Storage(Storage):
         config = Config(
             retries={"max_attempts": max_attempts, "mode": "standard"},
             connect_timeout=10,
-            read_timeout=60,
+            # A stalled response is retried like an error once this passes.
+            read_timeout=float(os.environ.get("ELMFOREST_S3_READ_TIMEOUT", "60")),
             # Path-style addressing works with every S3-compatible server; AWS accepts it too.
             s3={"addressing_style": "path"} if endpoint else {},
         )
@@ -193,6 +194,7 @@ class S3Storage(Storage):
         return int(self._head(key)["ContentLength"])
 
     def list_keys(self, prefix: str = "") -> list[str]:
+        prefix = prefix.strip("/")  # "experts/gamma/" names the folder, like the local adapter
         full = self._key(prefix)
         if full and self.exists(prefix):  # the location is one object, not a folder
             return [prefix.strip("/")]

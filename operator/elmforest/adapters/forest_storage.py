@@ -98,9 +98,9 @@ class ForestStorage:
         return update_manifest(self.storage, lambda manifest: remove_expert(manifest, domain))
 
     def delete_expert_files(self, domain: str) -> int:
-        deleted = self.storage.delete_prefix(f"experts/{domain}/")
+        deleted = self.storage.delete_prefix(f"experts/{domain}")
         prefix = branch_run_id(domain, 1).rsplit(".", 1)[0] + "."
         for run in self.storage.list_children("runs"):
             if run.startswith(prefix):
-                deleted += self.storage.delete_prefix(layout.run(run) + "/")
+                deleted += self.storage.delete_prefix(layout.run(run))
         return deleted
