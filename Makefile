@@ -31,7 +31,7 @@ test: lint typecheck pytest
 quickstart: $(STAMP)
 	$(VENV)/bin/elmforest up -f examples/quickstart/
 
-# The whole reliability sweep (about 45 minutes on 2 cores; docs/reliability.md): every crash
+# The whole reliability sweep (47 minutes on 2 cores; docs/reliability.md): every crash
 # point and 20 double crashes, then the fault, preemption, concurrency and soak tests at full
 # size and 20x the fuzzing. The suite (`make test`) runs a seeded sample of each.
 reliability: $(STAMP)

@@ -24,7 +24,7 @@ NOMINAL = {
     "PATCH elmbranches/status": 15,
     "PATCH elmbranches": 8,  # Kopf's finalizers and annotations
     "PATCH elmforests/status": 8,
-    "PATCH elmforests": 3,
+    "PATCH elmforests": 2,
     "DELETE s3:model.safetensors": 1,  # retention: Delete
 }
 RUNS, POINTS_PER_RUN = 2, 3
