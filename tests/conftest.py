@@ -85,19 +85,22 @@ def training(**overrides: object) -> str:
     return json.dumps({**base, **overrides})
 
 
+def train_tokenizer(forest: str, data: list[str], env: dict[str, str] | None = None) -> None:
+    """The forest's tokenizer (vocabulary 320), trained and merged by the real CLI."""
+    elmtrain("tokenizer", "--forest", forest, "--data", *data, "--vocab-size", "320", "--merge",
+             env=env)  # fmt: skip
+
+
+def train_seed(forest: str, data: list[str], steps: int, env: dict[str, str] | None = None) -> None:
+    """A TINY_MODEL seed trained for ``steps`` on ``data`` and merged, by the real CLI."""
+    elmtrain("seed", "--forest", forest, "--data", *data, "--model", TINY_MODEL,
+             "--training", training(steps=steps), "--merge", env=env)  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def tokenizer_forest(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
     forest = tmp_path_factory.mktemp("template") / "tokenizer-only"
-    elmtrain(
-        "tokenizer",
-        "--forest",
-        str(forest),
-        "--data",
-        str(corpus),
-        "--vocab-size",
-        "320",
-        "--merge",
-    )
+    train_tokenizer(str(forest), [str(corpus)])
     return forest
 
 
@@ -107,16 +110,6 @@ def seeded_forest(
 ) -> Path:
     forest = tmp_path_factory.mktemp("template") / "seeded"
     shutil.copytree(tokenizer_forest, forest)
-    elmtrain(
-        "seed",
-        "--forest",
-        str(forest),
-        "--data",
-        *[str(corpus / d / "train.txt") for d in ("cooking", "sailing", "finance", "poetry")],
-        "--model",
-        TINY_MODEL,
-        "--training",
-        training(steps=40),
-        "--merge",
-    )
+    domains = ("cooking", "sailing", "finance", "poetry")
+    train_seed(str(forest), [str(corpus / d / "train.txt") for d in domains], steps=40)
     return forest

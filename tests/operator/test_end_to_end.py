@@ -115,13 +115,17 @@ API_FAULTS = [
 ]
 
 
-def _resumed_step(cluster: Cluster, job: str, pod: int) -> int:
-    """The step the ``pod``-th pod (from 0) of ``job`` resumed from, read from its log."""
+def _wait_resumed(cluster: Cluster, job: str, pod: int) -> int:
+    """The step the ``pod``-th pod (from 0) of ``job`` resumed from, once its log says so."""
     log = cluster.workdir / "pods" / NAMESPACE / f"{job}-{pod}" / "pod.log"
-    for line in log.read_text().splitlines():
-        if '"checkpoint.resumed"' in line:
-            return int(json.loads(line)["step"])
-    raise AssertionError(f"{job} pod {pod} did not resume:\n{log.read_text()[-3000:]}")
+
+    def resumed() -> int | None:  # checkpoints start at one interval, so never 0 (falsy)
+        lines = log.read_text().splitlines() if log.exists() else []
+        found = [json.loads(line) for line in lines if '"checkpoint.resumed"' in line]
+        return int(found[0]["step"]) if found else None
+
+    step: int = cluster.wait_for(f"pod {pod} of {job} to resume", resumed, every=0.1)
+    return step
 
 
 def test_operator_restart_and_preemption(cluster: Cluster, s3_data: str, s3_endpoint: str) -> None:
@@ -186,13 +190,3 @@ def test_operator_restart_and_preemption(cluster: Cluster, s3_data: str, s3_endp
     assert status["attempt"] == 1 and status["progress"]["summary"].startswith("200/200")
     assert cluster.unpermitted_requests() == []
     assert [f for f in API_FAULTS if f.hits < f.times] == []  # every fault was met
-
-
-def _wait_resumed(cluster: Cluster, job: str, pod: int) -> int:
-    log = cluster.workdir / "pods" / NAMESPACE / f"{job}-{pod}" / "pod.log"
-    cluster.wait_for(
-        f"pod {pod} of {job} to resume",
-        lambda: log.exists() and '"checkpoint.resumed"' in log.read_text(),
-        every=0.1,
-    )
-    return _resumed_step(cluster, job, pod)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +19,7 @@ from tests.reliability.sweep import base_env
 @pytest.fixture
 def rig(s3_endpoint: str, seeded_forest: Path, tmp_path: Path) -> Rig:
     """What the crash sweep needs; the session's real tokenizer and seed are the templates."""
-    env = base_env()
-    env["ELMTRAIN_CACHE"] = os.environ["ELMTRAIN_CACHE"]
-    return Rig(s3_endpoint, seeded_forest, tmp_path / "runs", env)
+    return Rig(s3_endpoint, seeded_forest, tmp_path / "runs", base_env())
 
 
 @dataclass

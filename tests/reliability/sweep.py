@@ -109,20 +109,19 @@ def summary(outcomes: list[Outcome]) -> dict[str, object]:
 
 def make_templates(folder: Path) -> Path:
     """A real tokenizer and seed for the stand-in trainer, made by ``elmtrain`` (about 20 s)."""
-    from tests.conftest import TINY_MODEL, elmtrain, training
+    from tests.conftest import train_seed, train_tokenizer
     from tests.textgen import write_domains
 
     corpus = write_domains(folder / "corpus", ["cooking", "sailing"])
-    forest = folder / "templates"
+    forest = str(folder / "templates")
     files = [str(corpus / d / "train.txt") for d in ("cooking", "sailing")]
-    where = ("--forest", str(forest), "--data", *files)
-    elmtrain("tokenizer", *where, "--vocab-size", "320", "--merge")
-    elmtrain("seed", *where, "--model", TINY_MODEL, "--training", training(steps=4), "--merge")
-    return forest
+    train_tokenizer(forest, files)
+    train_seed(forest, files, steps=4)
+    return Path(forest)
 
 
 def base_env() -> dict[str, str]:
-    keep = ("PATH", "HOME", "LANG", "AWS_DEFAULT_REGION")
+    keep = ("PATH", "HOME", "LANG")
     env = {k: os.environ[k] for k in keep if k in os.environ}
     root = str(Path(__file__).resolve().parents[2])
     env.update(

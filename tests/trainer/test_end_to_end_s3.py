@@ -10,8 +10,7 @@ import boto3
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import elmtrain
-from tests.trainer.conftest import TINY_MODEL, training
+from tests.conftest import elmtrain, train_seed, train_tokenizer, training
 
 DOMAINS = ("cooking", "sailing", "finance", "poetry")
 
@@ -32,19 +31,9 @@ def test_btm_pipeline_over_s3(
     common = ["--forest", forest, "--s3-endpoint", s3_endpoint]
     env = {"ELMFOREST_S3_ENDPOINT": s3_endpoint}  # data locations use the same server
 
-    elmtrain("tokenizer", *common, "--data", data, "--vocab-size", "320", "--merge", env=env)
-    elmtrain(
-        "seed",
-        *common,
-        "--data",
-        *[f"{data}/{d}/train.txt" for d in DOMAINS],
-        "--model",
-        TINY_MODEL,
-        "--training",
-        training(steps=40),
-        "--merge",
-        env=env,
-    )
+    # The tokenizer and seed reach S3 through ELMFOREST_S3_ENDPOINT, like the data.
+    train_tokenizer(forest, [data], env)
+    train_seed(forest, [f"{data}/{d}/train.txt" for d in DOMAINS], steps=40, env=env)
     for domain in ("cooking", "sailing"):
         elmtrain(
             "branch",
