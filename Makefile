@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck pytest install clean quickstart reliability
+.PHONY: test lint typecheck pytest install clean quickstart reliability bench bench-quick
 
 install: $(STAMP)
 
@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	# The CPU torch wheel first and pinned exactly, so no dependency can pull a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[trainer,operator,local,dev]'
+	$(PY) -m pip install --quiet -e '.[trainer,operator,local,dev,bench]'
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -39,6 +39,15 @@ reliability: $(STAMP)
 	ELMFOREST_FUZZ_SCALE=20 ELMFOREST_SOAK_BRANCHES=40 $(VENV)/bin/pytest -s \
 	  tests/reliability tests/planner/test_hostile_input.py tests/trainer/test_s3_faults.py \
 	  tests/trainer/test_resume.py tests/operator/test_end_to_end.py::test_operator_restart_and_preemption
+
+# Every benchmark at full size (docs/benchmarks.md; about 75 minutes on 2 cores, the BTM
+# quality run most of it); results to bench/results/, plots to docs/img/.
+bench: $(STAMP)
+	for b in merge train ensemble operator btm_quality; do $(PY) -m bench.$$b || exit 1; done
+
+# Every benchmark's small variant (a few minutes in all); the suite runs them too.
+bench-quick: $(STAMP)
+	for b in merge train ensemble operator btm_quality; do $(PY) -m bench.$$b --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

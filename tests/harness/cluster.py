@@ -70,9 +70,14 @@ class ApiError(Exception):
 
 class Cluster:
     def __init__(
-        self, workdir: Path, base_env: dict[str, str], programs: dict[str, list[str]] | None = None
+        self,
+        workdir: Path,
+        base_env: dict[str, str],
+        programs: dict[str, list[str]] | None = None,
+        kubelet: bool = True,
     ) -> None:
         self.workdir = workdir
+        self.run_kubelet = kubelet  # False: Jobs are created but never run (bench/operator)
         self.base_env = base_env
         self.programs = programs  # what the kubelet runs for a container command (None: real)
         self.operator_starts = 0
@@ -130,12 +135,13 @@ class Cluster:
             self.kubelet = Kubelet(emulator, self.workdir / "pods", self.base_env)
             if self.programs is not None:
                 self.kubelet.programs.update(self.programs)
-            task = asyncio.create_task(self.kubelet.run())
+            task = asyncio.create_task(self.kubelet.run()) if self.run_kubelet else None
             self._ready.set()
             await self._stop.wait()
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` in the cluster's loop (for reading emulator state consistently)."""

@@ -65,6 +65,7 @@ class ClusterEmulator(KubernetesEmulator):
         # Every (group, resource[/subresource], verb) a client other than the tests asked for:
         # what RBAC must allow the operator.
         self.audit: set[tuple[str, str, str]] = set()
+        self.calls: collections.Counter[tuple[str, str]] = collections.Counter()  # (resource, verb)
         self.faults: list[Fault] = []  # injected API errors and stalls (reliability tests)
         self.crashes: CrashSwitch | None = None  # kills the operator at chosen writes
         # Watch streams end after this many seconds (None: never), like an API server's
@@ -140,6 +141,7 @@ class ClusterEmulator(KubernetesEmulator):
             verb = "delete" if request.name else "deletecollection"
         assert request.resource is not None
         self.audit.add((request.resource.group or "", name, verb))
+        self.calls[name, verb] += 1
 
     def _fault_for(self, request: Request, name: str) -> Fault | None:
         for fault in self.faults:

@@ -81,6 +81,10 @@ def test_waits_for_forest_and_for_a_slot() -> None:
     assert status_of(plan_branch(inp(forest=unready, status=versioned())).actions).phase == (
         "Waiting"
     )
+    # A forest the operator has not reconciled yet (it just started): no noise, just a requeue.
+    unseen_forest = ForestView("f", FOREST, ready=False, observed=False)
+    unseen = plan_branch(inp(forest=unseen_forest, status=versioned(phase="Pending")))
+    assert not unseen.actions and unseen.requeue_after
     full = plan_branch(inp(status=versioned(), active_elsewhere=2))
     assert not any(isinstance(a, CreateJob) for a in full.actions)
     assert status_of(full.actions).conditions[0].reason == "ConcurrencyLimit"

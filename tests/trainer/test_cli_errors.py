@@ -132,3 +132,27 @@ def test_unreachable_storage_is_transient(corpus: Path) -> None:
 @pytest.mark.parametrize("argv", [["seed"], ["branch", "--forest", "x"]])
 def test_usage_errors_exit_2(argv: list[str]) -> None:
     assert elmtrain(*argv, check=False).returncode == ExitCode.USAGE
+
+
+def test_routing_needs_an_ensemble_and_a_prompt(seeded_forest: Path) -> None:
+    forest = ("--forest", str(seeded_forest))
+    assert_fails(
+        ExitCode.BAD_INPUT,
+        "--top-k-experts needs --ensemble",
+        "generate",
+        *forest,
+        "--model",
+        "seed",
+        "--top-k-experts",
+        "1",
+    )
+    assert_fails(
+        ExitCode.BAD_INPUT,
+        "exceed the context",
+        "generate",
+        *forest,
+        "--model",
+        "seed",
+        "--max-new-tokens",
+        "500",
+    )

@@ -139,3 +139,18 @@ def test_btm_pipeline_over_s3(
         "generate", *common, "--ensemble", "--prompt", "Whisk the", "--max-new-tokens", "8", env=env
     ).stdout
     assert text.startswith("Whisk the")
+    # Routed: every expert reads the prompt once, then only the most probable one generates.
+    routed = elmtrain(
+        "generate",
+        *common,
+        "--ensemble",
+        "--top-k-experts",
+        "1",
+        "--prompt",
+        "Whisk the",
+        "--max-new-tokens",
+        "8",
+        env=env,
+    )
+    assert routed.stdout.startswith("Whisk the")
+    assert '"experts": ["' in routed.stderr and "generate.routed" in routed.stderr

@@ -11,7 +11,7 @@ from elmcore.btm import posterior, top_k
 from elmtrain.config import ModelConfig
 from elmtrain.models import build_model
 from elmtrain.runtime import Runtime
-from elmtrain.scoring import ensemble_logprobs, perplexity, token_logprobs
+from elmtrain.scoring import ensemble_logprobs, perplexity, route, token_logprobs
 
 CPU = Runtime(device=torch.device("cpu"))
 
@@ -62,3 +62,22 @@ def test_ensemble_of_one_expert_is_that_expert(
     single = ensemble_logprobs(lp[None], torch.tensor([1.0]))
     assert torch.allclose(single, lp.double(), atol=1e-12)
     assert perplexity(single)[1] == pytest.approx(perplexity(lp)[1], rel=1e-9)
+
+
+def test_route_keeps_the_k_largest_priors_in_order() -> None:
+    prior = torch.tensor([0.1, 0.4, 0.2, 0.3])
+    assert route(prior, 2) == [1, 3]
+    assert route(prior, 1) == [1]
+    assert route(prior, None) == route(prior, 4) == route(prior, 9) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="top-k"):
+        route(prior, 0)
+
+
+def test_routed_ensemble_matches_the_full_one_when_the_rest_have_no_prior() -> None:
+    """Experts outside the route contribute nothing when their prior is (almost) zero."""
+    generator = torch.Generator().manual_seed(3)
+    lp = torch.log_softmax(torch.randn(4, 5, 7, 11, generator=generator), -1)[..., 0]
+    prior = torch.tensor([1e-30, 0.7, 1e-30, 0.3], dtype=torch.float64)
+    chosen = route(prior, 2)
+    routed = ensemble_logprobs(lp[chosen], prior[chosen])
+    assert torch.allclose(routed, ensemble_logprobs(lp, prior), atol=1e-12)

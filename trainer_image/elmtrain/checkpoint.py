@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 from elmcore import layout
 from elmcore.storage import Storage
 from elmcore.storage.commit import commit_dir, committed_steps, fetch_committed
-from elmtrain.data import cache_dir
+from elmtrain.cache import cache_dir
 from elmtrain.models import load_model, save_model
 
 log = structlog.get_logger(__name__)

@@ -23,16 +23,11 @@ from elmcore.errors import BadInputError
 from elmcore.storage import Storage, open_storage
 from elmcore.storage.base import sha256_file
 from elmcore.uris import StorageURI
+from elmtrain.cache import cache_dir
 
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
 DOC_SEPARATOR = "\n\n\n"  # two blank lines
 _ENCODE_BATCH = 256
-
-
-def cache_dir() -> Path:
-    path = Path(os.environ.get("ELMTRAIN_CACHE", Path.home() / ".cache" / "elmtrain"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _text_keys(storage: Storage, location: str) -> list[str]:

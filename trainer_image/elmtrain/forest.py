@@ -6,8 +6,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-from transformers import PreTrainedTokenizerFast
+from typing import TYPE_CHECKING
 
 from elmcore import layout
 from elmcore.errors import BadInputError, NotFoundError
@@ -15,8 +14,10 @@ from elmcore.manifest import ArtifactEntry, Manifest
 from elmcore.storage import Storage, open_storage
 from elmcore.storage.commit import fetch_committed
 from elmcore.storage.manifest_store import load_manifest
-from elmtrain.data import cache_dir
-from elmtrain.tokenizer import load_tokenizer
+from elmtrain.cache import cache_dir
+
+if TYPE_CHECKING:  # transformers is imported only by commands that tokenize
+    from transformers import PreTrainedTokenizerFast
 
 
 @dataclass
@@ -39,6 +40,8 @@ class Forest:
         return target
 
     def tokenizer(self) -> PreTrainedTokenizerFast:
+        from elmtrain.tokenizer import load_tokenizer
+
         entry = self.manifest().tokenizer
         if entry is None:
             raise BadInputError(f"forest {self.storage.root} has no tokenizer yet")

@@ -21,9 +21,10 @@ from elmcore.errors import ElmError, NotFoundError
 from elmcore.records import Metrics, Parent, Progress, Result
 from elmcore.storage.commit import commit_dir, verify_committed
 from elmcore.storage.manifest_store import merge_verified
+from elmtrain.cache import cache_dir
 from elmtrain.checkpoint import Checkpointer
 from elmtrain.config import TrainingConfig
-from elmtrain.data import cache_dir, load_sequences
+from elmtrain.data import load_sequences
 from elmtrain.forest import Forest
 from elmtrain.models import save_model
 from elmtrain.progress import ProgressReporter

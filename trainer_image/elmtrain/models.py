@@ -7,9 +7,13 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from elmcore.errors import BadInputError
 from elmtrain.config import ModelConfig
+
+# A progress bar per loaded model is noise in Job logs and in loops that load many experts.
+hf_logging.disable_progress_bar()
 
 
 def build_model(config: ModelConfig, vocab_size: int, eos_id: int, seed: int) -> PreTrainedModel:

@@ -1,35 +1,38 @@
-"""Read and write safetensors files one tensor at a time, with plain reads (no mmap).
+"""Read and write safetensors files piece by piece, with numpy and plain reads (no mmap, no torch).
 
 The library's own API builds whole state dicts when writing; merging many large checkpoints
-must hold only one tensor per input, so the format (8-byte header length, JSON header, raw
-little-endian data) is streamed here directly.
+must hold only a bounded slice of each input, so the format (8-byte header length, JSON header,
+raw little-endian data) is streamed here directly. Without torch, a merge process starts in a
+fraction of a second and stays small.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from io import BufferedReader
 from pathlib import Path
 from typing import IO, Any
 
-import torch
+import numpy as np
 
 from elmcore.errors import BadInputError
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+# bfloat16 has no numpy type: its raw bits travel as uint16 (see ``to_float``/``from_float``).
+DTYPES: dict[str, np.dtype[Any]] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
 }
-_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+FLOATS = frozenset({"F64", "F32", "F16", "BF16"})
 
 
 class TensorInfo:
@@ -38,9 +41,34 @@ class TensorInfo:
     def __init__(self, dtype: str, shape: list[int], start: int, end: int) -> None:
         self.dtype, self.shape, self.start, self.end = dtype, shape, start, end
 
+    @property
+    def numel(self) -> int:
+        return (self.end - self.start) // DTYPES[self.dtype].itemsize
+
+
+def to_float(raw: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
+    """Raw values of safetensors type ``dtype`` as floats in ``out``'s dtype (``raw`` itself
+    when no conversion is needed)."""
+    if dtype == "BF16":  # the high half of a float32
+        np.left_shift(raw, 16, out=out.view(np.uint32), dtype=np.uint32)
+        return out
+    if raw.dtype == out.dtype:
+        return raw  # no copy: the caller uses it before the next read
+    out[...] = raw
+    return out
+
+
+def from_float(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Floats back to raw values of ``dtype`` (bfloat16: round to nearest even, like torch)."""
+    if dtype != "BF16":
+        return values.astype(DTYPES[dtype], copy=False)
+    bits = values.astype(np.float32, copy=False).view(np.uint32)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    return np.where(np.isnan(values), 0x7FC0, rounded).astype(np.uint16)
+
 
 class SafetensorsReader:
-    """Random access to the tensors of one file; memory holds only what ``get`` returns."""
+    """Random access to slices of the tensors of one file."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -57,17 +85,21 @@ class SafetensorsReader:
             name: TensorInfo(v["dtype"], list(v["shape"]), *v["data_offsets"])
             for name, v in header.items()
         }
+        for name, info in self.tensors.items():
+            if info.dtype not in DTYPES:
+                raise BadInputError(f"{path}: unsupported dtype {info.dtype} of {name}")
 
-    def get(self, name: str) -> torch.Tensor:
+    def read(self, name: str, first: int, count: int, buffer: np.ndarray) -> np.ndarray:
+        """Elements ``first .. first+count`` of tensor ``name``, read into ``buffer`` (bytes);
+        safe to call from several threads at once."""
         info = self.tensors[name]
-        if info.dtype not in DTYPES:
-            raise BadInputError(f"{self.path}: unsupported dtype {info.dtype} of {name}")
-        buffer = bytearray(info.end - info.start)
-        self._handle.seek(self._data_start + info.start)
-        self._handle.readinto(buffer)
-        if not buffer:
-            return torch.empty(info.shape, dtype=DTYPES[info.dtype])
-        return torch.frombuffer(buffer, dtype=DTYPES[info.dtype]).reshape(info.shape)
+        dtype = DTYPES[info.dtype]
+        size = count * dtype.itemsize
+        # pread: no shared file position, so threads may read slices of one file at once.
+        offset = self._data_start + info.start + first * dtype.itemsize
+        if os.preadv(self._handle.fileno(), [buffer[:size].data], offset) != size:
+            raise BadInputError(f"{self.path}: truncated data in tensor {name}")
+        return buffer[:size].view(dtype)
 
     def close(self) -> None:
         self._handle.close()
@@ -80,42 +112,44 @@ class SafetensorsReader:
 
 
 class SafetensorsWriter:
-    """Writes tensors in a declared order; the header is known before any data is written."""
+    """Writes tensors in a declared order, each in as many pieces as the caller likes; the
+    header is known before any data is written."""
 
     def __init__(
         self, path: Path, layout: dict[str, tuple[str, list[int]]], metadata: dict[str, str]
     ) -> None:
         header: dict[str, Any] = {"__metadata__": metadata}
         offset = 0
-        self._order = list(layout)
+        self._sizes: list[tuple[str, int]] = []
         for name, (dtype, shape) in layout.items():
-            size = DTYPES[dtype].itemsize
-            for dim in shape:
-                size *= dim
+            size = DTYPES[dtype].itemsize * int(np.prod(shape, dtype=np.int64))
             header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+            self._sizes.append((name, size))
             offset += size
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the format aligns data to 8 bytes
         self._handle: IO[bytes] = path.open("wb")
         self._handle.write(struct.pack("<Q", len(encoded)) + encoded)
-        self._header = header
-        self._next = 0
+        self._index, self._written, self._total_written, self._total = 0, 0, 0, offset
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        expected = self._order[self._next]
-        if name != expected:
-            raise ValueError(f"tensor {name} written out of order (expected {expected})")
-        spec = self._header[name]
-        if _NAMES[tensor.dtype] != spec["dtype"] or list(tensor.shape) != spec["shape"]:
-            raise ValueError(f"tensor {name} does not match its declared dtype/shape")
-        self._handle.write(
-            tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-        )
-        self._next += 1
+    def write(self, name: str, piece: np.ndarray) -> None:
+        """Append the next raw bytes of tensor ``name``."""
+        sizes = self._sizes
+        while self._index < len(sizes) and sizes[self._index][0] != name:
+            if self._written != sizes[self._index][1]:
+                raise ValueError(
+                    f"tensor {name} written before {sizes[self._index][0]} is complete"
+                )
+            self._index, self._written = self._index + 1, 0
+        if self._index == len(sizes):
+            raise ValueError(f"tensor {name} written out of order")
+        self._written += piece.nbytes
+        self._total_written += piece.nbytes
+        if self._written > sizes[self._index][1]:
+            raise ValueError(f"tensor {name}: more bytes than its dtype and shape hold")
+        self._handle.write(np.ascontiguousarray(piece).data)
 
     def close(self) -> None:
-        if self._next != len(self._order):
-            self._handle.close()
-            raise ValueError(f"only {self._next} of {len(self._order)} tensors were written")
-        self._handle.flush()
         self._handle.close()
+        if self._total_written != self._total:
+            raise ValueError(f"{self._total_written} of {self._total} data bytes were written")

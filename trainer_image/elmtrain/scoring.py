@@ -1,5 +1,9 @@
 """Log-likelihoods of text under one model, and the posterior-weighted ensemble of several.
 
+Two ways to keep only k experts: ``ensemble_logprobs(..., k)`` keeps the k most probable at each
+position, which needs every expert's likelihood (all K models run); ``route`` fixes the k experts
+up front from the cached prior (or a short prefix), so only k models ever run.
+
 Positions: for sequences [N, T], ``token_logprobs`` returns [N, T-1], the log-probability of
 token t given tokens < t for t = 1..T-1 (the first token has no context and is not scored).
 """
@@ -60,3 +64,13 @@ def log_posterior(
         keep = torch.topk(joint, k, dim=0).indices
         joint = joint + torch.full_like(joint, -math.inf).scatter(0, keep, 0.0)
     return joint - torch.logsumexp(joint, dim=0, keepdim=True)
+
+
+def route(prior: torch.Tensor, k: int | None) -> list[int]:
+    """The indices (ascending) of the ``k`` experts with the largest prior: the only ones a
+    routed ensemble runs. ``None`` or ``k >= K`` keeps all."""
+    if k is None or k >= len(prior):
+        return list(range(len(prior)))
+    if k < 1:
+        raise ValueError(f"top-k must be >= 1, not {k}")
+    return sorted(int(i) for i in torch.topk(prior.double(), k).indices)

@@ -80,7 +80,12 @@ def _optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+    # The fused kernel (CPU and CUDA) updates all parameters in one pass per step: the step
+    # costs less than the per-tensor loop, as transformers' Trainer defaults to since torch 2.8.
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(
+        groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused or None
+    )
 
 
 def _micro_batches(indices: list[int], runtime: Runtime, cfg: TrainingConfig) -> list[list[int]]:

@@ -57,6 +57,7 @@ class ForestView:
     spec: ElmForestSpec
     ready: bool
     uid: str = ""
+    observed: bool = True  # False: the operator has not written the forest's status yet
 
 
 @dataclass(frozen=True)
@@ -257,6 +258,11 @@ def _start(inp: BranchInput, status: ElmBranchStatus, attempt: int) -> Plan:
     if inp.spec.suspend:
         _set_phase(inp, status, "Suspended", "Suspended", "spec.suspend is true")
         return _finish(Plan(), inp, status)
+    if not inp.forest.ready and not inp.forest.observed and inp.status.phase in (None, "Pending"):
+        # The operator has just started and not yet looked at the forest: its status comes
+        # within moments and wakes this branch. A "Waiting" now would be two writes of noise
+        # per branch (a thousand branches: two thousand).
+        return Plan(requeue_after=POLL_SECONDS)
     if not inp.forest.ready:
         _set_phase(inp, status, "Waiting", "ForestNotReady", f"forest {inp.forest.name} not ready")
         return _finish(plan, inp, status)

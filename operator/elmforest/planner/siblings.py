@@ -72,5 +72,11 @@ def forest_view(
             spec = defaults.apply(spec)
     except ValidationError:
         return None
-    ready = (forest.get("status") or {}).get("phase") == "Ready"
-    return ForestView(forest["metadata"]["name"], spec, ready, forest["metadata"].get("uid", ""))
+    phase = (forest.get("status") or {}).get("phase")
+    return ForestView(
+        forest["metadata"]["name"],
+        spec,
+        phase == "Ready",
+        forest["metadata"].get("uid", ""),
+        observed=phase is not None,
+    )

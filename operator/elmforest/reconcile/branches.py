@@ -11,7 +11,15 @@ from elmforest.adapters.forest_storage import ForestStorage
 from elmforest.adapters.kube import SecretNotFoundError
 from elmforest.api import BRANCH
 from elmforest.api.branch import ElmBranchSpec, ElmBranchStatus
-from elmforest.planner.actions import CreateJob, Event, PatchStatus, Plan
+from elmforest.planner.actions import (
+    CreateJob,
+    DeleteExpertFiles,
+    Event,
+    MergeResult,
+    PatchStatus,
+    Plan,
+    RemoveExpert,
+)
 from elmforest.planner.branch import ACTIVE, BranchInput, plan_branch, plan_deletion
 from elmforest.planner.conditions import READY, set_condition
 from elmforest.planner.observed import JobState, RunRecords
@@ -19,6 +27,8 @@ from elmforest.planner.siblings import Sibling, domain_owner, forest_view, owner
 from elmforest.reconcile.apply import apply_plan
 from elmforest.reconcile.context import OperatorContext
 from elmforest.reconcile.forests import validation_message
+
+STORAGE_ACTIONS = (MergeResult, RemoveExpert, DeleteExpertFiles)
 
 
 async def _invalid(ctx: OperatorContext, body: Mapping[str, Any], message: str) -> None:
@@ -83,6 +93,13 @@ async def reconcile_branch(
         plan = plan_branch(inp)
         if any(isinstance(a, CreateJob) for a in plan.actions):
             ctx.reserve(namespace, spec.forest, name)
+        # Manifest writes of one forest go in turn (no compare-and-swap retries); the rest of a
+        # plan (status, Events, Jobs) needs only the slot taken above, so it runs outside the
+        # lock and a thousand new branches do not queue behind one another's API calls.
+        writes_storage = any(isinstance(a, STORAGE_ACTIONS) for a in plan.actions)
+        if writes_storage:
+            await apply_plan(ctx, BRANCH, body, plan, storage)
+    if not writes_storage:
         await apply_plan(ctx, BRANCH, body, plan, storage)
     phase = plan.phase(status.phase)
     if phase not in ACTIVE:

@@ -39,6 +39,9 @@ class OperatorContext:
     metrics: Metrics = field(default_factory=Metrics)
     _pool: ThreadPoolExecutor | None = None
     _storages: dict[tuple[Any, ...], tuple[float, ForestStorage]] = field(default_factory=dict)
+    _storage_locks: defaultdict[tuple[Any, ...], asyncio.Lock] = field(
+        default_factory=lambda: defaultdict(asyncio.Lock)
+    )
     _locks: defaultdict[tuple[str, str], asyncio.Lock] = field(
         default_factory=lambda: defaultdict(asyncio.Lock)
     )
@@ -71,17 +74,20 @@ class OperatorContext:
     async def storage(self, namespace: str, spec: StorageSpec) -> ForestStorage:
         """The forest's storage client, with keys from its Secret (cached for a minute)."""
         key = (namespace, spec.uri, spec.endpoint, spec.region, spec.credentials_secret)
-        cached = self._storages.get(key)
-        if cached is not None and time.monotonic() - cached[0] < STORAGE_TTL:
-            return cached[1]
-        credentials: S3Credentials | None = None
-        if spec.credentials_secret and spec.uri.startswith("s3://"):
-            credentials = await self.io(
-                self.kube.read_credentials, namespace, spec.credentials_secret
-            )
-        storage = await self.io(ForestStorage, spec, credentials)
-        self._storages[key] = (time.monotonic(), storage)
-        return storage
+        # One fill per key: a thousand branches waking at once read the Secret and build the
+        # (costly) S3 client once, not a thousand times.
+        async with self._storage_locks[key]:
+            cached = self._storages.get(key)
+            if cached is not None and time.monotonic() - cached[0] < STORAGE_TTL:
+                return cached[1]
+            credentials: S3Credentials | None = None
+            if spec.credentials_secret and spec.uri.startswith("s3://"):
+                credentials = await self.io(
+                    self.kube.read_credentials, namespace, spec.credentials_secret
+                )
+            storage = await self.io(ForestStorage, spec, credentials)
+            self._storages[key] = (time.monotonic(), storage)
+            return storage
 
     def close(self) -> None:
         if self._pool is not None:

@@ -12,10 +12,8 @@ from elmcore.errors import BadInputError
 from elmcore.storage import open_storage
 from elmcore.storage.commit import commit_dir
 from elmtrain.averaging import average_models
+from elmtrain.cache import cache_dir
 from elmtrain.commands.common import add_forest_args, open_forest, parse_weights, write_output
-from elmtrain.commands.posterior import prior_for
-from elmtrain.data import cache_dir
-from elmtrain.runtime import setup_runtime
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -44,6 +42,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     elif args.weights == "posterior":
         if not args.target_data:
             raise BadInputError("--weights posterior needs --target-data")
+        # torch and transformers only for the posterior: a plain average never imports them.
+        from elmtrain.commands.posterior import prior_for
+        from elmtrain.runtime import setup_runtime
+
         weights = prior_for(forest, args.target_data, args.sample, args.seq_len, 0, setup_runtime())
     else:
         weights = parse_weights(args.weights)

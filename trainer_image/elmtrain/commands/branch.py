@@ -13,13 +13,14 @@ from elmcore.names import branch_run_id, validate_label
 from elmcore.records import Parent, Record, Result
 from elmcore.storage.commit import committed_steps
 from elmtrain import branch_init
+from elmtrain.cache import cache_dir
 from elmtrain.commands.common import (
     add_forest_args,
     add_training_args,
     open_forest,
     training_config,
 )
-from elmtrain.data import cache_dir, load_sequences, sample_sequences
+from elmtrain.data import load_sequences, sample_sequences
 from elmtrain.jobs import JobSpec, finish_if_done, run_training_job
 from elmtrain.models import check_vocab, load_model
 from elmtrain.runtime import setup_runtime

@@ -2,6 +2,8 @@
 
 The prior of each target domain is its cached prior (from ``--prior-data``, held-out text of
 that domain) or uniform; the posterior is then updated token by token as the context grows.
+For each ``--top-k`` k, two rows: ``top<k>`` keeps the k most probable experts at each position
+(every expert runs), ``routed<k>`` runs only the k experts with the largest prior.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from elmtrain.commands.posterior import prior_for
 from elmtrain.data import load_sequences
 from elmtrain.evaluation import expert_logprobs
 from elmtrain.runtime import setup_runtime
-from elmtrain.scoring import ensemble_logprobs, perplexity
+from elmtrain.scoring import ensemble_logprobs, perplexity, route
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -54,13 +56,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         logprobs = expert_logprobs(dirs, sequences[: args.max_sequences], runtime)
         prior_t = torch.tensor(prior, dtype=torch.float64)
         entry: dict[str, Any] = {"prior": dict(zip(names, prior, strict=True))}
-        for k in [None, *args.top_k]:
-            loss, ppl, tokens = perplexity(ensemble_logprobs(logprobs, prior_t, k))
-            entry["full" if k is None else f"top{k}"] = {
-                "loss": loss,
-                "perplexity": ppl,
-                "tokens": tokens,
-            }
+        rows = {"full": ensemble_logprobs(logprobs, prior_t)}
+        for k in args.top_k:
+            rows[f"top{k}"] = ensemble_logprobs(logprobs, prior_t, k)
+            chosen = route(prior_t, k)
+            rows[f"routed{k}"] = ensemble_logprobs(logprobs[chosen], prior_t[chosen])
+        for row, mixture in rows.items():
+            loss, ppl, tokens = perplexity(mixture)
+            entry[row] = {"loss": loss, "perplexity": ppl, "tokens": tokens}
         report["domains"][domain] = entry
     write_output(report, args.out, forest.endpoint)
     return report

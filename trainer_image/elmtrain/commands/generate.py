@@ -1,17 +1,27 @@
-"""``elmtrain generate``: sample text from a model, or from the posterior ensemble."""
+"""``elmtrain generate``: sample text from a model, or from the posterior ensemble.
+
+Each model keeps its key/value cache, so a new token costs one forward step per model. With
+``--top-k-experts k`` every expert reads the prompt once, and only the k most probable under the
+prompt's posterior generate: per token, the ensemble then costs k models, not all of them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
+import structlog
 import torch
+from transformers import PreTrainedModel
 
 from elmcore.errors import BadInputError
 from elmtrain.commands.common import add_forest_args, open_forest
-from elmtrain.models import load_model
+from elmtrain.models import context_length, load_model
 from elmtrain.runtime import setup_runtime
-from elmtrain.scoring import log_posterior
+from elmtrain.scoring import log_posterior, route
+
+log = structlog.get_logger(__name__)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -19,12 +29,42 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_forest_args(parser)
     parser.add_argument("--model", default=None, help="seed | expert:<domain> | location")
     parser.add_argument("--ensemble", action="store_true", help="use every expert")
-    parser.add_argument("--top-k-experts", type=int, default=None)
+    parser.add_argument(
+        "--top-k-experts",
+        type=int,
+        default=None,
+        help="ensemble: generate with the k experts most probable under the prompt",
+    )
     parser.add_argument("--prompt", default="")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run)
+
+
+class _Stream:
+    """One model reading a growing context through its key/value cache."""
+
+    def __init__(self, model: PreTrainedModel, ids: list[int], device: torch.device) -> None:
+        self.model = model
+        out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
+        logp = torch.log_softmax(out.logits[0].double(), dim=-1).cpu()
+        targets = torch.tensor(ids[1:])[:, None]
+        # log p(context): every token of the prompt after the first, given the ones before it.
+        self.context_loglik = float(logp[:-1].gather(-1, targets).sum())
+        self.next_logp = logp[-1]
+        self.cache: Any = out.past_key_values
+        self.device = device
+
+    def advance(self, token: int) -> None:
+        self.context_loglik += float(self.next_logp[token])
+        out = self.model(
+            input_ids=torch.tensor([[token]], device=self.device),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.next_logp = torch.log_softmax(out.logits[0, -1].double(), dim=-1).cpu()
+        self.cache = out.past_key_values
 
 
 @torch.no_grad()
@@ -33,36 +73,48 @@ def run(args: argparse.Namespace) -> str:
         raise BadInputError("generate: give exactly one of --model and --ensemble")
     if args.temperature <= 0:
         raise BadInputError("generate: --temperature must be > 0")
+    if args.top_k_experts is not None and (args.top_k_experts < 1 or not args.ensemble):
+        raise BadInputError("generate: --top-k-experts needs --ensemble and k >= 1")
     forest = open_forest(args)
     runtime = setup_runtime()
     tokenizer = forest.tokenizer()
     eos = int(tokenizer.eos_token_id)
-    dirs = (
-        [forest.fetch(e) for e in forest.manifest().sorted_experts()]
-        if args.ensemble
-        else [forest.model_dir(args.model)]
-    )
+    experts = forest.manifest().sorted_experts() if args.ensemble else []
+    names = [e.domain for e in experts] if args.ensemble else [args.model]
+    dirs = [forest.fetch(e) for e in experts] if args.ensemble else [forest.model_dir(args.model)]
     if not dirs:
         raise BadInputError("the forest has no experts yet")
-    models = [load_model(d, runtime.device) for d in dirs]
     ids = [eos, *tokenizer(args.prompt, add_special_tokens=False)["input_ids"]]
-    generator = torch.Generator().manual_seed(args.seed)
-    prior = torch.full((len(models),), 1.0 / len(models), dtype=torch.float64)
-    for _ in range(args.max_new_tokens):
-        context = torch.tensor([ids], device=runtime.device)
-        logps = torch.stack(
-            [torch.log_softmax(m(input_ids=context).logits[0].float(), -1) for m in models]
+    routing = args.top_k_experts is not None and args.top_k_experts < len(dirs)
+    if routing and len(ids) < 2:
+        raise BadInputError("generate: --top-k-experts routes on the prompt; give a --prompt")
+    streams = [_Stream(load_model(d, runtime.device), ids, runtime.device) for d in dirs]
+    limit = context_length(streams[0].model)
+    if len(ids) + args.max_new_tokens > limit:
+        raise BadInputError(f"generate: prompt + --max-new-tokens exceed the context ({limit})")
+    if routing:
+        # The posterior after the prompt picks the experts; the rest are never run again.
+        prompt_loglik = torch.tensor([s.context_loglik for s in streams])
+        keep = route(
+            log_posterior(prompt_loglik, torch.ones(len(streams))).exp(), args.top_k_experts
         )
+        log.info("generate.routed", experts=[names[i] for i in keep])
+        streams = [streams[i] for i in keep]
+    prior = torch.full((len(streams),), 1.0 / len(streams), dtype=torch.float64)
+    generator = torch.Generator().manual_seed(args.seed)
+    for _ in range(args.max_new_tokens):
         # Posterior over experts from the context so far, then the mixture's next-token law.
-        targets = context[0, 1:].expand(len(models), -1)[..., None]
-        context_loglik = logps[:, :-1].gather(-1, targets).squeeze(-1).sum(-1).double().cpu()
-        log_post = log_posterior(context_loglik, prior, args.top_k_experts)
-        next_lp = torch.logsumexp(log_post[:, None] + logps[:, -1].double().cpu(), dim=0)
+        log_post = log_posterior(torch.tensor([s.context_loglik for s in streams]), prior)
+        next_lp = torch.logsumexp(
+            log_post[:, None] + torch.stack([s.next_logp for s in streams]), 0
+        )
         probs = torch.softmax(next_lp / args.temperature, dim=-1)
         token = int(torch.multinomial(probs.float(), 1, generator=generator))
         if token == eos:
             break
         ids.append(token)
+        for stream in streams:
+            stream.advance(token)
     text = str(tokenizer.decode(ids[1:]))
     sys.stdout.write(text + "\n")
     return text

@@ -32,9 +32,10 @@ from elmcore.report import (
     top_k_row,
 )
 from elmtrain.averaging import average_models
+from elmtrain.cache import cache_dir
 from elmtrain.commands.common import add_forest_args, open_forest, write_output
 from elmtrain.config import load_json_arg, parse_config
-from elmtrain.data import cache_dir, load_sequences, sample_sequences
+from elmtrain.data import load_sequences, sample_sequences
 from elmtrain.evaluation import domain_prior, expert_logprobs, model_logprobs
 from elmtrain.forest import Forest
 from elmtrain.runtime import Runtime, setup_runtime

@@ -10,8 +10,9 @@ from elmcore import layout
 from elmcore.records import Result
 from elmcore.storage.commit import commit_dir
 from elmcore.storage.manifest_store import merge_verified
+from elmtrain.cache import cache_dir
 from elmtrain.commands.common import add_forest_args, open_forest
-from elmtrain.data import cache_dir, iter_documents
+from elmtrain.data import iter_documents
 from elmtrain.forest import download_folder
 from elmtrain.tokenizer import load_tokenizer, train_tokenizer
 
