@@ -1,0 +1,239 @@
+"""Operator scale: 1,000 ElmBranch objects against the emulator, elmforest against a minimal
+Kopf operator that only creates a Job per object.
+
+    python -m bench.operator            # 1,000 branches each (~5 min)
+    python -m bench.operator --quick    # 100 branches each (< 1 min)
+
+For each operator: a fresh emulator (tests/harness, no kubelet: Jobs are created, never run),
+``--branches`` ElmBranch objects already stored, then the operator process starts (so the
+test client's creation rate does not cap either operator). Measured: seconds from the
+operator's start until every branch has its Job (throughput = branches / seconds, start-up
+included), its peak RSS (VmHWM) and its API writes by kind. elmforest's forest has its
+tokenizer and seed in S3 (moto), so it turns Ready at once.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.common import ROOT, parser, plot_path, table, write_results
+
+FOREST = "bulk"
+
+
+def _vm_hwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+def _forest_template(work: Path) -> Path:
+    """A forest holding a tokenizer and an (untrained) seed, made by the real CLI."""
+    from bench.btm_quality import elmtrain
+
+    template, text = work / "template", work / "text.txt"
+    text.write_text("\n\n\n".join(f"document {i} about branch {i % 7}" for i in range(200)))
+    elmtrain(
+        "tokenizer",
+        "--forest",
+        str(template),
+        "--data",
+        str(text),
+        "--vocab-size",
+        "300",
+        "--merge",
+    )
+    model = '{"d_model": 16, "n_layers": 1, "n_heads": 2, "context_length": 32}'
+    elmtrain("seed", "--forest", str(template), "--model", model, "--steps", "0", "--merge")
+    return template
+
+
+def _upload(template: Path, endpoint: str, bucket: str) -> None:
+    from elmcore.storage import open_storage
+
+    storage = open_storage(f"s3://{bucket}/forests/{FOREST}", endpoint=endpoint)
+    for path in sorted(template.rglob("*")):
+        if path.is_file() and not path.name.startswith("."):
+            storage.upload_file(str(path.relative_to(template)), path)
+
+
+def _jobs(cluster: Any) -> int:
+    return int(cluster.call(lambda: len(cluster.emulator.live("batch/v1/jobs"))))
+
+
+def _create(cluster: Any, branches: int, branch: Callable[[int], dict[str, Any]]) -> float:
+    started = time.perf_counter()
+    for i in range(branches):
+        cluster.create(branch(i))
+    return time.perf_counter() - started
+
+
+def _measure(
+    cluster: Any, start: Callable[[], subprocess.Popen[bytes]], branches: int, timeout: float
+) -> dict[str, Any]:
+    """Start the operator with the branches already there; wait until each has its Job."""
+    started = time.perf_counter()
+    process = start()
+    deadline = started + timeout
+    while _jobs(cluster) < branches:
+        if time.perf_counter() > deadline or process.poll() is not None:
+            raise RuntimeError(f"only {_jobs(cluster)} of {branches} Jobs after {timeout} s")
+        time.sleep(0.05)
+    seconds = time.perf_counter() - started
+    calls = cluster.call(lambda: dict(cluster.emulator.calls))
+    by_kind = {f"{r} {v}": n for (r, v), n in sorted(calls.items()) if v not in ("list", "watch")}
+    return {
+        "seconds": seconds,
+        "branches_per_second": branches / seconds,
+        "peak_rss_mb": _vm_hwm_mb(process.pid),
+        "api_calls": by_kind,
+        "api_writes_per_branch": sum(by_kind.values()) / branches,
+    }
+
+
+def run_elmforest(work: Path, branches: int, timeout: float) -> dict[str, Any]:
+    from tests.harness.cluster import Cluster
+    from tests.harness.moto import create_bucket, moto_server
+    from tests.operator.conftest import branch_body, forest_body
+
+    for key, value in (
+        ("AWS_ACCESS_KEY_ID", "t"),
+        ("AWS_SECRET_ACCESS_KEY", "t"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
+        os.environ.setdefault(key, value)  # moto takes any keys
+    with moto_server() as endpoint:
+        bucket = create_bucket(endpoint, "bench")
+        _upload(_forest_template(work), endpoint, bucket)
+        env = {
+            "AWS_ACCESS_KEY_ID": "t",
+            "AWS_SECRET_ACCESS_KEY": "t",
+            "ELMFOREST_LOG_LEVEL": "warning",
+        }
+        (work / "elmforest").mkdir()
+        cluster = Cluster(work / "elmforest", env, kubelet=False).start()
+        try:
+            cluster.secret("s3-creds", {"AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t"})
+            cluster.create(
+                forest_body(FOREST, f"s3://{bucket}", endpoint, maxConcurrentBranches=1024)
+            )
+            _create(
+                cluster,
+                branches,
+                lambda i: branch_body(f"b{i:04d}", FOREST, f"d{i:04d}", f"s3://{bucket}"),
+            )
+            return _measure(cluster, lambda: cluster.start_operator(resync=30), branches, timeout)
+        finally:
+            cluster.stop()
+
+
+def run_minimal(work: Path, branches: int, timeout: float) -> dict[str, Any]:
+    from tests.harness.cluster import NAMESPACE, Cluster
+
+    (work / "minimal").mkdir()
+    cluster = Cluster(work / "minimal", {}, kubelet=False).start()
+    body = {"apiVersion": "btm.elmforest.io/v1alpha1", "kind": "ElmBranch"}
+    _create(
+        cluster,
+        branches,
+        lambda i: {
+            **body,
+            "metadata": {"name": f"b{i:04d}"},
+            "spec": {"forest": FOREST, "domain": f"d{i:04d}"},
+        },
+    )
+    argv = [
+        sys.executable,
+        "-m",
+        "kopf",
+        "run",
+        "--standalone",
+        "--namespace",
+        NAMESPACE,
+        "--quiet",
+        str(ROOT / "bench" / "minimal_operator.py"),
+    ]
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start() -> subprocess.Popen[bytes]:
+        with (work / "minimal.log").open("wb") as log:
+            env = {"KUBECONFIG": str(cluster.kubeconfig()), "PATH": ""}
+            processes.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT))
+        return processes[0]
+
+    try:
+        return _measure(cluster, start, branches, timeout)
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(30)
+        cluster.stop()
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["elmforest", "minimal Kopf"]
+    rows = [results["elmforest"], results["minimal"]]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 4))
+    left.bar(names, [r["branches_per_second"] for r in rows], color=["C0", "C7"])
+    left.set_ylabel("branches with a Job per second")
+    right.bar(names, [r["peak_rss_mb"] for r in rows], color=["C0", "C7"])
+    right.axhline(200, color="C3", linestyle="--", label="200 MB budget")
+    right.set_ylabel("operator peak RSS (MB)")
+    right.legend()
+    figure.suptitle(f"{results['branches']} ElmBranch objects against the emulator")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    cli = parser(__doc__.splitlines()[0])
+    cli.add_argument("--branches", type=int, default=None)
+    args = cli.parse_args(argv)
+    branches = args.branches or (100 if args.quick else 1000)
+    timeout = 60 + branches * 0.6
+    with tempfile.TemporaryDirectory(prefix="bench-operator-") as tmp:
+        work = Path(tmp)
+        results: dict[str, Any] = {
+            "branches": branches,
+            "minimal": run_minimal(work, branches, timeout),
+            "elmforest": run_elmforest(work, branches, timeout),
+        }
+    ours, theirs = results["elmforest"], results["minimal"]
+    results["throughput_ratio"] = ours["branches_per_second"] / theirs["branches_per_second"]
+    path = write_results("operator", results, args)
+    plot(results, plot_path("operator", args))
+    print(
+        table(
+            ["operator", "seconds", "branches/s", "peak RSS MB", "API calls per branch"],
+            [
+                [
+                    name,
+                    r["seconds"],
+                    r["branches_per_second"],
+                    r["peak_rss_mb"],
+                    r["api_writes_per_branch"],
+                ]
+                for name, r in (("elmforest", ours), ("minimal Kopf", theirs))
+            ],
+        )
+    )
+    print(f"throughput ratio: {results['throughput_ratio']:.2f}; results: {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
