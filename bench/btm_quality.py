@@ -2,6 +2,7 @@
 
     python -m bench.btm_quality            # the full run (~45 min on 2 CPU cores)
     python -m bench.btm_quality --quick    # 3 domains, tiny model (< 2 min)
+    python -m bench.btm_quality --work DIR # keep the models; a rerun trains only what is missing
 
 For each seed fraction f of a total budget of T optimizer steps, a forest trains its seed for
 f*T steps on the mixture of all training domains, then one expert per domain for (1-f)*T/n
@@ -117,67 +118,80 @@ def _training(scale: Scale, steps: int) -> str:
     )
 
 
+def _merged(forest: Path) -> dict[str, Any]:
+    """What a forest's manifest already holds, so a rerun with ``--work`` trains only the rest."""
+    manifest = forest / "manifest.json"
+    return json.loads(manifest.read_text()) if manifest.is_file() else {}
+
+
 def train_forest(corpus: Path, scale: Scale, template: Path, forest: Path, fraction: float) -> Path:
     """Seed for f*T steps, then each expert for (1-f)*T/n; returns the dense model's forest
-    (None unless this is the main fraction)."""
-    shutil.copytree(template, forest)
-    train = [str(corpus / d / "train.txt") for d in scale.domains]
-    valid = [str(corpus / d / "valid.txt") for d in scale.domains]
+    (trained only at the main fraction). Models already merged in ``forest`` are kept."""
+    if _merged(forest).get("seed") is None:
+        shutil.rmtree(forest, ignore_errors=True)
+        shutil.copytree(template, forest)
+        _seed(corpus, scale, forest, fraction)
     seed_steps = round(fraction * scale.total_steps)
     branch_budget = scale.total_steps - seed_steps
+    train = [str(corpus / d / "train.txt") for d in scale.domains]
+    valid = [str(corpus / d / "valid.txt") for d in scale.domains]
+    dense = forest.with_name(forest.name + "-dense")
+    if fraction == scale.main_fraction and "dense" not in _merged(dense).get("experts", {}):
+        # Dense: the same seed, trained on for as many steps as all the experts together.
+        shutil.rmtree(dense, ignore_errors=True)
+        shutil.copytree(forest, dense)  # before any expert: the dense run's own forest
+        _branch(scale, dense, "dense", train, valid, branch_budget)
+    steps = branch_budget // len(scale.domains)
+    for domain in scale.domains:
+        if domain not in _merged(forest).get("experts", {}):
+            shutil.rmtree(forest / "runs" / f"branch.{domain}.v1", ignore_errors=True)
+            _branch(
+                scale,
+                forest,
+                domain,
+                [str(corpus / domain / "train.txt")],
+                [str(corpus / domain / "valid.txt")],
+                steps,
+            )
+    return dense
+
+
+def _seed(corpus: Path, scale: Scale, forest: Path, fraction: float) -> None:
     elmtrain(
         "seed",
         "--forest",
         str(forest),
         "--data",
-        *train,
+        *[str(corpus / d / "train.txt") for d in scale.domains],
         "--val-data",
-        *valid,
+        *[str(corpus / d / "valid.txt") for d in scale.domains],
         "--model",
         json.dumps(scale.model),
         "--training",
-        _training(scale, seed_steps),
+        _training(scale, round(fraction * scale.total_steps)),
         "--merge",
     )
-    dense = forest.with_name(forest.name + "-dense")
-    if fraction == scale.main_fraction:
-        # Dense: the same seed, trained on for as many steps as all the experts together.
-        shutil.copytree(forest, dense)
-        elmtrain(
-            "branch",
-            "--forest",
-            str(dense),
-            "--domain",
-            "dense",
-            "--data",
-            *train,
-            "--val-data",
-            *valid,
-            "--init",
-            "seed",
-            "--training",
-            _training(scale, branch_budget),
-            "--merge",
-        )
-    steps = branch_budget // len(scale.domains)
-    for domain in scale.domains:
-        elmtrain(
-            "branch",
-            "--forest",
-            str(forest),
-            "--domain",
-            domain,
-            "--data",
-            str(corpus / domain / "train.txt"),
-            "--val-data",
-            str(corpus / domain / "valid.txt"),
-            "--init",
-            "seed",
-            "--training",
-            _training(scale, steps),
-            "--merge",
-        )
-    return dense
+
+
+def _branch(
+    scale: Scale, forest: Path, domain: str, train: list[str], valid: list[str], steps: int
+) -> None:
+    elmtrain(
+        "branch",
+        "--forest",
+        str(forest),
+        "--domain",
+        domain,
+        "--data",
+        *train,
+        "--val-data",
+        *valid,
+        "--init",
+        "seed",
+        "--training",
+        _training(scale, steps),
+        "--merge",
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -198,16 +212,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         work.mkdir(parents=True, exist_ok=True)
         corpus = _prepare_corpus(args.corpus, scale, work)
         template = work / "template"
-        elmtrain(
-            "tokenizer",
-            "--forest",
-            str(template),
-            "--vocab-size",
-            str(scale.vocab_size),
-            "--data",
-            *[str(corpus / d / "train.txt") for d in scale.domains],
-            "--merge",
-        )
+        if _merged(template).get("tokenizer") is None:
+            shutil.rmtree(template, ignore_errors=True)
+            elmtrain(
+                "tokenizer",
+                "--forest",
+                str(template),
+                "--vocab-size",
+                str(scale.vocab_size),
+                "--data",
+                *[str(corpus / d / "train.txt") for d in scale.domains],
+                "--merge",
+            )
         forests: dict[float, dict[str, Any]] = {}
         main_dense: Path | None = None
         for fraction in scale.fractions:

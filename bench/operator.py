@@ -66,7 +66,7 @@ def _upload(template: Path, endpoint: str, bucket: str) -> None:
 
 
 def _jobs(cluster: Any) -> int:
-    return int(cluster.call(lambda: len(cluster.emulator.live("batch/v1/jobs"))))
+    return int(cluster.call(lambda: cluster.emulator.count("batch/v1/jobs")))
 
 
 def _create(cluster: Any, branches: int, branch: Callable[[int], dict[str, Any]]) -> float:
@@ -116,7 +116,7 @@ def run_elmforest(work: Path, branches: int, timeout: float) -> dict[str, Any]:
         env = {
             "AWS_ACCESS_KEY_ID": "t",
             "AWS_SECRET_ACCESS_KEY": "t",
-            "ELMFOREST_LOG_LEVEL": "warning",
+            "ELMFOREST_LOG_LEVEL": os.environ.get("BENCH_OPERATOR_LOG_LEVEL", "warning"),
         }
         (work / "elmforest").mkdir()
         cluster = Cluster(work / "elmforest", env, kubelet=False).start()

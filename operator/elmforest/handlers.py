@@ -1,8 +1,9 @@
 """Kopf registrations. Each handler only gathers its inputs and delegates to ``reconcile``.
 
-Indexes keep what reconciles need in memory (forests, branches per forest, trainer Jobs), so a
-reconcile reads the API only to write. Each forest and branch gets a daemon: a loop that
-reconciles, then sleeps until woken by a related change or the resync interval.
+Indexes keep what reconciles need in memory (forests, branches, trainer Jobs), so a reconcile
+reads the API only to write. Each forest gets a daemon: a loop that reconciles, then sleeps
+until woken by a related change or the resync interval. Branches, which come by the thousand,
+are only watched: a change that matters queues the branch for the one branch worker.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from elmforest.planner.defaults import Defaults
 from elmforest.planner.naming import FINALIZER, LABEL_BRANCH, LABEL_FOREST, MANAGED_BY, OPERATOR
 from elmforest.planner.observed import JobState, job_state
 from elmforest.planner.siblings import Sibling, owners_by_domain, sibling
-from elmforest.reconcile.branches import finalize_branch, reconcile_branch
+from elmforest.reconcile.branch_worker import BranchSources, BranchWorker
 from elmforest.reconcile.context import OperatorContext, Settings
 from elmforest.reconcile.forests import reconcile_forest
 
 log = structlog.get_logger("elmforest.operator")
 CONTEXT_KEY = "elmforest"
+WORKER_KEY = "branch_worker"
 JOB_LABELS = {MANAGED_BY: OPERATOR}
 
 
@@ -36,7 +38,7 @@ def _ctx(memo: Any) -> OperatorContext:
 
 
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+async def startup(settings: kopf.OperatorSettings, memo: Any, **kwargs: Any) -> None:
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -49,14 +51,14 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     # starts (a CRD upgrade restarts it), so RBAC needs neither (least privilege).
     settings.scanning.disabled = True
     load_config()
-    ctx = OperatorContext(
-        Kube(),
-        Settings(
-            resync_seconds=float(os.environ.get("ELMFOREST_RESYNC_SECONDS", "15")),
-            defaults=Defaults.from_env(os.environ),
-        ),
+    operator_settings = Settings(
+        resync_seconds=float(os.environ.get("ELMFOREST_RESYNC_SECONDS", "15")),
+        defaults=Defaults.from_env(os.environ),
     )
+    ctx = OperatorContext(Kube(connections=operator_settings.workers), operator_settings)
     memo[CONTEXT_KEY] = ctx
+    # Kopf hands startup the indexes it is about to fill; the worker reads them as they are.
+    memo[WORKER_KEY] = BranchWorker(ctx, _sources(kwargs), ctx.settings.workers * 2)
     port = int(os.environ.get("ELMFOREST_METRICS_PORT", "0"))
     if port:
         memo["metrics_runner"] = await ctx.metrics.serve("0.0.0.0", port)
@@ -65,6 +67,8 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
 
 @kopf.on.cleanup()
 async def cleanup(memo: Any, **_: Any) -> None:
+    if WORKER_KEY in memo:
+        await memo[WORKER_KEY].stop()
     if CONTEXT_KEY in memo:
         _ctx(memo).close()
     if "metrics_runner" in memo:
@@ -80,10 +84,8 @@ def forest_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) ->
 
 
 @kopf.index(GROUP, VERSION, BRANCH.plural)
-def branch_index(
-    namespace: str | None, body: kopf.Body, spec: kopf.Spec, **_: Any
-) -> dict[Any, Any]:
-    return {(namespace, spec.get("forest", "")): sibling(body)}
+def branch_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {(namespace or "", name): dict(body)}
 
 
 @kopf.index("batch", "v1", "jobs", labels=JOB_LABELS)
@@ -99,14 +101,40 @@ def _forest_body(
     return next(iter(index.get((namespace, name), [])), None)
 
 
-def _siblings(index: kopf.Index[Any, Any], namespace: str | None, forest: str) -> list[Sibling]:
-    return list(index.get((namespace, forest), []))
+def _siblings(index: kopf.Index[Any, Any], namespace: str, forest: str) -> list[Sibling]:
+    """The forest's branches, derived from the one branch index (a scan: callers do it once
+    per forest reconcile or per worker batch)."""
+    return [
+        sibling(body)
+        for (ns, _), bodies in index.items()
+        for body in bodies
+        if ns == namespace and (body.get("spec") or {}).get("forest", "") == forest
+    ]
 
 
 def _owned_jobs(
     index: kopf.Index[Any, Any], namespace: str, kind: str, owner: str
 ) -> dict[str, JobState]:
     return {job.name: job for job in index.get((namespace, kind, owner), [])}
+
+
+def _sources(indexes: Mapping[str, Any]) -> BranchSources:
+    bodies, forests, jobs = indexes["branch_index"], indexes["forest_index"], indexes["job_index"]
+    return BranchSources(
+        body=lambda key: next(iter(bodies.get(key, [])), None),
+        forest=lambda namespace, name: _forest_body(forests, namespace, name),
+        siblings=lambda namespace, forest: _siblings(bodies, namespace, forest),
+        jobs=lambda namespace, name: _owned_jobs(jobs, namespace, BRANCH.kind, name),
+        keys=lambda: list(bodies.keys()),
+    )
+
+
+def _worker(memo: Any) -> BranchWorker:
+    """The branch worker, started by the first handler call: Kopf calls handlers only once its
+    indexes are full, and the task inherits the handler's context (Kopf's Event poster)."""
+    worker: BranchWorker = memo[WORKER_KEY]  # each object's memo is a copy: share the object
+    worker.start()
+    return worker
 
 
 async def _run_loop(
@@ -131,41 +159,72 @@ async def _run_loop(
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=JOB_LABELS)
-def job_changed(namespace: str | None, labels: kopf.Labels, memo: Any, **_: Any) -> None:
-    ctx = _ctx(memo)
-    namespace = namespace or ""
+async def job_changed(
+    type: str,
+    namespace: str | None,
+    name: str,
+    body: kopf.Body,
+    labels: kopf.Labels,
+    memo: Any,
+    **_: Any,
+) -> None:
+    ctx, worker, namespace = _ctx(memo), _worker(memo), namespace or ""
     if LABEL_BRANCH in labels:
-        ctx.wakeups.wake((BRANCH.kind, namespace, labels[LABEL_BRANCH]))
+        # A Job's own creation is no news to the branch that created it; a pod starting, the
+        # Job ending or going away is.
+        state = job_state(dict(body))
+        seen = (state.phase, state.started)
+        ctx.expectations.job_seen((namespace, name))
+        before = ctx.job_states.pop((namespace, name), None)
+        if type != "DELETED":
+            ctx.job_states[namespace, name] = seen
+        if type == "DELETED" or before not in (None, seen) or seen != ("Running", False):
+            worker.add(namespace, labels[LABEL_BRANCH])
     elif LABEL_FOREST in labels:
         ctx.wakeups.wake((FOREST.kind, namespace, labels[LABEL_FOREST]))
 
 
 @kopf.on.event(GROUP, VERSION, BRANCH.plural)
-def branch_changed(
+async def branch_changed(
+    type: str,
     namespace: str | None,
     name: str,
+    body: kopf.Body,
     spec: kopf.Spec,
     memo: Any,
-    **kwargs: Any,
+    **_: Any,
 ) -> None:
-    ctx = _ctx(memo)
-    namespace = namespace or ""
+    ctx, worker, namespace = _ctx(memo), _worker(memo), namespace or ""
     forest = spec.get("forest", "")
-    ctx.wakeups.wake((BRANCH.kind, namespace, name))
+    key = (namespace, name)
+    if ctx.expectations.echo(key, str(body.get("metadata", {}).get("resourceVersion"))):
+        worker.caught_up(namespace, name)  # our own write: news only to a reconcile waiting on it
+        return
+    worker.add(namespace, name)
     ctx.wakeups.wake((FOREST.kind, namespace, forest))
-    for other in _siblings(
-        kwargs["branch_index"], namespace, forest
-    ):  # a slot or a domain may be free
-        if other.name != name and other.phase in ("Waiting", "Failed"):
-            ctx.wakeups.wake((BRANCH.kind, namespace, other.name))
+    if type == "DELETED" or body.get("metadata", {}).get("deletionTimestamp"):
+        ctx.expectations.forget(key)
+        worker.forget(namespace, forest, name)
+        worker.wake_waiting(namespace, forest)  # its domain and its slot are free
 
 
 @kopf.on.event(GROUP, VERSION, FOREST.plural)
-def forest_changed(namespace: str | None, name: str, memo: Any, **kwargs: Any) -> None:
-    ctx = _ctx(memo)
-    namespace = namespace or ""
-    for other in _siblings(kwargs["branch_index"], namespace, name):
-        ctx.wakeups.wake((BRANCH.kind, namespace, other.name))
+async def forest_changed(
+    type: str, namespace: str | None, name: str, body: kopf.Body, memo: Any, **_: Any
+) -> None:
+    """Wake the branches waiting on this forest when what they wait for changed: its
+    existence, spec or readiness (not its expert count)."""
+    ctx, worker, namespace = _ctx(memo), _worker(memo), namespace or ""
+    meta = body.get("metadata", {})
+    seen = (
+        type != "DELETED",
+        meta.get("generation"),
+        (body.get("status") or {}).get("phase"),
+        bool(meta.get("deletionTimestamp")),
+    )
+    if ctx.forest_states.get((namespace, name)) != seen:
+        ctx.forest_states[namespace, name] = seen
+        worker.wake_waiting(namespace, name)
 
 
 # ---- the reconcile loops -------------------------------------------------------------------
@@ -191,53 +250,7 @@ async def forest_loop(
     await _run_loop(ctx, (FOREST.kind, ns, name), stopped, reconcile_once)
 
 
-@kopf.daemon(GROUP, VERSION, BRANCH.plural, cancellation_timeout=2.0)
-async def branch_loop(
-    body: kopf.Body,
-    namespace: str | None,
-    name: str,
-    stopped: kopf.DaemonStopped,
-    memo: Any,
-    **kwargs: Any,
-) -> None:
-    ctx = _ctx(memo)
-    ns = namespace or ""
-
-    async def reconcile_once() -> float | None:
-        forest = str((body.get("spec") or {}).get("forest", ""))
-        return await reconcile_branch(
-            ctx,
-            body,
-            _forest_body(kwargs["forest_index"], ns, forest),
-            _siblings(kwargs["branch_index"], ns, forest),
-            _owned_jobs(kwargs["job_index"], ns, BRANCH.kind, name),
-        )
-
-    await _run_loop(ctx, (BRANCH.kind, ns, name), stopped, reconcile_once)
-
-
 # ---- deletion ------------------------------------------------------------------------------
-
-
-@kopf.on.delete(GROUP, VERSION, BRANCH.plural)
-async def branch_deleted(
-    body: kopf.Body,
-    namespace: str | None,
-    name: str,
-    memo: Any,
-    **kwargs: Any,
-) -> None:
-    ctx = _ctx(memo)
-    namespace = namespace or ""
-    forest = str((body.get("spec") or {}).get("forest", ""))
-    await finalize_branch(
-        ctx,
-        body,
-        _forest_body(kwargs["forest_index"], namespace, forest),
-        _siblings(kwargs["branch_index"], namespace, forest),
-    )
-    ctx.wakeups.forget((BRANCH.kind, namespace, name))
-    ctx.wakeups.wake((FOREST.kind, namespace, forest))
 
 
 @kopf.on.delete(GROUP, VERSION, FOREST.plural)

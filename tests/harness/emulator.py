@@ -103,6 +103,17 @@ class ClusterEmulator(KubernetesEmulator):
             if r == res and not obj.deleted and (namespace is None or ns == namespace)
         ]
 
+    def count(self, res: resource) -> int:
+        """How many live objects of ``res`` there are (no copies: a cheap poll)."""
+        wanted = resource(res) if isinstance(res, str) else res
+        # Plain attribute compares: ``resource ==`` costs a typing.Protocol check per object.
+        group, plural = wanted.group, wanted.plural
+        return sum(
+            1
+            for (r, _, _), obj in list(self.objects.items())
+            if r.plural == plural and r.group == group and not obj.deleted
+        )
+
     def get(self, res: resource, namespace: str | None, name: str) -> dict[str, Any] | None:
         key = (res, namespace, name)
         if key not in self.objects or self.objects[key].deleted:

@@ -57,11 +57,24 @@ def versioned(version: int = 1, **fields: Any) -> ElmBranchStatus:
     return ElmBranchStatus(version=version, spec_hash=spec_fingerprint(SPEC), **fields)
 
 
-def test_a_new_branch_gets_version_one_before_any_job() -> None:
+def test_a_new_branch_starts_version_one_in_one_pass() -> None:
+    # One status write (version, attempt and Job name together), one Event, then the Job.
     plan = plan_branch(inp())
+    kinds = [type(a) for a in plan.actions]
+    assert kinds == [PatchStatus, Event, CreateJob]
+    status = status_of(plan.actions)
+    assert (status.version, status.phase, status.attempt) == (1, "Initializing", 1)
+    assert status.job_name == "cook-v1-a1"
+
+
+def test_a_new_version_stops_the_running_job_first() -> None:
+    old = versioned(attempt=1, job_name="cook-v1-a1", phase="Training")
+    old.spec_hash = "stale"
+    plan = plan_branch(inp(status=old, job=JobState("cook-v1-a1", "Running", started=True)))
+    assert any(isinstance(a, DeleteJob) for a in plan.actions)
     assert not any(isinstance(a, CreateJob) for a in plan.actions)
     status = status_of(plan.actions)
-    assert (status.version, status.phase, status.attempt) == (1, "Pending", 0)
+    assert (status.version, status.phase, status.job_name) == (2, "Pending", None)
 
 
 def test_then_one_job_is_created_after_the_status_names_it() -> None:

@@ -104,8 +104,9 @@ def test_branch_specs(
         )
     )
     statuses = [a.status for a in plan.actions if isinstance(a, PatchStatus)]
-    assert statuses and statuses[-1]["phase"] == "Pending"  # a new version, nothing else yet
-    assert not [a for a in plan.actions if isinstance(a, CreateJob)]
+    assert statuses and statuses[-1]["phase"] == "Initializing"  # version 1 starts at once
+    [job] = [a.body for a in plan.actions if isinstance(a, CreateJob)]
+    assert len(job["metadata"]["name"]) <= 63 and job["metadata"]["namespace"] == "ns"
     assert_inside(StorageURI.parse(FOREST.storage.uri), keys_of(spec.domain, 1))
 
 

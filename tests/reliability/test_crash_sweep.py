@@ -22,7 +22,7 @@ NOMINAL = {
     "POST jobs": 6,
     "PUT s3:manifest.json": 7,
     "PATCH elmbranches/status": 15,
-    "PATCH elmbranches": 8,  # Kopf's finalizers and annotations
+    "PATCH elmbranches": 4,  # the branch finalizer: added before a first Job, removed after
     "PATCH elmforests/status": 8,
     "PATCH elmforests": 2,
     "DELETE s3:model.safetensors": 1,  # retention: Delete

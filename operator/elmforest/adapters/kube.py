@@ -7,6 +7,7 @@ split the Kopf way: temporary ones are retried, permanent ones end in a conditio
 from __future__ import annotations
 
 import base64
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,9 +61,23 @@ def _raise(error: ApiException, what: str) -> None:
     raise error
 
 
+def _resource_version(response: Any) -> str | None:
+    """The resourceVersion in a raw (unparsed) response of a write."""
+    body = json.loads(response.data)
+    meta = body.get("metadata") if isinstance(body, dict) else None
+    version = meta.get("resourceVersion") if isinstance(meta, dict) else None
+    return str(version) if version else None
+
+
 class Kube:
-    def __init__(self, api_client: client.ApiClient | None = None) -> None:
-        self.api = api_client or client.ApiClient()
+    def __init__(self, api_client: client.ApiClient | None = None, connections: int = 16) -> None:
+        if api_client is None:
+            # One pooled connection per I/O thread: the default pool (5 per CPU) is smaller
+            # than the thread pool, and a full pool opens and drops a connection per call.
+            configuration = client.Configuration.get_default_copy()
+            configuration.connection_pool_maxsize = connections
+            api_client = client.ApiClient(configuration)
+        self.api = api_client
         self.batch = client.BatchV1Api(self.api)
         self.core = client.CoreV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
@@ -71,7 +86,8 @@ class Kube:
         """Create the Job; False if it exists already (same deterministic name: a repeat)."""
         meta = body["metadata"]
         try:
-            self.batch.create_namespaced_job(meta["namespace"], body)
+            # The created Job comes back through the watch: skip parsing it into models here.
+            self.batch.create_namespaced_job(meta["namespace"], body, _preload_content=False)
         except ApiException as error:
             if error.status == 409:
                 return False
@@ -94,22 +110,53 @@ class Kube:
             if error.status != 404:
                 _raise(error, f"delete Jobs {selector}")
 
-    def patch_status(self, kind: Kind, namespace: str, name: str, status: dict[str, Any]) -> None:
+    def patch_status(
+        self, kind: Kind, namespace: str, name: str, status: dict[str, Any]
+    ) -> str | None:
+        """Merge-patch the status; returns the new resourceVersion (None: the object is gone)."""
         # A whole-status merge patch; keys we no longer set are nulled so they disappear.
+        patch = self.custom.patch_namespaced_custom_object_status
+        return self._merge_patch(patch, kind, namespace, name, {"status": status}, (404,))
+
+    def set_finalizers(
+        self, kind: Kind, namespace: str, name: str, resource_version: str, finalizers: list[str]
+    ) -> str | None:
+        """Replace the object's finalizers if it is still at ``resource_version``; returns the
+        new resourceVersion, or None if it changed meanwhile (409) or is gone (404): the caller
+        retries from a fresh read."""
+        meta = {"finalizers": finalizers, "resourceVersion": resource_version}
+        patch = self.custom.patch_namespaced_custom_object
+        return self._merge_patch(patch, kind, namespace, name, {"metadata": meta}, (404, 409))
+
+    @staticmethod
+    def _merge_patch(
+        patch: Any,
+        kind: Kind,
+        namespace: str,
+        name: str,
+        body: dict[str, Any],
+        tolerated: tuple[int, ...],
+    ) -> str | None:
+        """One merge patch; the new resourceVersion ("" if the server sent none), or None on a
+        ``tolerated`` status. The response is not parsed into models: the watch brings the
+        object anyway."""
         try:
-            self.custom.patch_namespaced_custom_object_status(
+            response = patch(
                 GROUP,
                 VERSION,
                 namespace,
                 kind.plural,
                 name,
-                {"status": status},
+                body,
                 _content_type=MERGE_PATCH,
+                _preload_content=False,
             )
         except ApiException as error:
-            if error.status == 404:
-                return  # deleted meanwhile: nothing to report on
-            _raise(error, f"patch {kind.kind} {name} status")
+            if error.status in tolerated:
+                return None
+            _raise(error, f"patch {kind.kind} {name} {'/'.join(body)}")
+            raise
+        return _resource_version(response) or ""
 
     def read_credentials(self, namespace: str, name: str) -> S3Credentials:
         try:

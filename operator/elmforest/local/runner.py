@@ -114,7 +114,8 @@ class ProcessRunner:
         phase: JobPhase = "Running"  # a queued Job is Running to the planner, as a pending pod
         if record.phase in ("Succeeded", "Failed"):
             phase = record.phase
-        return JobState(record.name, phase, record.reason, record.message)
+        started = record.phase != "Pending"  # a process was started for it
+        return JobState(record.name, phase, record.reason, record.message, started=started)
 
     def queued(self, record: JobRecord) -> bool:
         return record.phase == "Pending" and record.name not in self.processes

@@ -156,12 +156,14 @@ def _new_version(inp: BranchInput, status: ElmBranchStatus, fingerprint: str) ->
         version = previous + 1
     if inp.merged is not None:
         version = max(version, inp.merged.version + 1)
-    if inp.job is not None and inp.job.phase == "Running":
-        plan.add(DeleteJob(inp.job.name, "superseded by a newer spec"))
     status.version, status.spec_hash, status.attempt = version, fingerprint, 0
     status.job_name = None
     status.progress = status.checkpoint = status.init = None
     status.metrics = None
+    if inp.job is None or inp.job.phase != "Running":
+        # Nothing to stop first: start the new version in this same pass (one status write).
+        return _start(inp, status, attempt=1)
+    plan.add(DeleteJob(inp.job.name, "superseded by a newer spec"))
     message = f"version {version}" + (" (spec changed)" if previous else "")
     _set_phase(inp, status, "Pending", "NewVersion", message)
     return _finish(plan, inp, status)
@@ -236,7 +238,13 @@ def _watch(inp: BranchInput, status: ElmBranchStatus, job: JobState) -> Plan:
         if progress is not None:
             status.progress = _progress(progress)
             phase = _PROGRESS_PHASE[progress.phase]
-        _set_phase(inp, status, phase, phase, f"Job {job.name} (attempt {status.attempt})")
+        message = f"Job {job.name} (attempt {status.attempt})"
+        if not job.started:
+            # No pod, no progress to poll: the pod's start is a Job change and wakes us.
+            _set_phase(inp, status, phase, "JobCreated", message)
+            plan.requeue_after = None
+        else:
+            _set_phase(inp, status, phase, phase, message)
         return _finish(plan, inp, status)
     if job.phase == "Succeeded":
         # Exit 0 without a committed result breaks the trainer's contract: count it as failed.

@@ -16,7 +16,8 @@ LABEL_FOREST = f"{GROUP}/forest"
 LABEL_BRANCH = f"{GROUP}/branch"
 LABEL_ROLE = f"{GROUP}/role"
 ANNOTATION_RUN = f"{GROUP}/run-id"
-FINALIZER = f"{GROUP}/finalizer"
+FINALIZER = f"{GROUP}/finalizer"  # Kopf's, on forests
+BRANCH_FINALIZER = f"{GROUP}/expert"  # the branch worker's own: its expert leaves the forest
 
 
 def digest(value: Any, length: int = 8) -> str:

@@ -17,6 +17,7 @@ class JobState:
     phase: JobPhase
     reason: str = ""  # the Failed condition's reason (PodFailurePolicy, BackoffLimitExceeded...)
     message: str = ""
+    started: bool = False  # a pod was created: the trainer may have written progress
 
     @property
     def permanent(self) -> bool:
@@ -27,10 +28,12 @@ class JobState:
 def job_state(job: dict[str, object]) -> JobState:
     """Read a batch/v1 Job's status the way the Job controller writes it."""
     metadata = job.get("metadata")
-    status = job.get("status")
+    found = job.get("status")
     name = str(metadata.get("name", "")) if isinstance(metadata, dict) else ""
-    conditions = status.get("conditions", []) if isinstance(status, dict) else []
-    for condition in conditions or []:
+    status: dict[str, object] = found if isinstance(found, dict) else {}
+    conditions = status.get("conditions")
+    conditions = conditions if isinstance(conditions, list) else []
+    for condition in conditions:
         if not isinstance(condition, dict) or condition.get("status") != "True":
             continue
         if condition.get("type") == "Complete":
@@ -39,7 +42,9 @@ def job_state(job: dict[str, object]) -> JobState:
             return JobState(
                 name, "Failed", str(condition.get("reason", "")), str(condition.get("message", ""))
             )
-    return JobState(name, "Running")
+    counts = [status.get(n) for n in ("active", "succeeded", "failed")]
+    started = any(isinstance(c, int) and c > 0 for c in counts)
+    return JobState(name, "Running", started=started)
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from pydantic import ValidationError
 
 from elmforest.api.forest import ElmForestSpec
-from elmforest.planner.branch import ForestView
+from elmforest.planner.branch import ACTIVE, ForestView
 from elmforest.planner.defaults import Defaults
 
 
@@ -36,6 +37,23 @@ def sibling(body: Mapping[str, Any]) -> Sibling:
         phase=str((body.get("status") or {}).get("phase", "Pending")),
         deleting=bool(meta.get("deletionTimestamp")),
     )
+
+
+class ForestBranches:
+    """A forest's branches as one reconcile batch sees them. The maps derived from them are
+    computed once per batch, not once per branch: a thousand branches, not a million steps."""
+
+    def __init__(self, siblings: list[Sibling]) -> None:
+        self.siblings = siblings
+
+    @cached_property
+    def owners(self) -> dict[str, str]:
+        return owners_by_domain(self.siblings)
+
+    @cached_property
+    def active(self) -> frozenset[str]:
+        """The branches holding a training slot."""
+        return frozenset(s.name for s in self.siblings if s.phase in ACTIVE)
 
 
 def owners_by_domain(siblings: Iterable[Sibling]) -> dict[str, str]:

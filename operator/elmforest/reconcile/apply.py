@@ -9,7 +9,7 @@ import kopf
 import structlog
 
 from elmforest.adapters.forest_storage import ForestStorage
-from elmforest.api import Kind
+from elmforest.api import BRANCH, Kind
 from elmforest.planner.actions import (
     CreateJob,
     DeleteExpertFiles,
@@ -41,11 +41,14 @@ async def apply_plan(
             case PatchStatus(status=status):
                 patch = merge_patch(current_status, status)
                 if patch:
-                    await ctx.io(ctx.kube.patch_status, kind, namespace, name, patch)
+                    version = await ctx.io(ctx.kube.patch_status, kind, namespace, name, patch)
+                    if kind is BRANCH:
+                        ctx.expectations.wrote((namespace, name), version)
                     current_status = status
                     ctx.metrics.count("status_patches", kind.kind)
             case CreateJob(body=job):
                 created = await ctx.io(ctx.kube.create_job, job)
+                ctx.expectations.created_job((namespace, job["metadata"]["name"]))
                 if created:
                     ctx.metrics.count("jobs_created", kind.kind)
                     log.info("job.created", job=job["metadata"]["name"], owner=name)

@@ -16,6 +16,7 @@ from elmforest.adapters.kube import Kube
 from elmforest.api.forest import StorageSpec
 from elmforest.metrics import Metrics
 from elmforest.planner.defaults import Defaults
+from elmforest.reconcile.expectations import Expectations
 from elmforest.reconcile.wakeups import Wakeups
 
 T = TypeVar("T")
@@ -37,6 +38,11 @@ class OperatorContext:
     settings: Settings = field(default_factory=Settings)
     wakeups: Wakeups = field(default_factory=Wakeups)
     metrics: Metrics = field(default_factory=Metrics)
+    expectations: Expectations = field(default_factory=Expectations)
+    # Each branch Job's (phase, started) as last seen, so only a change wakes its branch.
+    job_states: dict[tuple[str, str], tuple[str, bool]] = field(default_factory=dict)
+    # Each forest's (exists, generation, phase, deleting) as last seen, for the same reason.
+    forest_states: dict[tuple[str, str], tuple[Any, ...]] = field(default_factory=dict)
     _pool: ThreadPoolExecutor | None = None
     _storages: dict[tuple[Any, ...], tuple[float, ForestStorage]] = field(default_factory=dict)
     _storage_locks: defaultdict[tuple[Any, ...], asyncio.Lock] = field(
