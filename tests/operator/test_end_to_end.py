@@ -46,9 +46,13 @@ def test_forest_with_three_branches(cluster: Cluster, s3_data: str, s3_endpoint:
     for entry in manifest.experts.values():
         assert entry.version == 1 and entry.parents, entry
         assert math.isfinite(entry.metrics.val_ppl_after or math.nan)
+    # The forest's status follows the merges (its loop is woken by each one).
+    cluster.wait_for(
+        "the forest to list three experts",
+        lambda: (cluster.get("ElmForest", "demo").get("status") or {}).get("expertCount") == 3,
+    )
     forest = cluster.get("ElmForest", "demo")
     assert forest["status"]["phase"] == "Ready"
-    assert forest["status"]["expertCount"] == 3
     assert {e["branch"] for e in forest["status"]["experts"]} == set(names)
     assert forest["status"]["manifest"]["revision"] == manifest.revision
 
@@ -110,7 +114,7 @@ API_FAULTS = [
     Fault("PATCH", "elmforests/status", 503, times=2),
     Fault("PATCH", "elmbranches/status", 500, times=2),
     Fault("PATCH", "elmbranches/status", 409, times=1),
-    Fault("PATCH", "elmbranches", 0, times=2, stall_seconds=3.0),  # Kopf's finalizer patch
+    Fault("PATCH", "elmbranches", 0, times=1, stall_seconds=3.0),  # the branch finalizer
     Fault("GET", "jobs", 503, times=1),  # a list or watch of Jobs
 ]
 
@@ -126,6 +130,13 @@ def _wait_resumed(cluster: Cluster, job: str, pod: int) -> int:
 
     step: int = cluster.wait_for(f"pod {pod} of {job} to resume", resumed, every=0.1)
     return step
+
+
+def _committed_steps(cluster: Cluster, job: str, pod: int) -> list[int]:
+    """The checkpoint steps the ``pod``-th pod of ``job`` logged as committed, in order."""
+    log = cluster.workdir / "pods" / NAMESPACE / f"{job}-{pod}" / "pod.log"
+    lines = log.read_text().splitlines()
+    return [int(json.loads(line)["step"]) for line in lines if '"checkpoint.committed"' in line]
 
 
 def test_operator_restart_and_preemption(cluster: Cluster, s3_data: str, s3_endpoint: str) -> None:
@@ -168,7 +179,13 @@ def test_operator_restart_and_preemption(cluster: Cluster, s3_data: str, s3_endp
     cluster.wait_for(f"step {seen}", lambda: step_at_least(seen), every=0.05)
     assert cluster.await_(kubelet.evict(job, grace=0.0))
     second_resume = _wait_resumed(cluster, job, pod=2)
-    assert seen - interval <= second_resume <= seen + interval, (seen, second_resume)
+    # The status lags the trainer (progress reports, API stalls), so the kill lands some steps
+    # after ``seen``: bound the resume by what pod 1 committed, not by ``seen`` from above.
+    committed = _committed_steps(cluster, job, pod=1)
+    assert committed, "pod 1 committed no checkpoint before it was killed"
+    # SIGKILL can fall between a commit and its log line: then the resume is one interval on.
+    assert second_resume in (committed[-1], committed[-1] + interval), (committed, second_resume)
+    assert second_resume >= seen - interval, (seen, second_resume)
     print(
         f"preempted: SIGTERM at step {first_resume}, resumed there; SIGKILL after step {seen}"
         f" was seen, resumed from {second_resume} (interval {interval})"
