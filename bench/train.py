@@ -1,12 +1,13 @@
 """Training throughput: the ``elmtrain`` loop against transformers' ``Trainer``.
 
-    python -m bench.train            # GPT-2 4x256, batch 16x256, 2 rounds (~10 min on 2 cores)
+    python -m bench.train            # GPT-2 4x256, batch 16x256, 4 rounds (~7-15 min on 2 cores)
     python -m bench.train --quick    # a small model, 1 round (< 1 min)
 
 Same model (same initial weights), same token sequences, same batch, optimizer (AdamW, weight
 decay on matrices), schedule (warmup + cosine), gradient clipping and precision. The two run in
-alternating rounds in this process; each round times whole ``train`` calls, start-up included,
-after one untimed warm-up round. On a GPU both also run in bf16, with model FLOPs utilisation.
+alternating rounds in this process (each goes first every other round); each round times whole
+``train`` calls, start-up included, after one untimed warm-up round. On a GPU both also run in
+bf16, with model FLOPs utilisation.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ FULL = {
     "batch": 16,
     "seq_len": 256,
     "steps": 30,
-    "rounds": 2,
+    "rounds": 4,
 }
 QUICK = {
     "model": {"d_model": 64, "n_layers": 2, "n_heads": 2},
@@ -147,8 +148,9 @@ def measure(scale: dict[str, Any], precision: str) -> dict[str, Any]:
     seconds: dict[str, list[float]] = {"elmtrain": [], "hf_trainer": []}
     runners = {"elmtrain": run_elmtrain, "hf_trainer": run_hf_trainer}
     for round_ in range(scale["rounds"] + 1):  # round 0 warms up (imports, allocator, kernels)
-        for name, runner in runners.items():
-            elapsed = runner(scale, sequences, precision)
+        order = list(runners) if round_ % 2 else list(reversed(runners))  # neither always first
+        for name in order:
+            elapsed = runners[name](scale, sequences, precision)
             if round_:
                 seconds[name].append(elapsed)
     row: dict[str, Any] = {"precision": precision, "tokens_per_run": tokens}
@@ -158,6 +160,10 @@ def measure(scale: dict[str, Any], precision: str) -> dict[str, Any]:
             "seconds": [round(v, 3) for v in values],
         }
     row["ratio"] = row["elmtrain"]["tokens_per_second"] / row["hf_trainer"]["tokens_per_second"]
+    # Each round's own ratio: the two ran back to back, so a slow spell of a shared machine
+    # shows as spread here rather than shifting the medians apart.
+    pairs = zip(seconds["hf_trainer"], seconds["elmtrain"], strict=True)
+    row["round_ratios"] = [round(theirs / ours, 3) for theirs, ours in pairs]
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
@@ -215,6 +221,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ],
         )
     )
+    for r in rows:
+        print(f"{r['precision']}: per-round ratios {r['round_ratios']}")
     print(f"results: {path}")
     return results
 

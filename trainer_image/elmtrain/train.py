@@ -26,6 +26,7 @@ from elmcore.records import Progress
 from elmtrain.checkpoint import Checkpointer
 from elmtrain.config import TrainingConfig
 from elmtrain.data import batch_indices
+from elmtrain.fused_loss import CausalLMLoss
 from elmtrain.progress import ProgressReporter
 from elmtrain.runtime import Runtime
 
@@ -121,11 +122,12 @@ def train(
         scheduler.load_state_dict(resumed.state["scheduler"])
         torch.set_rng_state(resumed.state["rng"])
 
-    # 2. Wrap for multi-process training; optionally compile.
-    engine: torch.nn.Module = model
+    # 2. The loss with the output layer fused (fused_loss.py); wrap it for multi-process
+    # training; optionally compile.
+    engine: torch.nn.Module = CausalLMLoss(model)
     if runtime.distributed:
         device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        engine = DistributedDataParallel(model, device_ids=device_ids)
+        engine = DistributedDataParallel(engine, device_ids=device_ids)
     if cfg.compile:
         engine = torch.compile(engine)  # type: ignore[assignment]
 
@@ -165,7 +167,7 @@ def train(
                 last = i == len(micro_batches) - 1
                 sync = engine.no_sync() if runtime.distributed and not last else nullcontext()  # type: ignore[operator]
                 with sync, runtime.autocast():
-                    loss = engine(input_ids=batch, labels=batch).loss / len(micro_batches)
+                    loss = engine(batch) / len(micro_batches)
                 loss.backward()
                 step_loss += float(loss.detach())
             if cfg.grad_clip > 0:
