@@ -112,7 +112,7 @@ def test_ensemble(tmp_path: Path) -> None:
 
 def test_operator(tmp_path: Path) -> None:
     results = quick("operator", tmp_path, "--branches", "40")
-    for name in ("elmforest", "minimal"):
+    for name in ("elmforest", "minimal", "floor"):
         measured = results[name]
         assert measured["api_calls"]["jobs create"] >= 40
         assert 20 < measured["peak_rss_mb"] < 1000
