@@ -119,24 +119,27 @@ API_FAULTS = [
 ]
 
 
-def _wait_resumed(cluster: Cluster, job: str, pod: int) -> int:
-    """The step the ``pod``-th pod (from 0) of ``job`` resumed from, once its log says so."""
+def _logged_steps(cluster: Cluster, job: str, pod: int, event: str) -> list[int]:
+    """The ``step`` of each ``event`` record in the log of the ``pod``-th pod (from 0) of ``job``.
+
+    The progress bar writes to the same stream with carriage returns and no newline, so a JSON
+    record can follow a bar on one line: read each record from its opening brace.
+    """
     log = cluster.workdir / "pods" / NAMESPACE / f"{job}-{pod}" / "pod.log"
+    lines = log.read_text().splitlines() if log.exists() else []
+    records = [json.loads(line[line.index("{") :]) for line in lines if f'"{event}"' in line]
+    return [int(record["step"]) for record in records]
+
+
+def _wait_resumed(cluster: Cluster, job: str, pod: int) -> int:
+    """The step the ``pod``-th pod of ``job`` resumed from, once its log says so."""
 
     def resumed() -> int | None:  # checkpoints start at one interval, so never 0 (falsy)
-        lines = log.read_text().splitlines() if log.exists() else []
-        found = [json.loads(line) for line in lines if '"checkpoint.resumed"' in line]
-        return int(found[0]["step"]) if found else None
+        found = _logged_steps(cluster, job, pod, "checkpoint.resumed")
+        return found[0] if found else None
 
     step: int = cluster.wait_for(f"pod {pod} of {job} to resume", resumed, every=0.1)
     return step
-
-
-def _committed_steps(cluster: Cluster, job: str, pod: int) -> list[int]:
-    """The checkpoint steps the ``pod``-th pod of ``job`` logged as committed, in order."""
-    log = cluster.workdir / "pods" / NAMESPACE / f"{job}-{pod}" / "pod.log"
-    lines = log.read_text().splitlines()
-    return [int(json.loads(line)["step"]) for line in lines if '"checkpoint.committed"' in line]
 
 
 def test_operator_restart_and_preemption(cluster: Cluster, s3_data: str, s3_endpoint: str) -> None:
@@ -181,7 +184,7 @@ def test_operator_restart_and_preemption(cluster: Cluster, s3_data: str, s3_endp
     second_resume = _wait_resumed(cluster, job, pod=2)
     # The status lags the trainer (progress reports, API stalls), so the kill lands some steps
     # after ``seen``: bound the resume by what pod 1 committed, not by ``seen`` from above.
-    committed = _committed_steps(cluster, job, pod=1)
+    committed = _logged_steps(cluster, job, 1, "checkpoint.committed")
     assert committed, "pod 1 committed no checkpoint before it was killed"
     # SIGKILL can fall between a commit and its log line: then the resume is one interval on.
     assert second_resume in (committed[-1], committed[-1] + interval), (committed, second_resume)
