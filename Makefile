@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck pytest install clean quickstart reliability bench bench-quick
+.PHONY: test lint typecheck pytest install clean quickstart reliability bench bench-quick \
+	cluster-build cluster-up cluster-down
 
 install: $(STAMP)
 
@@ -25,7 +26,24 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(VENV)/bin/pytest
 
-test: lint typecheck pytest
+# The Go build of the control plane (CPU) runs beside the Python installs (mostly downloads).
+test:
+	$(MAKE) -j2 install cluster-build
+	$(MAKE) lint typecheck pytest
+
+# The real Kubernetes control plane of the cluster tests (tests/cluster; docs/testing.md):
+# built once from the pinned Go module tests/cluster/kube into ~/.cache/elmforest/kube.
+# pytest starts and stops it; without Go those tests are skipped, and say why.
+cluster-build:
+	@if command -v go >/dev/null; then python3 -m tests.harness.kubebuild; \
+	else echo "no Go toolchain on PATH: the cluster tests (tests/cluster) will be skipped"; fi
+
+# A control plane to use by hand: writes .cluster/kubeconfig and .cluster/bin/{kubectl,helm,...}.
+cluster-up: $(STAMP)
+	$(PY) -m tests.harness.controlplane up
+
+cluster-down:
+	$(PY) -m tests.harness.controlplane down
 
 # A whole forest (tokenizer, seed, four experts, report) on this machine's CPU, in minutes.
 quickstart: $(STAMP)

@@ -139,3 +139,17 @@ def test_cli_fails_fast_without_training(tmp_path: Path) -> None:
     assert f"elmforest up: error: {bad}:7: ElmBranch 'code': spec.domain:" in done.stderr
     assert time.monotonic() - started < 60
     assert not (tmp_path / ".elmforest" / "state.json").exists()
+
+
+def test_every_invalid_file_is_reported_in_one_run(tmp_path: Path) -> None:
+    """As ``kubectl apply -f folder/`` does: one line per bad object, the good ones loaded."""
+    write(tmp_path, "forest.yaml", FOREST)
+    write(tmp_path, "a-bad-domain.yaml", branch(name="a", domain="Not_A_Label"))
+    write(tmp_path, "b-good.yaml", branch(name="b", domain="b"))
+    write(tmp_path, "c-bad-copy.yaml", branch(name="c", domain="c") + "  init: {strategy: copy}\n")
+    write(tmp_path, "d-broken.yaml", "kind: [unclosed\n")
+    lines = error_of(tmp_path).splitlines()
+    assert len(lines) == 3, lines
+    assert "a-bad-domain.yaml:7: ElmBranch 'a': spec.domain:" in lines[0]
+    assert "c-bad-copy.yaml:10: ElmBranch 'c': spec.init: strategy 'copy' needs copyFrom" in lines[1]
+    assert "d-broken.yaml" in lines[2] and "not valid YAML" in lines[2]

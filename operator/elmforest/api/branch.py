@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from elmcore.btm import InitStrategy
+from elmforest.api import rules
 from elmforest.api.base import (
     DNS1123_LABEL,
     DNS1123_SUBDOMAIN,
@@ -15,7 +16,8 @@ from elmforest.api.base import (
     StatusModel,
     partial_model,
 )
-from elmforest.api.forest import IMMUTABLE, LOCATION_ITEMS, TrainerSpec, TrainingSpec
+from elmforest.api.forest import IMMUTABLE, Locations, TrainerSpec, TrainingSpec
+from elmforest.api.rules import validations
 
 if TYPE_CHECKING:
     TrainerOverrides = SpecModel
@@ -31,19 +33,15 @@ else:
 class DataSpec(SpecModel):
     """The domain's text: .txt (documents split by two blank lines), .jsonl, optionally .gz."""
 
-    train: list[str] = Field(
-        min_length=1, max_length=64, json_schema_extra=LOCATION_ITEMS, description="training text"
-    )
-    validation: list[str] = Field(
+    train: Locations = Field(min_length=1, max_length=64, description="training text")
+    validation: Locations = Field(
         default_factory=list,
         max_length=64,
-        json_schema_extra=LOCATION_ITEMS,
         description="held-out text for perplexity before and after training",
     )
-    test: list[str] = Field(
+    test: Locations = Field(
         default_factory=list,
         max_length=64,
-        json_schema_extra=LOCATION_ITEMS,
         description="text for reports only (never trained on); unset: the validation text",
     )
 
@@ -52,14 +50,7 @@ class InitSpec(SpecModel):
     """How the new ELM's parameters start (BTM: the posterior-weighted average)."""
 
     model_config = SpecModel.model_config | {
-        "json_schema_extra": {
-            "x-kubernetes-validations": [
-                {
-                    "rule": "self.strategy != 'copy' || has(self.copyFrom)",
-                    "message": "strategy 'copy' needs copyFrom",
-                }
-            ]
-        }
+        "json_schema_extra": validations(rules.COPY_NEEDS_SOURCE)
     }
 
     strategy: InitStrategy = Field(
@@ -71,6 +62,11 @@ class InitSpec(SpecModel):
     copy_from: str | None = Field(
         None, max_length=63, pattern=DNS1123_LABEL, description="copy: the domain to copy"
     )
+
+    @model_validator(mode="after")
+    def _rules(self) -> InitSpec:
+        rules.enforce(self, rules.COPY_NEEDS_SOURCE)
+        return self
 
 
 class ElmBranchSpec(SpecModel):

@@ -12,15 +12,10 @@ import yaml
 from pydantic import BaseModel
 
 from elmforest.api import BRANCH, CATEGORY, FOREST, GROUP, VERSION, Kind
-from elmforest.api.base import DNS1123_LABEL
 from elmforest.api.branch import ElmBranchSpec, ElmBranchStatus
 from elmforest.api.forest import ElmForestSpec, ElmForestStatus
+from elmforest.api.rules import NAME_IS_LABEL
 from elmforest.api.schema import crd_schema
-
-NAME_RULE = {
-    "rule": f"self.metadata.name.matches('{DNS1123_LABEL}')",
-    "message": "metadata.name must be a DNS-1123 label (it names Jobs and storage paths)",
-}
 
 
 def _column(name: str, path: str, kind: str = "string", **extra: Any) -> dict[str, Any]:
@@ -65,7 +60,7 @@ def _schema(kind: Kind, spec: type[BaseModel], status: type[BaseModel]) -> dict[
             "spec": crd_schema(spec),
             "status": crd_schema(status),
         },
-        "x-kubernetes-validations": [NAME_RULE],
+        "x-kubernetes-validations": [NAME_IS_LABEL.schema()],
     }
 
 

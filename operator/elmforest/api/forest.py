@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, StringConstraints, field_validator, model_validator
 from pydantic.config import JsonDict
 
 from elmcore.config import ModelConfig, TrainingConfig
 from elmcore.errors import BadInputError
 from elmcore.uris import StorageURI
+from elmforest.api import rules
 from elmforest.api.base import (
     DNS1123_LABEL,
     DNS1123_SUBDOMAIN,
@@ -20,12 +21,24 @@ from elmforest.api.base import (
     StatusModel,
     partial_model,
 )
+from elmforest.api.rules import validations
 
-IMMUTABLE: JsonDict = {
-    "x-kubernetes-validations": [{"rule": "self == oldSelf", "message": "is immutable once set"}]
-}
-Locations = list[str]
-LOCATION_ITEMS: JsonDict = {"items": {"type": "string", "maxLength": 1024, "pattern": LOCATION}}
+IMMUTABLE: JsonDict = validations(rules.IMMUTABLE)
+# What StorageURI.parse accepts, as a pattern the API server can check: s3://bucket/segments
+# (letters, digits, _.=+- and never '.' or '..' alone) or file:///path without '.'/'..'
+# segments, percent-escapes, '?' or '#'. Every match parses (BUCKET_WITHOUT_DOUBLE_DOTS adds
+# the one check a pattern cannot make), so local mode and the cluster accept the same URIs.
+_S3_SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9_.=+-]*"
+_FILE_CHAR = r"[^/?#%\x00-\x1f\x7f]"
+_FILE_FIRST = r"[^/.?#%\x00-\x1f\x7f]"
+_FILE_SEGMENT = rf"({_FILE_FIRST}{_FILE_CHAR}*|\.{_FILE_FIRST}{_FILE_CHAR}*|\.\.{_FILE_CHAR}+)"
+STORAGE_URI = (
+    rf"^(s3://[a-z0-9][a-z0-9.-]{{1,61}}[a-z0-9](/+{_S3_SEGMENT}(/{_S3_SEGMENT})*)?/*"
+    rf"|file://(localhost)?/+({_FILE_SEGMENT}(/+{_FILE_SEGMENT})*/*)?)$"
+)
+# A text location: checked by pydantic (local mode) and, through the schema, by the API server.
+Location = Annotated[str, StringConstraints(max_length=1024, pattern=LOCATION)]
+Locations = list[Location]
 
 if TYPE_CHECKING:
     TrainingSpec = SpecModel
@@ -58,7 +71,6 @@ def _location_list(
     return Field(
         default_factory=list,
         max_length=64,
-        json_schema_extra=LOCATION_ITEMS,
         description=description,
     )
 
@@ -66,9 +78,13 @@ def _location_list(
 class StorageSpec(SpecModel):
     """Where everything the forest owns lives (tokenizer, seed, experts, runs, manifest)."""
 
+    model_config = SpecModel.model_config | {
+        "json_schema_extra": validations(rules.BUCKET_WITHOUT_DOUBLE_DOTS)
+    }
+
     uri: str = Field(
-        max_length=1024,
-        pattern=r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|file:///.+)$",
+        max_length=900,  # below StorageURI's key limit, so a long prefix fails here, not later
+        pattern=STORAGE_URI,
         description="s3://bucket/prefix (or file:///path in local mode)",
         json_schema_extra=IMMUTABLE,
     )
@@ -97,6 +113,11 @@ class StorageSpec(SpecModel):
         except BadInputError as error:
             raise ValueError(str(error)) from None
         return value
+
+    @model_validator(mode="after")
+    def _rules(self) -> StorageSpec:
+        rules.enforce(self, rules.BUCKET_WITHOUT_DOUBLE_DOTS)
+        return self
 
 
 class TokenizerSpec(SpecModel):
@@ -180,7 +201,6 @@ class EvaluationSpec(SpecModel):
     data: Locations = Field(
         min_length=1,
         max_length=64,
-        json_schema_extra=LOCATION_ITEMS,
         description="evaluation text",
     )
     prior_data: Locations = _location_list(  # type: ignore[assignment]

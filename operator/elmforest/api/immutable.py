@@ -10,8 +10,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from elmforest.api.base import SpecModel
+from elmforest.api.rules import IMMUTABLE
 
-_RULE = "self == oldSelf"
+_RULE = IMMUTABLE.rule
 
 
 def _is_immutable(extra: object) -> bool:

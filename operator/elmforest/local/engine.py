@@ -61,11 +61,23 @@ class Engine:
     # ---- declarations -> objects -------------------------------------------------------------
 
     def declare(self, declaration: Declaration) -> None:
-        """Create, update (a new generation) or mark for deletion, as ``kubectl apply --prune``."""
-        for records, declared in (
+        """Create, update (a new generation) or mark for deletion, as ``kubectl apply --prune``.
+
+        Every change to an immutable field is reported (one line each) before anything changes.
+        """
+        pairs = (
             (self.state.forests, declaration.forests),
             (self.state.branches, declaration.branches),
-        ):
+        )
+        problems = [
+            problem
+            for records, declared in pairs
+            for item in declared.values()
+            if (problem := _immutable_change(records.get(item.name), item))
+        ]
+        if problems:
+            raise ManifestError("\n".join(problems))
+        for records, declared in pairs:
             for item in declared.values():
                 self._upsert(records, item)
             for name, record in records.items():
@@ -93,13 +105,6 @@ class Engine:
             )
             return
         if record.spec != item.raw_spec:
-            old = type(item.spec).model_validate(record.spec)
-            changed = changed_immutable_fields(old, item.spec)
-            if changed:
-                raise ManifestError(
-                    f"{item.where}: {item.kind} {item.name!r}: {changed[0]} is immutable "
-                    "(delete the object first, or give the new one another name)"
-                )
             record.spec, record.generation = item.raw_spec, record.generation + 1
         record.source, record.deleting = str(item.source), False
 
@@ -271,3 +276,17 @@ class Engine:
                     self.on_log(f"{record.name}: {storage.apply(action)}")
                 case Event():
                     self.on_event(record, action)
+
+
+def _immutable_change(record: ObjectRecord | None, item: Declared) -> str:
+    """What the API server's ``self == oldSelf`` rules would refuse in this update, or ''."""
+    if record is None or record.spec == item.raw_spec:
+        return ""
+    old = type(item.spec).model_validate(record.spec)
+    changed = changed_immutable_fields(old, item.spec)
+    if not changed:
+        return ""
+    return (
+        f"{item.where}: {item.kind} {item.name!r}: {', '.join(changed)}: is immutable once set "
+        "(delete the object first, or give the new one another name)"
+    )

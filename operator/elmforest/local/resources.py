@@ -7,6 +7,7 @@ Compose and Kustomize do), so an example folder runs from anywhere.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -20,8 +21,9 @@ from pydantic_core import ErrorDetails
 from elmcore.errors import BadInputError
 from elmcore.names import validate_label
 from elmforest.api import API_VERSION, BRANCH, FOREST, GROUP
+from elmforest.api.base import DNS1123_LABEL, DNS1123_SUBDOMAIN
 from elmforest.api.branch import ElmBranchSpec
-from elmforest.api.forest import ElmForestSpec
+from elmforest.api.forest import STORAGE_URI, ElmForestSpec
 
 YAML_SUFFIXES = (".yaml", ".yml")
 # Where each kind holds locations (JSON paths below spec; "*" walks a list).
@@ -116,6 +118,11 @@ def _line_of(node: yaml.Node, loc: Sequence[str | int]) -> int:
     return node.start_mark.line + 1
 
 
+_NAME_PATTERNS = (DNS1123_LABEL, DNS1123_SUBDOMAIN)
+# Parts of a pydantic error location that name a union member, not a field.
+_UNION_MEMBERS = {"int", "str", "float", "bool"}
+
+
 def _explain(error: ErrorDetails) -> str:
     kind, value = error["type"], error.get("input")
     if kind == "extra_forbidden":
@@ -123,29 +130,48 @@ def _explain(error: ErrorDetails) -> str:
     if kind == "missing":
         return "required field is missing"
     if kind == "string_pattern_mismatch":
-        pattern = (error.get("ctx") or {}).get("pattern", "")
-        if "a-z0-9" in str(pattern):
+        pattern = str((error.get("ctx") or {}).get("pattern", ""))
+        if pattern in _NAME_PATTERNS:
             return (
                 f"{value!r} is not a valid name (DNS-1123: lowercase letters, digits and '-', "
                 "starting and ending with a letter or digit)"
             )
+        if pattern == STORAGE_URI:
+            return (
+                f"{value!r} is not a storage location (s3://bucket/prefix or file:///path, "
+                "without '.' or '..' segments, '%', '?' or '#')"
+            )
         return f"{value!r} does not match {pattern}"
-    return str(error["msg"])
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
+def field_path(loc: Sequence[str | int]) -> str:
+    """A pydantic location as Kubernetes writes a field path: ``spec.evaluation[0].data``."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part not in _UNION_MEMBERS and "[" not in part:  # function-after[...] and such
+            path += f".{part}" if path else part
+    return path
 
 
 def _validate(
     model: type[BaseModel], data: Any, where: Path, node: yaml.Node, what: str
 ) -> BaseModel:
     try:
-        return model.model_validate(data)
+        # Strict, from JSON, as the API server decodes what kubectl sends: "5" is no integer,
+        # "yes" no boolean (YAML's dates and the like travel as strings, as in kubectl).
+        return model.model_validate_json(json.dumps(data, default=str), strict=True)
     except ValidationError as error:
         errors = error.errors()
         # A typo shows up twice (unknown field, required field missing): name the typo.
         first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
         loc = ["spec", *first["loc"]]
-        field = ".".join(str(p) for p in loc)
         line = _line_of(node, loc)
-        raise ManifestError(f"{where}:{line}: {what}: {field}: {_explain(first)}") from None
+        raise ManifestError(
+            f"{where}:{line}: {what}: {field_path(loc)}: {_explain(first)}"
+        ) from None
 
 
 def _documents(path: Path) -> list[tuple[yaml.Node, Any]]:
@@ -218,20 +244,42 @@ def _check_references(forests: dict[str, Declared], branches: dict[str, Declared
             )
 
 
+def _declared_in(path: Path, found: dict[str, dict[str, Declared]]) -> list[str]:
+    """Record the resources of one file; return what is wrong with it (one line per object)."""
+    problems = []
+    try:
+        documents = _documents(path)
+    except ManifestError as error:
+        return [str(error)]
+    for node, body in documents:
+        try:
+            declared = _declared(path, node, body)
+        except ManifestError as error:
+            problems.append(str(error))
+            continue
+        if declared is None:
+            continue
+        twin = found[declared.kind].setdefault(declared.name, declared)
+        if twin is not declared:
+            problems.append(
+                f"{declared.where}: {declared.kind} {declared.name!r} is declared twice "
+                f"(also at {twin.where})"
+            )
+    return problems
+
+
 def load(paths: Iterable[Path]) -> Declaration:
-    """Every ElmForest and ElmBranch in ``paths``, validated, with cross-references checked."""
+    """Every ElmForest and ElmBranch in ``paths``, validated, with cross-references checked.
+
+    Like ``kubectl apply -f folder/``, every file is read and every invalid one reported (one
+    line each, in one error), not only the first.
+    """
     files = yaml_files(paths)
     found: dict[str, dict[str, Declared]] = {FOREST.kind: {}, BRANCH.kind: {}}
+    problems: list[str] = []
     for path in files:
-        for node, body in _documents(path):
-            declared = _declared(path, node, body)
-            if declared is None:
-                continue
-            twin = found[declared.kind].setdefault(declared.name, declared)
-            if twin is not declared:
-                raise ManifestError(
-                    f"{declared.where}: {declared.kind} {declared.name!r} is declared twice "
-                    f"(also at {twin.where})"
-                )
+        problems += _declared_in(path, found)
+    if problems:
+        raise ManifestError("\n".join(problems))
     _check_references(found[FOREST.kind], found[BRANCH.kind])
     return Declaration(found[FOREST.kind], found[BRANCH.kind], tuple(files))

@@ -1,0 +1,127 @@
+"""The real-Kubernetes tier: a control plane built from source, or any cluster by kubeconfig.
+
+With ``ELMFOREST_TEST_KUBECONFIG`` the tests run against that cluster (kind, k3d, a cloud one),
+with the built kubectl and helm where Go is here, else those on PATH. Without it, the pinned
+control plane is built (once; cached) and started for the session. Where Go is missing the
+tier is skipped with one line saying so, unless ``ELMFOREST_REQUIRE_CLUSTER=1`` (CI), where
+that is an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from elmforest.api import BRANCH, FOREST
+from tests.harness import kubebuild
+from tests.harness.controlplane import ControlPlane
+from tests.harness.kubectl import Kube
+
+pytestmark = pytest.mark.cluster
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Build the control plane (once; cached) when a selected test needs it: here, outside any
+    test's time limit, since a cold build takes many minutes."""
+    if any("kube" in getattr(item, "fixturenames", ()) for item in items):
+        with contextlib.suppress(kubebuild.GoMissingError):  # the fixture skips, saying why
+            kubebuild.binary()
+
+
+def _unavailable(why: str) -> None:
+    if os.environ.get("ELMFOREST_REQUIRE_CLUSTER") == "1":
+        pytest.fail(f"the cluster tier is required here (ELMFOREST_REQUIRE_CLUSTER=1): {why}")
+    pytest.skip(f"real-cluster tests skipped: {why}")
+
+
+def _tools() -> tuple[Path, Path]:
+    try:
+        return kubebuild.tool("kubectl"), kubebuild.tool("helm")
+    except kubebuild.GoMissingError as error:
+        kubectl, helm = shutil.which("kubectl"), shutil.which("helm")
+        if os.environ.get("ELMFOREST_TEST_KUBECONFIG") and kubectl and helm:
+            return Path(kubectl), Path(helm)
+        _unavailable(str(error))
+        raise
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
+    external = os.environ.get("ELMFOREST_TEST_KUBECONFIG", "")
+    if external and not Path(external).is_file():
+        pytest.fail(f"ELMFOREST_TEST_KUBECONFIG={external}: no such file")
+    kubectl, helm = _tools()
+    home = tmp_path_factory.mktemp("helm-home")
+    if external:
+        client = Kube(Path(external), kubectl, helm, home)
+        yield client
+        client.cleanup()
+        return
+    plane = ControlPlane(tmp_path_factory.mktemp("control-plane"))
+    try:
+        plane.start()
+        client = Kube(plane.kubeconfig, kubectl, helm, home, plane)
+        yield client
+    finally:
+        plane.stop()
+
+
+@pytest.fixture(scope="session")
+def installed_crds(kube: Kube) -> Kube:
+    """The CRDs of crds/, applied server-side and Established (as a user installs them)."""
+    kube.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+    for kind in (FOREST, BRANCH):
+        kube.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{kind.crd_name}")
+    return kube
+
+
+RESTRICTED = {
+    f"pod-security.kubernetes.io/{mode}": "restricted" for mode in ("enforce", "warn", "audit")
+}
+OPERATOR_DIGEST = "sha256:" + "ab" * 32
+TRAINER_IMAGE = "registry.example.com/elmforest/trainer@sha256:" + "cd" * 32
+
+
+@dataclass(frozen=True)
+class Release:
+    """The chart, installed by helm into a namespace that enforces Pod Security restricted."""
+
+    name: str
+    namespace: str  # the operator's
+    watched: str  # the one namespace it watches (a Role there), also restricted
+    crds_before: bool  # the CRDs were there before helm ran (helm skips existing CRDs)
+
+    @property
+    def account(self) -> str:
+        return self.name  # the chart's fullname when the release is called "elmforest"
+
+
+@pytest.fixture(scope="session")
+def release(kube: Kube) -> Release:
+    crds_before = all(
+        kube.kubectl("get", f"crd/{kind.crd_name}", check=False).returncode == 0
+        for kind in (FOREST, BRANCH)
+    )
+    namespace = kube.namespace("elmforest-system", RESTRICTED)
+    watched = kube.namespace("team", RESTRICTED)
+    kube.helm(
+        "install",
+        "elmforest",
+        str(ROOT / "helm" / "elmforest"),
+        "-n",
+        namespace,
+        "--set",
+        f"image.digest={OPERATOR_DIGEST}",
+        "--set",
+        f"watchNamespaces={{{watched}}}",
+        "--set",
+        f"trainer.image={TRAINER_IMAGE}",
+    )
+    return Release("elmforest", namespace, watched, crds_before)

@@ -1,0 +1,247 @@
+"""The operator as the chart's ServiceAccount: RBAC enforced by the API server, least privilege.
+
+The operator runs here as a process (no kubelet runs its pod) with a token from the
+TokenRequest API for the chart's ServiceAccount, the args and env of the chart's Deployment.
+It reconciles forests and a branch to created Jobs, supersedes a Job, deletes a branch and the
+forests. The API server's audit log then shows every request it made: none was refused, and
+every rule of the chart's Role was used by some request (least privilege).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from tests.cluster.conftest import Release
+from tests.cluster.validation_cases import IMAGE
+from tests.harness.controlplane import kubeconfig
+from tests.harness.kubectl import Kube
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+TINY = {"dModel": 48, "nLayers": 2, "nHeads": 2, "contextLength": 64}
+
+
+def _wait(
+    what: str,
+    check: Callable[[], Any],
+    operator: subprocess.Popen[bytes],
+    log: Path,
+    timeout: float = 120,
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        if operator.poll() is not None:
+            raise AssertionError(f"the operator exited:\n{log.read_text()[-5000:]}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}\n{log.read_text()[-5000:]}")
+
+
+def _token_kubeconfig(kube: Kube, release: Release, folder: Path) -> Path:
+    token = kube.kubectl(
+        "create", "token", release.account, "-n", release.namespace, "--duration=1h"
+    ).stdout.strip()
+    view = kube.json("config", "view", "--raw", "--minify")
+    cluster = view["clusters"][0]["cluster"]
+    ca = folder / "ca.crt"
+    if "certificate-authority-data" in cluster:
+        import base64
+
+        ca.write_bytes(base64.b64decode(cluster["certificate-authority-data"]))
+    else:
+        ca.write_bytes(Path(cluster["certificate-authority"]).read_bytes())
+    path = folder / "operator.kubeconfig"
+    path.write_text(kubeconfig(cluster["server"], ca, {"token": token}))
+    return path
+
+
+@pytest.fixture
+def operator(
+    kube: Kube, release: Release, tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """The chart's operator container, run as a process with the chart's identity."""
+    deployment = kube.json("get", "deployment", release.name, "-n", release.namespace)
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    args = [
+        a
+        for a in container["args"]
+        if not a.startswith(("--liveness", "--metrics-port", "--resync"))
+    ]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    env.pop("TMPDIR", None)
+    log = tmp_path / "operator.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "elmforest",
+                *args,
+                "--liveness",
+                "",
+                "--metrics-port",
+                "0",
+                "--resync",
+                "1",
+            ],
+            env={
+                **os.environ,
+                **env,
+                "KUBECONFIG": str(_token_kubeconfig(kube, release, tmp_path)),
+            },
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        yield process, log
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def _upload(folder: Path, endpoint: str, bucket: str, prefix: str) -> None:
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    for path in folder.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder)}")
+
+
+def _forest(name: str, bucket: str, endpoint: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "btm.elmforest.io/v1alpha1",
+        "kind": "ElmForest",
+        "metadata": {"name": name},
+        "spec": {
+            "storage": {
+                "uri": f"s3://{bucket}/forests/{name}",
+                "endpoint": endpoint,
+                "region": "us-east-1",
+                "credentialsSecret": "s3-creds",
+            },
+            "model": TINY,
+            "tokenizer": {"vocabSize": 320},
+            "seed": {"data": [f"s3://{bucket}/data/seed.txt"]},
+            "trainer": {"image": IMAGE, "gpus": 0},
+        },
+    }
+
+
+def _jobs(kube: Kube, namespace: str, selector: str) -> list[str]:
+    items = kube.json("get", "jobs", "-n", namespace, "-l", selector)["items"]
+    return sorted(
+        j["metadata"]["name"] for j in items if not j["metadata"].get("deletionTimestamp")
+    )
+
+
+def _audited(kube: Kube, user: str) -> list[dict[str, Any]]:
+    assert kube.plane is not None
+    records = []
+    for line in kube.plane.audit_log.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("user", {}).get("username") == user and "objectRef" in record:
+            records.append(record)
+    return records
+
+
+def test_operator_as_its_service_account_is_least_privilege(
+    kube: Kube,
+    installed_crds: Kube,
+    release: Release,
+    operator: tuple[subprocess.Popen[bytes], Path],
+    s3_endpoint: str,
+    s3_bucket: str,
+    seeded_forest: Path,
+) -> None:
+    process, log = operator
+    ns = release.watched
+    wait = lambda what, check, timeout=120: _wait(what, check, process, log, timeout)  # noqa: E731
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "s3-creds"},
+        "stringData": {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"},
+    }
+    _upload(seeded_forest, s3_endpoint, s3_bucket, "forests/seeded")
+    kube.apply(
+        [
+            secret,
+            _forest("fresh", s3_bucket, s3_endpoint),
+            _forest("seeded", s3_bucket, s3_endpoint),
+        ],
+        "-n",
+        ns,
+    )
+
+    # A new forest starts its tokenizer Job; a forest whose seed is in storage becomes Ready.
+    wait("the tokenizer Job", lambda: _jobs(kube, ns, "btm.elmforest.io/forest=fresh"))
+    wait(
+        "the seeded forest Ready",
+        lambda: (
+            kube.json("get", "ef", "seeded", "-n", ns).get("status", {}).get("phase") == "Ready"
+        ),
+    )
+    branch = {
+        "apiVersion": "btm.elmforest.io/v1alpha1",
+        "kind": "ElmBranch",
+        "metadata": {"name": "seeded-code"},
+        "spec": {
+            "forest": "seeded",
+            "domain": "code",
+            "data": {"train": [f"s3://{s3_bucket}/data/code.txt"]},
+            "training": {"steps": 10},
+        },
+    }
+    kube.apply(branch, "-n", ns)
+    selector = "btm.elmforest.io/branch=seeded-code"
+    assert wait("the branch's Job", lambda: _jobs(kube, ns, selector)) == ["seeded-code-v1-a1"]
+    # The Job controller made its pod (Pending: no node), admitted under restricted.
+    wait("the Job's pod", lambda: kube.json("get", "pods", "-n", ns, "-l", selector)["items"])
+
+    # A new spec supersedes the running Job: the operator deletes it and starts version 2.
+    branch["spec"]["training"]["steps"] = 12
+    kube.apply(branch, "-n", ns)
+    wait("version 2's Job alone", lambda: _jobs(kube, ns, selector) == ["seeded-code-v2-a1"])
+
+    kube.kubectl("delete", "eb", "seeded-code", "-n", ns, "--timeout=60s")
+    kube.kubectl("delete", "ef", "fresh", "seeded", "-n", ns, "--timeout=60s")
+    wait("the forests' Jobs gone", lambda: not _jobs(kube, ns, "btm.elmforest.io/forest"))
+
+    text = log.read_text()
+    assert "Forbidden" not in text and " 403" not in text, text[-3000:]
+    if kube.plane is None:
+        pytest.skip("an external cluster: its audit log is not ours to read")
+    user = f"system:serviceaccount:{release.namespace}:{release.account}"
+    records = _audited(kube, user)
+    refused = [r for r in records if r.get("responseStatus", {}).get("code") == 403]
+    assert refused == [], refused[:3]
+    used = set()
+    for record in records:
+        ref = record["objectRef"]
+        resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+        used.add((ref.get("apiGroup", ""), resource, record["verb"]))
+    role = kube.json("get", "role", release.name, "-n", ns)
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    assert granted - used == set(), f"rules no request needed: {sorted(granted - used)}"
+    assert used - granted == set(), f"requests beyond the rules: {sorted(used - granted)}"

@@ -1,0 +1,335 @@
+"""A real Kubernetes control plane on loopback: etcd, kube-apiserver, controller manager, scheduler.
+
+Built from the pinned Go module (``tests.harness.kubebuild``) and started as plain processes,
+the way kubeadm lays out a control-plane node: its own CA, a client certificate per component,
+``--authorization-mode=Node,RBAC``, service-account token signing (TokenRequest works), the
+default admission plugins (PodSecurity among them), and an audit log of what each identity
+asked (how the tests prove RBAC is least privilege). No kubelet: pods are admitted, scheduled
+nowhere, and stay Pending.
+
+By hand: ``make cluster-up`` (``python -m tests.harness.controlplane up``) writes
+``.cluster/kubeconfig`` and links ``.cluster/bin/kubectl``, ``helm`` ...; ``make cluster-down``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tests.harness import kubebuild, pki
+
+SERVICE_RANGE = "10.0.0.0/24"
+ISSUER = "https://kubernetes.default.svc.cluster.local"
+# Every request from the identities under test, at Metadata level; the control plane's own
+# components and the nodes are left out so the log stays small.
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [
+        {
+            "level": "None",
+            "users": [
+                "system:kube-controller-manager",
+                "system:kube-scheduler",
+                "system:apiserver",
+            ],
+        },
+        {"level": "None", "userGroups": ["system:nodes"]},
+        {"level": "None", "nonResourceURLs": ["/healthz*", "/readyz*", "/livez*", "/version"]},
+        {"level": "Metadata"},
+    ],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def kubeconfig(server: str, ca: Path, user: dict[str, str], name: str = "elmforest-test") -> str:
+    return yaml.safe_dump(
+        {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {"name": name, "cluster": {"server": server, "certificate-authority": str(ca)}}
+            ],
+            "users": [{"name": "user", "user": user}],
+            "contexts": [{"name": name, "context": {"cluster": name, "user": "user"}}],
+            "current-context": name,
+        }
+    )
+
+
+@dataclass
+class ControlPlane:
+    """The processes of one control plane, all under ``folder`` (certs, data, logs, kubeconfig)."""
+
+    folder: Path
+    server: str = ""
+    pids: dict[str, int] = field(default_factory=dict)
+    _processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.folder / "kubeconfig"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.folder / "audit.log"
+
+    @property
+    def ca(self) -> Path:
+        return self.folder / "pki" / "ca.crt"
+
+    def _start(self, name: str, argv: list[str]) -> None:
+        logs = self.folder / "logs"
+        logs.mkdir(exist_ok=True)
+        with (logs / f"{name}.log").open("ab") as out:
+            process = subprocess.Popen(
+                [str(kubebuild.tool(name)), *argv],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # survives `make cluster-up`, and is killed as a group
+            )
+        self._processes.append(process)
+        self.pids[name] = process.pid
+
+    def start(self, timeout: float = 180) -> ControlPlane:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        ca = pki.Authority(self.folder / "pki")
+        serving = ca.issue("apiserver", "kube-apiserver", serving=True)
+        admin = ca.issue("admin", "elmforest-admin", "system:masters")
+        sa = pki.service_account_keys(self.folder / "pki")
+        etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
+        etcd = f"http://127.0.0.1:{etcd_port}"
+        self._start(
+            "etcd",
+            [
+                "--name=default",
+                f"--data-dir={self.folder / 'etcd'}",
+                f"--listen-client-urls={etcd}",
+                f"--advertise-client-urls={etcd}",
+                f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
+                f"--initial-cluster=default=http://127.0.0.1:{peer_port}",
+                "--unsafe-no-fsync",  # a test cluster: durability across power loss is not tested
+                "--log-level=warn",
+            ],
+        )
+        policy = self.folder / "audit-policy.yaml"
+        policy.write_text(yaml.safe_dump(AUDIT_POLICY))
+        self._start(
+            "kube-apiserver",
+            [
+                f"--etcd-servers={etcd}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                "--endpoint-reconciler-type=none",  # it refuses a loopback address; no pod needs it
+                f"--secure-port={api_port}",
+                f"--tls-cert-file={serving.cert}",
+                f"--tls-private-key-file={serving.key}",
+                f"--client-ca-file={ca.cert}",
+                "--authorization-mode=Node,RBAC",
+                f"--service-account-issuer={ISSUER}",
+                f"--service-account-key-file={sa.cert}",
+                f"--service-account-signing-key-file={sa.key}",
+                f"--service-cluster-ip-range={SERVICE_RANGE}",
+                "--allow-privileged=true",  # as kubeadm: Pod Security decides
+                f"--audit-policy-file={policy}",
+                f"--audit-log-path={self.audit_log}",
+                "--audit-log-mode=blocking",
+                "--audit-log-format=json",
+            ],
+        )
+        self.server = f"https://127.0.0.1:{api_port}"
+        self.kubeconfig.write_text(
+            kubeconfig(
+                self.server,
+                ca.cert,
+                {"client-certificate": str(admin.cert), "client-key": str(admin.key)},
+            )
+        )
+        for name, identity in (
+            ("kube-controller-manager", "system:kube-controller-manager"),
+            ("kube-scheduler", "system:kube-scheduler"),
+        ):
+            pair = ca.issue(name, identity)
+            config = self.folder / f"{name}.kubeconfig"
+            config.write_text(
+                kubeconfig(
+                    self.server,
+                    ca.cert,
+                    {"client-certificate": str(pair.cert), "client-key": str(pair.key)},
+                )
+            )
+            argv = [
+                f"--kubeconfig={config}",
+                f"--authentication-kubeconfig={config}",
+                f"--authorization-kubeconfig={config}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={free_port()}",
+            ]
+            if name == "kube-controller-manager":
+                argv += [
+                    "--use-service-account-credentials",
+                    f"--service-account-private-key-file={sa.key}",
+                    f"--root-ca-file={ca.cert}",
+                    f"--service-cluster-ip-range={SERVICE_RANGE}",
+                ]
+            self._waited_for_apiserver(timeout, admin)
+            self._start(name, argv)
+        self._wait_ready(timeout)
+        (self.folder / "state.json").write_text(
+            json.dumps({"server": self.server, "pids": self.pids})
+        )
+        return self
+
+    def _context(self, admin: pki.Pair | None = None) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca))
+        pair = admin or pki.Pair(
+            self.folder / "pki" / "admin.crt", self.folder / "pki" / "admin.key"
+        )
+        context.load_cert_chain(str(pair.cert), str(pair.key))
+        return context
+
+    def get(self, path: str, timeout: float = 10) -> bytes:
+        """A GET as the admin (for /readyz, /metrics and the like)."""
+        with urllib.request.urlopen(
+            self.server + path, context=self._context(), timeout=timeout
+        ) as response:
+            body: bytes = response.read()
+            return body
+
+    def _waited_for_apiserver(self, timeout: float, admin: pki.Pair) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive()
+            with contextlib.suppress(OSError):
+                if self.get("/readyz") == b"ok":
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"kube-apiserver not ready in {timeout:.0f} s\n{self.log_tail()}"
+                )
+            time.sleep(0.5)
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Ready for tests: the default namespace has the service account pods are admitted with."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive()
+            with contextlib.suppress(OSError):
+                self.get("/api/v1/namespaces/default/serviceaccounts/default")
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"the control plane not ready in {timeout:.0f} s\n{self.log_tail()}"
+                )
+            time.sleep(0.5)
+
+    def _check_alive(self) -> None:
+        for process in self._processes:
+            if process.poll() is not None:
+                name = next(n for n, p in self.pids.items() if p == process.pid)
+                raise RuntimeError(f"{name} exited {process.returncode}\n{self.log_tail(name)}")
+
+    def log_tail(self, name: str | None = None, chars: int = 4000) -> str:
+        names = [name] if name else list(self.pids)
+        parts = []
+        for each in names:
+            path = self.folder / "logs" / f"{each}.log"
+            if path.is_file():
+                parts.append(f"--- {each}\n{path.read_text(errors='replace')[-chars:]}")
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        stop_pids(list(self.pids.values())[::-1])
+        self.pids.clear()
+        self._processes.clear()
+
+
+def stop_pids(pids: list[int], grace: float = 10) -> None:
+    """SIGTERM each process group, newest first, then SIGKILL what is left after ``grace``."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for pid in pids:
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        finished, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not our child (cluster-down): ask the kernel instead
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return finished == 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.harness.controlplane")
+    parser.add_argument("command", choices=("up", "down", "build"))
+    parser.add_argument("--dir", type=Path, default=kubebuild.ROOT / ".cluster")
+    args = parser.parse_args(argv)
+    folder: Path = args.dir.absolute()
+    if args.command == "build":
+        print(kubebuild.binary())
+        return 0
+    state = folder / "state.json"
+    if state.is_file():
+        stop_pids(list(json.loads(state.read_text())["pids"].values())[::-1])
+        state.unlink()
+    if args.command == "down":
+        print(f"stopped the control plane in {folder}")
+        return 0
+    for name in ("etcd", "logs", "pki", "audit.log"):  # a fresh cluster each time
+        path = folder / name
+        if path.is_dir():
+            subprocess.run(["rm", "-rf", str(path)], check=True)
+        elif path.exists():
+            path.unlink()
+    kubebuild.binary()
+    plane = ControlPlane(folder).start()
+    bin_folder = folder / "bin"
+    bin_folder.mkdir(exist_ok=True)
+    for name in kubebuild.COMPONENTS:
+        link = bin_folder / name
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
+        link.symlink_to(kubebuild.tool(name))
+    print(f"control plane {kubebuild.KUBERNETES_VERSION} at {plane.server}")
+    print(f"  export KUBECONFIG={plane.kubeconfig} PATH={bin_folder}:$PATH")
+    print(f"  logs: {folder / 'logs'}; stop: make cluster-down")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
