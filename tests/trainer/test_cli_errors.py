@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -155,4 +156,86 @@ def test_routing_needs_an_ensemble_and_a_prompt(seeded_forest: Path) -> None:
         "seed",
         "--max-new-tokens",
         "500",
+    )
+
+
+# Every kind of unusable text, as a file's bytes; each must exit 65 naming the file, at once.
+UNUSABLE = {
+    "empty.txt": b"",
+    "blank.txt": b"\n\n   \n\n\n  \n",
+    "latin1.txt": "caf\u00e9 au lait\n".encode("latin-1"),
+    "not-gzip.txt.gz": b"not gzip at all",
+    "truncated.txt.gz": gzip.compress(b"some text " * 100)[:30],
+    "broken.jsonl": b'{"text": "ok"}\n{"text": \n',
+    "no-text-key.jsonl": b'{"content": "x"}\n',
+    "null-text.jsonl": b'{"text": null}\n',
+    "blank-records.jsonl": b'{"text": "   "}\n\n{"text": ""}\n',
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNUSABLE))
+def test_unusable_training_text_is_bad_input(
+    seeded_forest: Path, tmp_path: Path, name: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(UNUSABLE[name])
+    assert_fails(
+        ExitCode.BAD_INPUT,
+        name,
+        "branch",
+        "--forest",
+        str(seeded_forest),
+        "--domain",
+        "cooking",
+        "--data",
+        str(path),
+        "--training",
+        training(steps=2),
+    )
+
+
+def test_missing_training_file_is_bad_input(seeded_forest: Path, tmp_path: Path) -> None:
+    assert_fails(
+        ExitCode.BAD_INPUT,
+        "absent.txt",
+        "branch",
+        "--forest",
+        str(seeded_forest),
+        "--domain",
+        "cooking",
+        "--data",
+        str(tmp_path / "absent.txt"),
+    )
+
+
+def test_empty_validation_and_tokenizer_text_are_bad_input(
+    seeded_forest: Path, corpus: Path, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    assert_fails(
+        ExitCode.BAD_INPUT,
+        "empty.txt",
+        "branch",
+        "--forest",
+        str(seeded_forest),
+        "--domain",
+        "cooking",
+        "--data",
+        str(corpus / "cooking" / "train.txt"),
+        "--val-data",
+        str(empty),
+        "--training",
+        training(steps=2),
+    )
+    assert_fails(
+        ExitCode.BAD_INPUT,
+        "empty.txt",
+        "tokenizer",
+        "--forest",
+        str(tmp_path / "forest"),
+        "--data",
+        str(empty),
+        "--vocab-size",
+        "300",
     )

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zlib
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +29,8 @@ from elmtrain.cache import cache_dir
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
 DOC_SEPARATOR = "\n\n\n"  # two blank lines
 _ENCODE_BATCH = 256
+# Part of each cached token file's key: bump it when reading text changes what it yields.
+TOKENS_FORMAT = 2  # 2: blank JSON-lines records are skipped, empty files are bad input
 
 
 def _text_keys(storage: Storage, location: str) -> list[str]:
@@ -43,22 +46,34 @@ def _text_keys(storage: Storage, location: str) -> list[str]:
 
 
 def _documents(path: Path, name: str) -> Iterator[str]:
+    """The non-blank documents of one file; a file that holds none is bad input (exit 65), as
+    is one that is not UTF-8, not gzip, or not JSON lines of ``{"text": ...}``."""
     opener = gzip.open if name.endswith(".gz") else open
+    found = False
     try:
         with opener(path, "rt", encoding="utf-8") as handle:
             if ".jsonl" in name:
                 for number, line in enumerate(handle, 1):
-                    if line.strip():
+                    if not line.strip():
+                        continue
+                    try:
                         record = json.loads(line)
-                        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                            raise BadInputError(f"{name}:{number}: expected {{'text': ...}}")
+                    except json.JSONDecodeError as error:
+                        raise BadInputError(f"{name}:{number}: not JSON ({error.msg})") from None
+                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                        raise BadInputError(f"{name}:{number}: expected {{'text': ...}}")
+                    if record["text"].strip():
+                        found = True
                         yield record["text"]
             else:
                 for doc in handle.read().split(DOC_SEPARATOR):
                     if doc.strip():
+                        found = True
                         yield doc.strip("\n")
-    except (UnicodeDecodeError, json.JSONDecodeError, gzip.BadGzipFile, EOFError) as error:
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error) as error:
         raise BadInputError(f"{name}: unreadable text ({error})") from None
+    if not found:
+        raise BadInputError(f"{name}: no text (the file is empty or holds only blank documents)")
 
 
 def iter_documents(locations: Sequence[str], endpoint: str | None = None) -> Iterator[str]:
@@ -84,6 +99,8 @@ def _tokenize_file(path: Path, name: str, tokenizer: PreTrainedTokenizerFast) ->
     batch: list[str] = []
 
     def flush() -> None:
+        if not batch:
+            return
         for encoded in tokenizer(batch, add_special_tokens=False)["input_ids"]:
             ids.extend(encoded)
             ids.append(eos)  # documents are separated by end-of-text
@@ -109,7 +126,8 @@ def load_tokens(
     fingerprint = tokenizer_fingerprint(tokenizer)
     parts: list[np.ndarray] = []
     for name, local in _local_files(locations, endpoint):
-        cached = cache_dir() / "tokens" / f"{sha256_file(local)}-{fingerprint}.npy"
+        key = f"{sha256_file(local)}-{fingerprint}-v{TOKENS_FORMAT}"
+        cached = cache_dir() / "tokens" / f"{key}.npy"
         if cached.is_file():
             parts.append(np.load(cached))
             continue
