@@ -37,7 +37,7 @@ def test_helm_installs_the_chart_with_its_crds(kube: Kube, release: Release) -> 
     status = kube.helm("status", release.name, "-n", release.namespace, "-o", "json").stdout
     assert '"status":"deployed"' in status.replace(" ", ""), status
     for kind in (FOREST, BRANCH):
-        crd = kube.json("get", f"crd/{kind.crd_name}")
+        crd = kube.json("get", f"crd/{kind.crd_name}", "--show-managed-fields")
         if not release.crds_before:  # helm created them from the chart's crds/ folder
             managers = {m["manager"] for m in crd["metadata"]["managedFields"]}
             assert "helm" in managers, managers
