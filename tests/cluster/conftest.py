@@ -22,6 +22,7 @@ from elmforest.api import BRANCH, FOREST
 from tests.harness import kubebuild
 from tests.harness.controlplane import ControlPlane
 from tests.harness.kubectl import Kube
+from tests.harness.nodeagent import ProcessKubelet
 
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,3 +126,22 @@ def release(kube: Kube) -> Release:
         f"trainer.image={TRAINER_IMAGE}",
     )
     return Release("elmforest", namespace, watched, crds_before)
+
+
+@pytest.fixture(scope="session")
+def node(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessKubelet]:
+    """One node whose pods run as processes here (the local control plane only)."""
+    if kube.plane is None:
+        pytest.skip("the process kubelet joins the local control plane only")
+    keep = ("PATH", "HOME", "LANG", "PYTHONPATH", "ELMTRAIN_CACHE")
+    agent = ProcessKubelet(
+        kube.plane.node_kubeconfig("node-0"),
+        "node-0",
+        tmp_path_factory.mktemp("node-0"),
+        kube.plane.server,
+        kube.plane.ca,
+        base_env={k: os.environ[k] for k in keep if k in os.environ} | {"OMP_NUM_THREADS": "1"},
+    ).start()
+    kube.kubectl("wait", "--for=condition=Ready", "node/node-0", "--timeout=60s")
+    yield agent
+    agent.stop()

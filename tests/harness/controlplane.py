@@ -84,6 +84,7 @@ class ControlPlane:
     folder: Path
     server: str = ""
     pids: dict[str, int] = field(default_factory=dict)
+    _ca: pki.Authority = field(init=False, repr=False)
     _processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
@@ -114,7 +115,7 @@ class ControlPlane:
 
     def start(self, timeout: float = 180) -> ControlPlane:
         self.folder.mkdir(parents=True, exist_ok=True)
-        ca = pki.Authority(self.folder / "pki")
+        ca = self._ca = pki.Authority(self.folder / "pki")
         serving = ca.issue("apiserver", "kube-apiserver", serving=True)
         admin = ca.issue("admin", "elmforest-admin", "system:masters")
         sa = pki.service_account_keys(self.folder / "pki")
@@ -202,6 +203,20 @@ class ControlPlane:
             json.dumps({"server": self.server, "pids": self.pids})
         )
         return self
+
+    def node_kubeconfig(self, node: str) -> Path:
+        """A kubeconfig as the kubelet of ``node`` (``system:node:<node>`` in ``system:nodes``),
+        so the Node authorizer grants it what a kubelet gets, no more."""
+        pair = self._ca.issue(f"node-{node}", f"system:node:{node}", "system:nodes")
+        path = self.folder / f"node-{node}.kubeconfig"
+        path.write_text(
+            kubeconfig(
+                self.server,
+                self.ca,
+                {"client-certificate": str(pair.cert), "client-key": str(pair.key)},
+            )
+        )
+        return path
 
     def _context(self, admin: pki.Pair | None = None) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=str(self.ca))

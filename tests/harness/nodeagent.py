@@ -1,0 +1,490 @@
+"""A process kubelet: one Node of the real control plane whose pods run as local processes.
+
+It registers a Node (CPU, memory, pods and ``nvidia.com/gpu`` capacity) as
+``system:node:<name>`` (the Node authorizer then lets it read only what its own pods use),
+renews its Lease, and runs each pod the real scheduler binds to it: the first container's
+command and args (an image's entrypoint mapped to this machine's program, ``elmtrain`` to this
+venv's), env with ``secretKeyRef``/``configMapKeyRef``/``fieldRef``, every volume as a folder
+(paths under a mount are rewritten to it), a service-account token from the TokenRequest API
+where the pod mounts one, and the working directory. It reports phase, conditions, container
+state, exit code and termination message as a kubelet does, so Kubernetes' own Job controller
+counts successes and failures and applies each Job's ``podFailurePolicy``. A pod being deleted
+(the Job controller, garbage collection, or an eviction through the Eviction API, which adds
+DisruptionTarget) gets SIGTERM, then SIGKILL after its grace period, and is then released.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from tests.harness.controlplane import kubeconfig
+
+# What an image's entrypoint is on this machine (a container's command word -> argv here).
+PROGRAMS = {
+    "elmtrain": [sys.executable, "-m", "elmtrain"],
+    "elmforest": [sys.executable, "-m", "elmforest"],
+    "torchrun": [sys.executable, "-m", "torch.distributed.run"],
+}
+ENTRYPOINTS = {"trainer": ["elmtrain"], "operator": ["elmforest"]}  # image name part -> command
+TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Running:
+    process: subprocess.Popen[bytes]
+    folder: Path
+    started: str
+    termination: Path
+    log: Path
+    kill_at: float | None = None  # monotonic deadline for SIGKILL once SIGTERM was sent
+
+
+@dataclass
+class ProcessKubelet:
+    kubeconfig: Path  # the node's own identity (system:node:<name>)
+    name: str
+    workdir: Path
+    server: str  # what in-cluster clients are pointed at (KUBERNETES_SERVICE_HOST/PORT)
+    ca: Path
+    base_env: dict[str, str] = field(default_factory=dict)
+    capacity: dict[str, str] = field(
+        default_factory=lambda: {
+            "cpu": "16",
+            "memory": "64Gi",
+            "pods": "110",
+            "nvidia.com/gpu": "4",
+        }
+    )
+    poll_seconds: float = 0.3
+    pods: dict[str, Running] = field(default_factory=dict)  # by pod uid
+    done: set[str] = field(default_factory=set)  # uids reported terminal
+    started_pods: list[str] = field(default_factory=list)  # "namespace/name", in start order
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.api = client.CoreV1Api(config.new_client_from_config(str(self.kubeconfig)))
+        self.leases = client.CoordinationV1Api(self.api.api_client)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> ProcessKubelet:
+        self._register()
+        for target in (self._heartbeat, self._sync_loop):
+            thread = threading.Thread(target=target, name=f"kubelet-{target.__name__}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(15)
+        for running in self.pods.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(running.process.pid, signal.SIGKILL)
+            running.process.wait(10)
+        self.pods.clear()
+
+    def _register(self) -> None:
+        node = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": self.name,
+                "labels": {"kubernetes.io/hostname": self.name, "kubernetes.io/os": "linux"},
+            },
+        }
+        with contextlib.suppress(ApiException):  # already registered (a restarted agent)
+            self.api.create_node(node)
+        self._report_node()
+
+    def _report_node(self) -> None:
+        now = _now()
+        conditions = [
+            {
+                "type": t,
+                "status": "False",
+                "reason": f"KubeletHas{r}",
+                "lastHeartbeatTime": now,
+                "lastTransitionTime": now,
+                "message": "ok",
+            }
+            for t, r in (
+                ("MemoryPressure", "SufficientMemory"),
+                ("DiskPressure", "NoDiskPressure"),
+                ("PIDPressure", "SufficientPID"),
+            )
+        ]
+        conditions.append(
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "KubeletReady",
+                "message": "process kubelet is posting ready status",
+                "lastHeartbeatTime": now,
+                "lastTransitionTime": now,
+            }
+        )
+        status = {
+            "status": {
+                "capacity": self.capacity,
+                "allocatable": self.capacity,
+                "conditions": conditions,
+                "addresses": [
+                    {"type": "InternalIP", "address": "127.0.0.1"},
+                    {"type": "Hostname", "address": self.name},
+                ],
+                "nodeInfo": {
+                    "kubeletVersion": "v1.37.2",
+                    "operatingSystem": "linux",
+                    "architecture": "amd64",
+                    "containerRuntimeVersion": "process://1",
+                    "kernelVersion": "",
+                    "osImage": "",
+                    "kubeProxyVersion": "",
+                    "machineID": "",
+                    "systemUUID": "",
+                    "bootID": "",
+                },
+            }
+        }
+        self.api.patch_node_status(self.name, status)
+
+    def _heartbeat(self) -> None:
+        """Renew the Lease every few seconds and post node status now and then, as a kubelet."""
+        beats = 0
+        while not self._stop.wait(0 if beats == 0 else 5):
+            with contextlib.suppress(ApiException, OSError):
+                self._renew_lease()
+                if beats % 4 == 0:
+                    self._report_node()
+            beats += 1
+
+    def _renew_lease(self) -> None:
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        body = {
+            "metadata": {"name": self.name, "namespace": "kube-node-lease"},
+            "spec": {"holderIdentity": self.name, "leaseDurationSeconds": 40, "renewTime": now},
+        }
+        try:
+            self.leases.replace_namespaced_lease(
+                self.name,
+                "kube-node-lease",
+                {
+                    **body,
+                    "metadata": {
+                        **body["metadata"],
+                        "resourceVersion": self.leases.read_namespaced_lease(
+                            self.name, "kube-node-lease"
+                        ).metadata.resource_version,
+                    },
+                },
+            )
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            self.leases.create_namespaced_lease("kube-node-lease", body)
+
+    # ---- pods ---------------------------------------------------------------------------------
+
+    def _sync_loop(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.sync()
+            except (ApiException, OSError) as error:
+                print(f"process kubelet: {error}", file=sys.stderr)
+
+    def sync(self) -> None:
+        pods = self.api.list_pod_for_all_namespaces(
+            field_selector=f"spec.nodeName={self.name}"
+        ).to_dict()["items"]
+        seen = set()
+        for pod in pods:
+            uid = pod["metadata"]["uid"]
+            seen.add(uid)
+            running = self.pods.get(uid)
+            deleting = pod["metadata"].get("deletion_timestamp") is not None
+            if running is None and uid not in self.done:
+                if deleting:
+                    self._release(pod)  # never started: nothing to stop
+                    continue
+                self._start(pod)
+            elif running is not None and running.process.poll() is not None:
+                self._report_exit(pod, running)
+                del self.pods[uid]
+                self.done.add(uid)
+                if deleting:
+                    self._release(pod)
+            elif running is not None and deleting:
+                self._terminate(pod, running)
+            elif uid in self.done and deleting:
+                self._release(pod)
+        for uid in [u for u in self.pods if u not in seen]:  # force-deleted behind our back
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pods.pop(uid).process.pid, signal.SIGKILL)
+
+    def _terminate(self, pod: dict[str, Any], running: Running) -> None:
+        if running.kill_at is None:
+            grace = pod["metadata"].get("deletion_grace_period_seconds")
+            grace = (
+                pod["spec"].get("termination_grace_period_seconds", 30) if grace is None else grace
+            )
+            running.kill_at = time.monotonic() + grace
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(running.process.pid, signal.SIGTERM)
+        elif time.monotonic() >= running.kill_at:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(running.process.pid, signal.SIGKILL)
+
+    def _release(self, pod: dict[str, Any]) -> None:
+        """The kubelet's last word on a deleted pod: its containers are gone, remove it now."""
+        meta = pod["metadata"]
+        with contextlib.suppress(ApiException):
+            self.api.delete_namespaced_pod(meta["name"], meta["namespace"], grace_period_seconds=0)
+
+    # ---- starting a pod -----------------------------------------------------------------------
+
+    def _volumes(self, pod: dict[str, Any], folder: Path) -> dict[str, Path]:
+        """mountPath -> host folder for the first container; a projected SA token is filled."""
+        spec = pod["spec"]
+        container = spec["containers"][0]
+        by_name = {v["name"]: v for v in spec.get("volumes") or []}
+        mounts: dict[str, Path] = {}
+        for mount in container.get("volume_mounts") or []:
+            host = folder / "volumes" / mount["name"]
+            host.mkdir(parents=True, exist_ok=True)
+            volume = by_name.get(mount["name"]) or {}
+            if volume.get("projected") and mount["mount_path"] == TOKEN_PATH:
+                self._service_account_files(pod, host)
+            mounts[mount["mount_path"]] = host
+        return mounts
+
+    def _service_account_files(self, pod: dict[str, Any], host: Path) -> None:
+        meta, account = pod["metadata"], pod["spec"].get("service_account_name") or "default"
+        request = {
+            "spec": {
+                "audiences": [],
+                "expirationSeconds": 3600,
+                "boundObjectRef": {
+                    "kind": "Pod",
+                    "apiVersion": "v1",
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                },
+            }
+        }
+        token = self.api.create_namespaced_service_account_token(
+            account, meta["namespace"], request
+        )
+        (host / "token").write_text(token.status.token)
+        (host / "ca.crt").write_bytes(self.ca.read_bytes())
+        (host / "namespace").write_text(meta["namespace"])
+        # In-cluster clients read the token from a fixed path this agent cannot bind-mount (no
+        # mount namespaces here); the same token and CA reach them as a kubeconfig instead.
+        (host / "kubeconfig").write_text(
+            kubeconfig(self.server, host / "ca.crt", {"token": token.status.token})
+        )
+
+    def _env(self, pod: dict[str, Any], mounts: dict[str, Path]) -> dict[str, str]:
+        namespace = pod["metadata"]["namespace"]
+        container = pod["spec"]["containers"][0]
+        host, port = self.server.removeprefix("https://").rsplit(":", 1)
+        env = {
+            **self.base_env,
+            "KUBERNETES_SERVICE_HOST": host,
+            "KUBERNETES_SERVICE_PORT": port,
+            "HOSTNAME": pod["metadata"]["name"],
+        }
+        for source in container.get("env_from") or []:
+            if source.get("secret_ref"):
+                env.update(self._secret(namespace, source["secret_ref"]["name"]))
+            if source.get("config_map_ref"):
+                env.update(self._config_map(namespace, source["config_map_ref"]["name"]))
+        for item in container.get("env") or []:
+            value = item.get("value")
+            source = item.get("value_from") or {}
+            if source.get("secret_key_ref"):
+                ref = source["secret_key_ref"]
+                value = self._secret(namespace, ref["name"]).get(ref["key"])
+            elif source.get("config_map_key_ref"):
+                ref = source["config_map_key_ref"]
+                value = self._config_map(namespace, ref["name"]).get(ref["key"])
+            elif source.get("field_ref"):
+                value = _field(pod, source["field_ref"]["field_path"])
+            if value is not None:
+                env[item["name"]] = _mapped(value, mounts)
+        if TOKEN_PATH in mounts:
+            env["KUBECONFIG"] = str(mounts[TOKEN_PATH] / "kubeconfig")
+        return env
+
+    def _secret(self, namespace: str, name: str) -> dict[str, str]:
+        try:
+            data = self.api.read_namespaced_secret(name, namespace).data or {}
+        except ApiException:
+            return {}
+        return {k: base64.b64decode(v).decode() for k, v in data.items()}
+
+    def _config_map(self, namespace: str, name: str) -> dict[str, str]:
+        try:
+            return dict(self.api.read_namespaced_config_map(name, namespace).data or {})
+        except ApiException:
+            return {}
+
+    def _start(self, pod: dict[str, Any]) -> None:
+        meta, spec = pod["metadata"], pod["spec"]
+        folder = self.workdir / meta["namespace"] / f"{meta['name']}-{meta['uid'][:8]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        container = spec["containers"][0]
+        mounts = self._volumes(pod, folder)
+        env = self._env(pod, mounts)
+        termination = folder / "termination-log"
+        env["ELMTRAIN_TERMINATION_LOG"] = str(termination)  # the kubelet's bind of the log file
+        command = list(container.get("command") or _entrypoint(container["image"]))
+        argv = [
+            *PROGRAMS.get(command[0], command[:1]),
+            *command[1:],
+            *(container.get("args") or []),
+        ]
+        argv = [_mapped(a, mounts) for a in argv]
+        cwd = _mapped(container.get("working_dir") or str(folder), mounts)
+        log = folder / "container.log"
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                argv,
+                env=env,
+                cwd=cwd if Path(cwd).is_dir() else folder,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        running = Running(process, folder, _now(), termination, log)
+        self.pods[meta["uid"]] = running
+        self.started_pods.append(f"{meta['namespace']}/{meta['name']}")
+        state = {"running": {"startedAt": running.started}}
+        self._patch_status(pod, "Running", state, ready=True, started=running.started)
+
+    # ---- status -------------------------------------------------------------------------------
+
+    def _report_exit(self, pod: dict[str, Any], running: Running) -> None:
+        code = running.process.returncode
+        code = 128 - code if code < 0 else code  # killed by a signal: 128 + its number
+        message = (
+            running.termination.read_text(errors="replace")[-4096:]
+            if running.termination.is_file()
+            else ""
+        )
+        policy = pod["spec"]["containers"][0].get("termination_message_policy")
+        if not message.strip() and code != 0 and policy == "FallbackToLogsOnError":
+            message = running.log.read_text(errors="replace")[-2048:]
+        terminated = {
+            "exitCode": code,
+            "reason": "Completed" if code == 0 else "Error",
+            "message": message,
+            "startedAt": running.started,
+            "finishedAt": _now(),
+            "containerID": f"process://{running.process.pid}",
+        }
+        phase = "Succeeded" if code == 0 else "Failed"
+        state = {"terminated": terminated, "running": None, "waiting": None}  # one state only
+        self._patch_status(pod, phase, state, ready=False, started=running.started)
+
+    def _patch_status(
+        self, pod: dict[str, Any], phase: str, state: dict[str, Any], ready: bool, started: str
+    ) -> None:
+        meta = pod["metadata"]
+        container = pod["spec"]["containers"][0]
+        for _ in range(10):  # conflicts: the API server adds conditions too (DisruptionTarget)
+            current = self.api.read_namespaced_pod(meta["name"], meta["namespace"])
+            raw = self.api.api_client.sanitize_for_serialization(current)
+            conditions = {c["type"]: c for c in (raw.get("status") or {}).get("conditions") or []}
+            now = _now()
+            for kind in ("PodReadyToStartContainers", "Initialized", "ContainersReady", "Ready"):
+                value = (
+                    "True"
+                    if ready or kind in ("Initialized", "PodReadyToStartContainers")
+                    else "False"
+                )
+                if conditions.get(kind, {}).get("status") != value:
+                    conditions[kind] = {"type": kind, "status": value, "lastTransitionTime": now}
+            status = {
+                "phase": phase,
+                "conditions": list(conditions.values()),
+                "hostIP": "127.0.0.1",
+                "hostIPs": [{"ip": "127.0.0.1"}],
+                "podIP": "127.0.0.1",
+                "podIPs": [{"ip": "127.0.0.1"}],
+                "startTime": started,
+                "containerStatuses": [
+                    {
+                        "name": container["name"],
+                        "image": container["image"],
+                        "imageID": container["image"],
+                        "ready": ready,
+                        "started": "running" in state,
+                        "restartCount": 0,
+                        "state": state,
+                    }
+                ],
+            }
+            body = {
+                "metadata": {"resourceVersion": raw["metadata"]["resourceVersion"]},
+                "status": status,
+            }
+            try:
+                self.api.patch_namespaced_pod_status(meta["name"], meta["namespace"], body)
+                return
+            except ApiException as error:
+                if error.status == 404:
+                    return
+                if error.status != 409:
+                    raise
+        raise RuntimeError(f"could not report {meta['namespace']}/{meta['name']}: conflicts")
+
+
+def _entrypoint(image: str) -> list[str]:
+    for part, command in ENTRYPOINTS.items():
+        if part in image.split("@", maxsplit=1)[0].rsplit("/", 1)[-1]:
+            return command
+    raise ValueError(f"no entrypoint known for image {image}")
+
+
+def _mapped(value: str, mounts: dict[str, Path]) -> str:
+    """A path inside the container rewritten to the host folder of its mount."""
+    for mount_path, host in sorted(mounts.items(), key=lambda m: -len(m[0])):
+        if value == mount_path or value.startswith(mount_path.rstrip("/") + "/"):
+            return str(host) + value[len(mount_path) :]
+    return value
+
+
+def _field(pod: dict[str, Any], path: str) -> str | None:
+    meta = pod["metadata"]
+    known = {
+        "metadata.name": meta["name"],
+        "metadata.namespace": meta["namespace"],
+        "metadata.uid": meta["uid"],
+        "spec.nodeName": pod["spec"].get("node_name"),
+        "spec.serviceAccountName": pod["spec"].get("service_account_name"),
+        "status.podIP": "127.0.0.1",
+        "status.hostIP": "127.0.0.1",
+    }
+    return known.get(path)
