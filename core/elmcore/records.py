@@ -41,6 +41,7 @@ class Progress(Record):
     tokens_per_second: float = 0.0
     loss: float | None = None
     eta_seconds: float | None = None
+    message: str = ""  # phase "failed": why (the bad input's file and problem)
     updated_at: str = Field(default_factory=utc_now)
 
 

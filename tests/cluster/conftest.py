@@ -101,31 +101,36 @@ class Release:
 
     @property
     def account(self) -> str:
-        return self.name  # the chart's fullname when the release is called "elmforest"
+        """The chart's fullname: the release's name if it holds "elmforest", else with it."""
+        return self.name if "elmforest" in self.name else f"{self.name}-elmforest"
 
 
-@pytest.fixture(scope="session")
-def release(kube: Kube) -> Release:
+def install_chart(kube: Kube, name: str, prefix: str, **values: str) -> Release:
+    """``helm install`` of helm/elmforest into a new restricted namespace, watching another."""
     crds_before = all(
         kube.kubectl("get", f"crd/{kind.crd_name}", check=False).returncode == 0
         for kind in (FOREST, BRANCH)
     )
-    namespace = kube.namespace("elmforest-system", RESTRICTED)
-    watched = kube.namespace("team", RESTRICTED)
-    kube.helm(
-        "install",
-        "elmforest",
-        str(ROOT / "helm" / "elmforest"),
-        "-n",
-        namespace,
-        "--set",
-        f"image.digest={OPERATOR_DIGEST}",
-        "--set",
-        f"watchNamespaces={{{watched}}}",
-        "--set",
-        f"trainer.image={TRAINER_IMAGE}",
+    namespace = kube.namespace(f"{prefix}-system", RESTRICTED)
+    watched = kube.namespace(prefix, RESTRICTED)
+    values = {
+        "image.digest": OPERATOR_DIGEST,
+        "watchNamespaces": f"{{{watched}}}",
+        "trainer.image": TRAINER_IMAGE,
+        **values,
+    }
+    sets = [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+    kube.helm("install", name, str(ROOT / "helm" / "elmforest"), "-n", namespace, *sets)
+    return Release(name, namespace, watched, crds_before)
+
+
+@pytest.fixture(scope="session")
+def release(kube: Kube) -> Release:
+    # Admitted, never scheduled: the RBAC test runs this operator itself, and no node (the
+    # process kubelet of other tests) may start a second one on the same namespace.
+    return install_chart(
+        kube, "elmforest", "team", **{"nodeSelector.elmforest-test/unschedulable": "true"}
     )
-    return Release("elmforest", namespace, watched, crds_before)
 
 
 @pytest.fixture(scope="session")

@@ -72,7 +72,7 @@ def operator(
     kube: Kube, release: Release, tmp_path: Path
 ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     """The chart's operator container, run as a process with the chart's identity."""
-    deployment = kube.json("get", "deployment", release.name, "-n", release.namespace)
+    deployment = kube.json("get", "deployment", release.account, "-n", release.namespace)
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     args = [
         a
@@ -235,7 +235,7 @@ def test_operator_as_its_service_account_is_least_privilege(
         ref = record["objectRef"]
         resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
         used.add((ref.get("apiGroup", ""), resource, record["verb"]))
-    role = kube.json("get", "role", release.name, "-n", ns)
+    role = kube.json("get", "role", release.account, "-n", ns)
     granted = {
         (group, resource, verb)
         for rule in role["rules"]

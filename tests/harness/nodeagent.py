@@ -204,6 +204,11 @@ class ProcessKubelet:
                 raise
             self.leases.create_namespaced_lease("kube-node-lease", body)
 
+    def log_of(self, namespace: str, pod: str) -> str:
+        """What the pod's container printed (``kubectl logs`` needs a kubelet server)."""
+        logs = sorted((self.workdir / namespace).glob(f"{pod}-*/container.log"))
+        return logs[-1].read_text(errors="replace") if logs else ""
+
     # ---- pods ---------------------------------------------------------------------------------
 
     def _sync_loop(self) -> None:

@@ -161,7 +161,13 @@ def test_a_result_is_merged_once_then_the_status_says_merged() -> None:
 def test_bad_input_fails_at_once_other_failures_retry() -> None:
     running = versioned(attempt=1, job_name="cook-v1-a1")
     bad = JobState("cook-v1-a1", "Failed", "PodFailurePolicy", "exit code 65")
-    assert status_of(plan_branch(inp(status=running, job=bad)).actions).phase == "Failed"
+    failed = status_of(plan_branch(inp(status=running, job=bad)).actions)
+    assert failed.phase == "Failed" and failed.conditions[0].reason == "BadInput"
+    # The trainer's record names the file; the condition (and its Event) carry its words.
+    why = Progress(run_id="branch.cooking.v1", phase="failed", message="x.txt: no text")
+    named = plan_branch(inp(status=running, job=bad, records=RunRecords(progress=why)))
+    assert status_of(named.actions).conditions[0].message == "Job cook-v1-a1: x.txt: no text"
+    assert any(isinstance(a, Event) and "x.txt: no text" in a.message for a in named.actions)
     flaky = JobState("cook-v1-a1", "Failed", "BackoffLimitExceeded", "")
     retry = plan_branch(inp(status=running, job=flaky))
     job = next(a for a in retry.actions if isinstance(a, CreateJob)).body

@@ -175,8 +175,9 @@ UNUSABLE = {
 
 @pytest.mark.parametrize("name", sorted(UNUSABLE))
 def test_unusable_training_text_is_bad_input(
-    seeded_forest: Path, tmp_path: Path, name: str
+    seeded_forest: Path, forest_copy: ForestFactory, tmp_path: Path, name: str
 ) -> None:
+    forest = forest_copy(seeded_forest, "forest")
     path = tmp_path / name
     path.write_bytes(UNUSABLE[name])
     assert_fails(
@@ -184,7 +185,7 @@ def test_unusable_training_text_is_bad_input(
         name,
         "branch",
         "--forest",
-        str(seeded_forest),
+        str(forest),
         "--domain",
         "cooking",
         "--data",
@@ -192,6 +193,9 @@ def test_unusable_training_text_is_bad_input(
         "--training",
         training(steps=2),
     )
+    # The run's progress says why, for the operator (a Job's failure only says "exit 65").
+    progress = json.loads((forest / "runs" / "branch.cooking.v1" / "progress.json").read_text())
+    assert progress["phase"] == "failed" and name in progress["message"], progress
 
 
 def test_missing_training_file_is_bad_input(seeded_forest: Path, tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -17,7 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 from elmcore import layout
-from elmcore.errors import ElmError, NotFoundError
+from elmcore.errors import ElmError, ExitCode, NotFoundError
 from elmcore.records import Metrics, Parent, Progress, Result
 from elmcore.storage.commit import commit_dir, verify_committed
 from elmcore.storage.manifest_store import merge_verified
@@ -58,6 +60,22 @@ def finished_result(forest: Forest, run_id: str) -> Result | None:
     except (NotFoundError, ElmError):
         return None
     return result
+
+
+@contextmanager
+def failure_recorded(forest: Forest, run_id: str) -> Iterator[None]:
+    """Record bad input in the run's progress (phase "failed", the message naming the file),
+    where the operator reads it: a Job's own failure only says "exit code 65"."""
+    try:
+        yield
+    except ElmError as error:
+        if error.exit_code in (ExitCode.BAD_INPUT, ExitCode.USAGE):
+            progress = Progress(run_id=run_id, phase="failed", message=str(error)[:1000])
+            with suppress(ElmError, OSError):  # the error at hand matters more than this record
+                forest.storage.write_bytes(
+                    layout.run_progress(run_id), progress.model_dump_json().encode()
+                )
+        raise
 
 
 def finish_if_done(forest: Forest, spec: JobSpec, runtime: Runtime) -> Result | None:

@@ -250,7 +250,10 @@ def _watch(inp: BranchInput, status: ElmBranchStatus, job: JobState) -> Plan:
         # Exit 0 without a committed result breaks the trainer's contract: count it as failed.
         job = JobState(job.name, "Failed", "NoResult", "the Job succeeded but left no result")
     if job.permanent:
-        _set_phase(inp, status, "Failed", "BadInput", f"Job {job.name}: {job.message}")
+        # The trainer's own words name the file; the Job's only say "exit code 65".
+        progress = inp.records.progress
+        why = progress.message if progress and progress.phase == "failed" else ""
+        _set_phase(inp, status, "Failed", "BadInput", f"Job {job.name}: {why or job.message}")
         return _finish(Plan(), inp, status)
     if status.attempt >= inp.spec.max_attempts:
         message = f"{status.attempt} attempts failed; last: {job.reason} {job.message}".strip()

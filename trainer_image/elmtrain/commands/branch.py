@@ -21,7 +21,8 @@ from elmtrain.commands.common import (
     training_config,
 )
 from elmtrain.data import load_sequences, sample_sequences
-from elmtrain.jobs import JobSpec, finish_if_done, run_training_job
+from elmtrain.forest import Forest
+from elmtrain.jobs import JobSpec, failure_recorded, finish_if_done, run_training_job
 from elmtrain.models import check_vocab, load_model
 from elmtrain.runtime import setup_runtime
 
@@ -53,6 +54,11 @@ def run(args: argparse.Namespace) -> Result:
     domain = validate_label(args.domain, "domain")
     run_id = args.run_id or branch_run_id(domain, args.version)
     forest = open_forest(args)
+    with failure_recorded(forest, run_id):
+        return _train(args, forest, domain, run_id)
+
+
+def _train(args: argparse.Namespace, forest: Forest, domain: str, run_id: str) -> Result:
     cfg = training_config(args)
     runtime = setup_runtime(cfg)
     spec = JobSpec(

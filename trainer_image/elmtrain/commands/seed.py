@@ -15,7 +15,8 @@ from elmtrain.commands.common import (
     training_config,
 )
 from elmtrain.config import ModelConfig, load_json_arg, parse_config
-from elmtrain.jobs import JobSpec, finish_if_done, run_training_job
+from elmtrain.forest import Forest
+from elmtrain.jobs import JobSpec, failure_recorded, finish_if_done, run_training_job
 from elmtrain.models import build_model, check_vocab, load_model
 from elmtrain.runtime import setup_runtime
 
@@ -33,6 +34,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> Result:
     forest = open_forest(args)
+    with failure_recorded(forest, SEED_RUN_ID):
+        return _train(args, forest)
+
+
+def _train(args: argparse.Namespace, forest: Forest) -> Result:
     cfg = training_config(args)
     runtime = setup_runtime(cfg)
     spec = JobSpec(

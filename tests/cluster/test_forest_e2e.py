@@ -1,0 +1,327 @@
+"""A forest end to end on the real control plane, as a user runs it, judged by Kubernetes itself.
+
+``helm install`` the chart (the operator's pod runs on the process kubelet with the chart's
+ServiceAccount), S3 from moto, ``kubectl apply -f`` the quickstart's YAML with ``s3://``
+storage; the seed and four branches train with the real ``elmtrain`` in pods run as processes,
+under the real Job controller, garbage collector and scheduler. Then, on the same cluster: a
+branch's training is edited (version 2 replaces version 1) while its pod is evicted twice (with
+and without grace) and the operator's pod is deleted; a branch with ``retention: Delete`` is
+deleted (its Jobs go by garbage collection); a branch whose data has no text fails at once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import yaml
+
+from elmcore.manifest import Manifest
+from tests.cluster.conftest import Release, install_chart
+from tests.harness.kubectl import Kube
+from tests.harness.nodeagent import ProcessKubelet
+from tests.local.test_quickstart import QUICKSTART, TINY_MODEL, TINY_TRAINING
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+DOMAINS = ("code", "legal", "quotes", "scripture")
+GROUP_LABEL = "btm.elmforest.io"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait(what: str, check: Callable[[], Any], timeout: float = 300, every: float = 1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _s3_yaml(folder: Path, bucket: str, endpoint: str) -> None:
+    """The quickstart's YAML for a cluster: s3:// data and storage, a tiny model, few steps."""
+
+    def located(paths: list[str]) -> list[str]:
+        return [f"s3://{bucket}/{p}" for p in paths]
+
+    for path in folder.glob("*.yaml"):
+        body = yaml.safe_load(path.read_text())
+        spec = body["spec"]
+        if body["kind"] == "ElmForest":
+            spec["storage"] = {
+                "uri": f"s3://{bucket}/forests/quickstart",
+                "endpoint": endpoint,
+                "region": "us-east-1",
+                "credentialsSecret": "s3-creds",
+            }
+            spec["model"] = TINY_MODEL
+            spec["tokenizer"]["vocabSize"] = 512
+            spec["seed"] = {
+                "data": located(spec["seed"]["data"]),
+                "valData": located(spec["seed"]["valData"]),
+                "training": {**TINY_TRAINING, "steps": 60},
+            }
+            spec["branchDefaults"] = {**TINY_TRAINING, "steps": 6}
+        else:
+            spec["data"] = {k: located(v) for k, v in spec["data"].items()}
+            if spec["domain"] == "legal":
+                spec["retention"] = "Delete"
+        path.write_text(yaml.safe_dump(body, sort_keys=False))
+
+
+def _branches(kube: Kube, ns: str) -> dict[str, dict[str, Any]]:
+    items = kube.json("get", "eb", "-n", ns)["items"]
+    return {b["metadata"]["name"]: b.get("status") or {} for b in items}
+
+
+def _all_merged(kube: Kube, ns: str, names: tuple[str, ...]) -> bool:
+    statuses = _branches(kube, ns)
+    failed = {n: s for n, s in statuses.items() if n in names and s.get("phase") == "Failed"}
+    assert not failed, failed
+    return all(statuses.get(n, {}).get("phase") == "Merged" for n in names)
+
+
+def _jobs(kube: Kube, ns: str, selector: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = kube.json("get", "jobs", "-n", ns, "-l", selector)["items"]
+    return items
+
+
+def _running_pod(kube: Kube, ns: str, selector: str) -> str | None:
+    for pod in kube.json("get", "pods", "-n", ns, "-l", selector)["items"]:
+        if pod["status"].get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp"):
+            return str(pod["metadata"]["name"])
+    return None
+
+
+def _logged_steps(node: ProcessKubelet, ns: str, pod: str, event: str) -> list[int]:
+    steps = []
+    for line in node.log_of(ns, pod).splitlines():
+        start = line.find("{")
+        if start >= 0 and event in line:
+            try:
+                steps.append(int(json.loads(line[start:])["step"]))
+            except (ValueError, KeyError):
+                continue
+    return steps
+
+
+def _evict(kube: Kube, ns: str, pod: str, grace: int | None) -> None:
+    body: dict[str, Any] = {
+        "apiVersion": "policy/v1",
+        "kind": "Eviction",
+        "metadata": {"name": pod, "namespace": ns},
+    }
+    if grace is not None:
+        body["deleteOptions"] = {"gracePeriodSeconds": grace}
+    kube.kubectl(
+        "create",
+        "--raw",
+        f"/api/v1/namespaces/{ns}/pods/{pod}/eviction",
+        "-f",
+        "-",
+        stdin=json.dumps(body),
+    )
+
+
+def test_quickstart_forest_on_a_real_control_plane(
+    kube: Kube, node: ProcessKubelet, s3_endpoint: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    release: Release = install_chart(
+        kube,
+        "e2e",
+        "forest",
+        healthPort=str(_free_port()),
+        **{
+            "metrics.port": str(_free_port()),
+            "resyncSeconds": "2",
+            "trainer.gpus": "0",
+            "trainer.resources.requests.cpu": "1",
+            "trainer.resources.requests.memory": "1Gi",
+            "trainer.resources.limits.memory": "8Gi",
+        },
+    )
+    ns = release.watched
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    for path in (QUICKSTART / "data").rglob("*.txt"):
+        s3.upload_file(str(path), s3_bucket, f"data/{path.relative_to(QUICKSTART)}")
+    folder = tmp_path / "quickstart"
+    shutil.copytree(QUICKSTART, folder, ignore=shutil.ignore_patterns("data", ".elmforest"))
+    _s3_yaml(folder, s3_bucket, s3_endpoint)
+    kube.kubectl(
+        "create",
+        "secret",
+        "generic",
+        "s3-creds",
+        "-n",
+        ns,
+        "--from-literal=AWS_ACCESS_KEY_ID=testing",
+        "--from-literal=AWS_SECRET_ACCESS_KEY=testing",
+    )
+    kube.kubectl("apply", "-f", str(folder), "-n", ns)
+
+    def manifest() -> Manifest:
+        data = s3.get_object(Bucket=s3_bucket, Key="forests/quickstart/manifest.json")["Body"]
+        return Manifest.model_validate(json.loads(data.read()))
+
+    # 1. Everything trains in pods run by the node and merges exactly once.
+    _wait("four merged branches", lambda: _all_merged(kube, ns, DOMAINS), timeout=600)
+    _wait(
+        "the forest Ready with four experts",
+        lambda: (
+            kube.json("get", "ef", "quickstart", "-n", ns).get("status", {}).get("expertCount") == 4
+        ),
+    )
+    table = kube.kubectl("get", "eb", "-n", ns).stdout.splitlines()
+    for line in table[1:]:
+        _name, forest, _domain, phase, *rest = line.split()
+        assert phase == "Merged" and forest == "quickstart", line
+        assert float(rest[-2]) > 1, line  # the perplexity column
+    assert "Ready" in kube.kubectl("get", "ef", "-n", ns).stdout
+    first = manifest()
+    assert sorted(first.experts) == sorted(DOMAINS)
+    assert all(e.version == 1 for e in first.experts.values())
+    assert first.revision == 2 + len(DOMAINS)  # tokenizer, seed, one merge per branch
+    for domain in DOMAINS:
+        jobs = [j["metadata"]["name"] for j in _jobs(kube, ns, f"{GROUP_LABEL}/branch={domain}")]
+        assert jobs == [f"{domain}-v1-a1"], jobs
+    assert node.started_pods[0].startswith(f"{release.namespace}/e2e-elmforest-")  # the operator
+
+    # 2. Version 2 of quotes, long enough to be interrupted: two evictions and an operator crash.
+    kube.kubectl(
+        "patch",
+        "eb",
+        "quotes",
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"training": {"steps": 400, "checkpointInterval": 20}}}),
+    )
+    selector = f"{GROUP_LABEL}/branch=quotes"
+    job = "quotes-v2-a1"
+    pod = _wait("quotes v2 training", lambda: _running_pod(kube, ns, f"job-name={job}"))
+    _wait(
+        "a committed checkpoint",
+        lambda: _logged_steps(node, ns, pod, "checkpoint.committed"),
+        every=0.2,
+    )
+    _evict(kube, ns, pod, grace=None)  # SIGTERM: the trainer checkpoints and exits
+    second = _wait(
+        "a replacement pod", lambda: (p := _running_pod(kube, ns, f"job-name={job}")) != pod and p
+    )
+    resumed = _wait(
+        "the replacement to resume",
+        lambda: _logged_steps(node, ns, second, "checkpoint.resumed"),
+        every=0.2,
+    )
+    assert resumed[0] >= 20
+    operator = _running_pod(kube, release.namespace, "app.kubernetes.io/instance=e2e")
+    assert operator is not None
+    kube.kubectl(
+        "delete",
+        "pod",
+        operator,
+        "-n",
+        release.namespace,
+        "--grace-period=0",
+        "--force",
+        "--wait=false",
+    )  # the operator dies; its ReplicaSet starts another
+    committed = _wait(
+        "a checkpoint after the resume",
+        lambda: [
+            s for s in _logged_steps(node, ns, second, "checkpoint.committed") if s > resumed[0]
+        ],
+        every=0.2,
+    )
+    _evict(kube, ns, second, grace=0)  # SIGKILL at once
+    third = _wait(
+        "a third pod",
+        lambda: (p := _running_pod(kube, ns, f"job-name={job}")) not in (pod, second) and p,
+    )
+    again = _wait(
+        "it to resume", lambda: _logged_steps(node, ns, third, "checkpoint.resumed"), every=0.2
+    )
+    assert again[0] >= committed[-1] - 20, (committed, again)  # within one interval
+    _wait(
+        "quotes v2 merged",
+        lambda: _all_merged(kube, ns, ("quotes",)) and manifest().experts["quotes"].version == 2,
+        timeout=600,
+    )
+    status = _jobs(kube, ns, selector)
+    assert [j["metadata"]["name"] for j in status] == [job], status  # v1's Job superseded
+    assert status[0]["status"].get("failed", 0) == 0, status[0]["status"]
+    assert manifest().revision == first.revision + 1  # one merge for version 2
+
+    # 3. retention: Delete: the expert and its files leave; Kubernetes' GC removes its Jobs.
+    kube.kubectl("delete", "eb", "legal", "-n", ns, "--timeout=120s")
+    assert "legal" not in manifest().experts
+    listed = s3.list_objects_v2(Bucket=s3_bucket, Prefix="forests/quickstart/experts/legal")
+    assert listed.get("KeyCount", 0) == 0
+    _wait(
+        "legal's Jobs collected",
+        lambda: not _jobs(kube, ns, f"{GROUP_LABEL}/branch=legal"),
+        timeout=120,
+    )
+    if kube.plane is not None:
+        deleted_by = set()
+        for line in kube.plane.audit_log.read_text().splitlines():
+            record = json.loads(line)
+            ref = record.get("objectRef", {})
+            if (
+                record.get("verb") == "delete"
+                and ref.get("resource") == "jobs"
+                and ref.get("name", "").startswith("legal-")
+            ):
+                deleted_by.add(record["user"]["username"])
+        assert deleted_by == {"system:serviceaccount:kube-system:generic-garbage-collector"}
+
+    # 4. A branch whose data holds no text fails at once: no retry, Ready=False, an Event.
+    s3.put_object(Bucket=s3_bucket, Key="data/empty/train.txt", Body=b"\n\n")
+    broken = {
+        "apiVersion": "btm.elmforest.io/v1alpha1",
+        "kind": "ElmBranch",
+        "metadata": {"name": "broken"},
+        "spec": {
+            "forest": "quickstart",
+            "domain": "broken",
+            "init": {"strategy": "seed"},
+            "data": {"train": [f"s3://{s3_bucket}/data/empty/train.txt"]},
+        },
+    }
+    before = manifest().revision
+    kube.apply(broken, "-n", ns)
+    failed = _wait(
+        "broken to fail",
+        lambda: (
+            _branches(kube, ns).get("broken", {}).get("phase") == "Failed"
+            and _branches(kube, ns)["broken"]
+        ),
+        timeout=300,
+    )
+    ready = {c["type"]: c for c in failed["conditions"]}["Ready"]
+    assert ready["status"] == "False" and ready["reason"] == "BadInput", ready
+    assert "train.txt" in ready["message"], ready
+    jobs = _jobs(kube, ns, f"{GROUP_LABEL}/branch=broken")
+    assert [j["metadata"]["name"] for j in jobs] == ["broken-v1-a1"]
+    assert jobs[0]["status"].get("failed") == 1, jobs[0]["status"]  # FailJob: no retry
+    events = kube.json("get", "events", "-n", ns, "--field-selector", "involvedObject.name=broken")[
+        "items"
+    ]
+    assert any("train.txt" in e["message"] for e in events), [e["message"] for e in events]
+    assert manifest().revision == before
+    assert all(_branches(kube, ns)[n]["phase"] == "Merged" for n in ("code", "quotes", "scripture"))
+    assert re.search(r"quickstart\s+Ready\s+3", kube.kubectl("get", "ef", "-n", ns).stdout)
