@@ -33,6 +33,7 @@ from tests.local.test_quickstart import QUICKSTART, TINY_MODEL, TINY_TRAINING
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 DOMAINS = ("code", "legal", "quotes", "scripture")
 GROUP_LABEL = "btm.elmforest.io"
+WRITES = {"create", "update", "patch", "delete", "deletecollection"}
 
 
 def _free_port() -> int:
@@ -88,6 +89,8 @@ def _branches(kube: Kube, ns: str) -> dict[str, dict[str, Any]]:
 
 
 def _all_merged(kube: Kube, ns: str, names: tuple[str, ...]) -> bool:
+    forest = kube.json("get", "ef", "quickstart", "-n", ns).get("status") or {}
+    assert forest.get("phase") != "Failed", forest
     statuses = _branches(kube, ns)
     failed = {n: s for n, s in statuses.items() if n in names and s.get("phase") == "Failed"}
     assert not failed, failed
@@ -118,6 +121,26 @@ def _logged_steps(node: ProcessKubelet, ns: str, pod: str, event: str) -> list[i
     return steps
 
 
+def _audit_lines(kube: Kube) -> int:
+    assert kube.plane is not None
+    return len(kube.plane.audit_log.read_text().splitlines())
+
+
+def _operator_writes(kube: Kube, user: str, after: int) -> list[str]:
+    """What ``user`` changed in the API since audit line ``after`` (reads do not count)."""
+    assert kube.plane is not None
+    writes = []
+    for line in kube.plane.audit_log.read_text().splitlines()[after:]:
+        record = json.loads(line)
+        if record["user"]["username"] == user and record["verb"] in WRITES:
+            ref = record.get("objectRef", {})
+            writes.append(
+                f"{record['verb']} {ref.get('resource')}/{ref.get('subresource', '')}"
+                f" {ref.get('name')}"
+            )
+    return writes
+
+
 def _evict(kube: Kube, ns: str, pod: str, grace: int | None) -> None:
     body: dict[str, Any] = {
         "apiVersion": "policy/v1",
@@ -136,6 +159,7 @@ def _evict(kube: Kube, ns: str, pod: str, grace: int | None) -> None:
     )
 
 
+@pytest.mark.timeout(1500)  # a whole forest and its life on 2 cores: many minutes
 def test_quickstart_forest_on_a_real_control_plane(
     kube: Kube, node: ProcessKubelet, s3_endpoint: str, s3_bucket: str, tmp_path: Path
 ) -> None:
@@ -156,7 +180,7 @@ def test_quickstart_forest_on_a_real_control_plane(
     ns = release.watched
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     for path in (QUICKSTART / "data").rglob("*.txt"):
-        s3.upload_file(str(path), s3_bucket, f"data/{path.relative_to(QUICKSTART)}")
+        s3.upload_file(str(path), s3_bucket, str(path.relative_to(QUICKSTART)))  # data/...
     folder = tmp_path / "quickstart"
     shutil.copytree(QUICKSTART, folder, ignore=shutil.ignore_patterns("data", ".elmforest"))
     _s3_yaml(folder, s3_bucket, s3_endpoint)
@@ -198,6 +222,33 @@ def test_quickstart_forest_on_a_real_control_plane(
         jobs = [j["metadata"]["name"] for j in _jobs(kube, ns, f"{GROUP_LABEL}/branch={domain}")]
         assert jobs == [f"{domain}-v1-a1"], jobs
     assert node.started_pods[0].startswith(f"{release.namespace}/e2e-elmforest-")  # the operator
+
+    # GitOps: every file re-applied unchanged, server-side, under another field manager (as
+    # Argo CD syncs): no new version, no new Job, and the operator writes nothing in response.
+    user = f"system:serviceaccount:{release.namespace}:{release.account}"
+    versions = {n: s.get("version") for n, s in _branches(kube, ns).items()}
+    mark = _audit_lines(kube)
+    kube.kubectl(
+        "apply", "--server-side", "--field-manager=argocd-controller", "-f", str(folder), "-n", ns
+    )
+    time.sleep(8)  # several of the operator's resyncs (2 s) and progress polls
+    assert _operator_writes(kube, user, mark) == []
+    assert {n: s.get("version") for n, s in _branches(kube, ns).items()} == versions
+    # One more branch file, the folder applied again: only that domain trains.
+    extra = yaml.safe_load((folder / "branch-quotes.yaml").read_text())
+    extra["metadata"]["name"], extra["spec"]["domain"] = "extra", "extra"
+    extra["spec"]["data"] = {"train": [f"s3://{s3_bucket}/data/quotes/valid.txt"]}
+    (folder / "branch-extra.yaml").write_text(yaml.safe_dump(extra))
+    kube.kubectl(
+        "apply", "--server-side", "--field-manager=argocd-controller", "-f", str(folder), "-n", ns
+    )
+    _wait("extra merged", lambda: _all_merged(kube, ns, ("extra",)), timeout=300)
+    trainer_jobs = kube.json("get", "jobs", "-n", ns, "-l", f"{GROUP_LABEL}/branch")["items"]
+    assert sorted(j["metadata"]["name"] for j in trainer_jobs) == sorted(
+        [f"{d}-v1-a1" for d in (*DOMAINS, "extra")]
+    )
+    assert manifest().revision == first.revision + 1
+    first = manifest()
 
     # 2. Version 2 of quotes, long enough to be interrupted: two evictions and an operator crash.
     kube.kubectl(
@@ -261,8 +312,16 @@ def test_quickstart_forest_on_a_real_control_plane(
         lambda: _all_merged(kube, ns, ("quotes",)) and manifest().experts["quotes"].version == 2,
         timeout=600,
     )
-    status = _jobs(kube, ns, selector)
-    assert [j["metadata"]["name"] for j in status] == [job], status  # v1's Job superseded
+
+    # One Job for version 2 through two evictions and an operator restart, nothing counted
+    # as failed (v1's finished Job stays until its TTL).
+    def v2_jobs() -> list[dict[str, Any]]:
+        return [j for j in _jobs(kube, ns, selector) if "-v2-" in j["metadata"]["name"]]
+
+    # (the operator merges the committed result; the pod exits a moment later)
+    _wait("the Job to complete", lambda: v2_jobs()[0]["status"].get("succeeded") == 1)
+    status = v2_jobs()
+    assert [j["metadata"]["name"] for j in status] == [job], status
     assert status[0]["status"].get("failed", 0) == 0, status[0]["status"]
     assert manifest().revision == first.revision + 1  # one merge for version 2
 
@@ -289,7 +348,31 @@ def test_quickstart_forest_on_a_real_control_plane(
                 deleted_by.add(record["user"]["username"])
         assert deleted_by == {"system:serviceaccount:kube-system:generic-garbage-collector"}
 
-    # 4. A branch whose data holds no text fails at once: no retry, Ready=False, an Event.
+    # 4. retention Keep, then the same branch re-created with other data (a GitOps revert and
+    # re-add): v1's runs and files stay in storage, and the new branch trains anew as v2.
+    code = yaml.safe_load((folder / "branch-code.yaml").read_text())
+    kube.kubectl("delete", "eb", "code", "-n", ns, "--timeout=120s")
+    assert "code" not in manifest().experts
+    assert (
+        s3.list_objects_v2(Bucket=s3_bucket, Prefix="forests/quickstart/experts/code/v1")[
+            "KeyCount"
+        ]
+        > 0
+    )  # kept
+    code["spec"]["data"]["train"] = [f"s3://{s3_bucket}/data/legal/train.txt"]
+    kube.apply(code, "-n", ns)
+    _wait(
+        "code merged again",
+        lambda: _all_merged(kube, ns, ("code",)) and "code" in manifest().experts,
+        timeout=300,
+    )
+    entry = manifest().experts["code"]
+    assert entry.version == 2, entry
+    jobs = [j["metadata"]["name"] for j in _jobs(kube, ns, f"{GROUP_LABEL}/branch=code")]
+    assert jobs == ["code-v2-a1"], jobs
+    assert any(p.startswith(f"{ns}/code-v2-a1-") for p in node.started_pods)
+
+    # 5. A branch whose data holds no text fails at once: no retry, Ready=False, an Event.
     s3.put_object(Bucket=s3_bucket, Key="data/empty/train.txt", Body=b"\n\n")
     broken = {
         "apiVersion": "btm.elmforest.io/v1alpha1",
@@ -324,4 +407,4 @@ def test_quickstart_forest_on_a_real_control_plane(
     assert any("train.txt" in e["message"] for e in events), [e["message"] for e in events]
     assert manifest().revision == before
     assert all(_branches(kube, ns)[n]["phase"] == "Merged" for n in ("code", "quotes", "scripture"))
-    assert re.search(r"quickstart\s+Ready\s+3", kube.kubectl("get", "ef", "-n", ns).stdout)
+    assert re.search(r"quickstart\s+Ready\s+4", kube.kubectl("get", "ef", "-n", ns).stdout)

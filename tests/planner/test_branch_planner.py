@@ -158,6 +158,17 @@ def test_a_result_is_merged_once_then_the_status_says_merged() -> None:
     assert steady.actions == []
 
 
+def test_a_recreated_branch_never_reuses_an_earlier_branchs_version() -> None:
+    """Deleted with retention Keep and re-created (a GitOps revert and re-add): the domain's
+    runs and files of v1..v3 stay in storage, so the new branch starts at v4 and never resumes
+    or merges what the earlier one left."""
+    plan = plan_branch(inp(records=RunRecords(used_version=3)))
+    status = status_of(plan.actions)
+    assert (status.version, status.job_name) == (4, "cook-v4-a1")
+    job = next(a for a in plan.actions if isinstance(a, CreateJob)).body
+    assert "4" in job["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
 def test_bad_input_fails_at_once_other_failures_retry() -> None:
     running = versioned(attempt=1, job_name="cook-v1-a1")
     bad = JobState("cook-v1-a1", "Failed", "PodFailurePolicy", "exit code 65")

@@ -5,6 +5,8 @@ Blocking (boto3); the reconcilers call it from worker threads.
 
 from __future__ import annotations
 
+import re
+
 from pydantic import ValidationError
 
 from elmcore import layout
@@ -53,9 +55,26 @@ class ForestStorage:
     ) -> tuple[RunRecords, ExpertEntry | None]:
         """A branch version's run records, and the manifest's entry for its domain (from
         ``manifest`` when the caller has just read it, else read here)."""
-        records = self.records(branch_run_id(domain, version)) if version else RunRecords()
+        if version:
+            records = self.records(branch_run_id(domain, version))
+        else:
+            records = RunRecords(used_version=self.used_version(domain))
         merged = manifest.experts.get(domain) if manifest else self.merged_expert(domain)
         return records, merged
+
+    def used_version(self, domain: str) -> int:
+        """The highest version of ``domain`` with runs or expert files in storage (0: none).
+        Read once per new branch: a re-created branch must not resume, or take as its own, an
+        earlier branch's run of the same number."""
+        versions = [0]
+        pattern = re.compile(rf"^{re.escape(branch_run_id(domain, 1)[:-1])}(\d+)$")
+        for name in self.storage.list_children("runs"):
+            if match := pattern.match(name):
+                versions.append(int(match.group(1)))
+        for name in self.storage.list_children(f"experts/{domain}"):
+            if name.startswith("v") and name[1:].isdigit():
+                versions.append(int(name[1:]))
+        return max(versions)
 
     def apply(self, action: Action) -> str:
         """Carry out a storage action; returns a line for the log."""

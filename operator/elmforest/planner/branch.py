@@ -156,6 +156,7 @@ def _new_version(inp: BranchInput, status: ElmBranchStatus, fingerprint: str) ->
         version = previous + 1
     if inp.merged is not None:
         version = max(version, inp.merged.version + 1)
+    version = max(version, inp.records.used_version + 1)  # never an earlier branch's number
     status.version, status.spec_hash, status.attempt = version, fingerprint, 0
     status.job_name = None
     status.progress = status.checkpoint = status.init = None

@@ -53,6 +53,9 @@ class RunRecords:
 
     progress: Progress | None = None
     result: Result | None = None
+    # For a branch that has no version yet: the highest version of its domain that storage
+    # holds files of (an earlier branch's, kept by retention Keep); the new one starts above.
+    used_version: int = 0
 
 
 @dataclass(frozen=True)
