@@ -12,6 +12,7 @@ Run as ``kopf run --standalone --namespace NS bench/floor_operator.py``.
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,14 @@ _session: dict[str, Any] = {}
 async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.scanning.disabled = True  # the emulator has no CRD objects to scan
     config = yaml.safe_load(Path(os.environ["KUBECONFIG"]).read_text())
-    _session["url"] = config["clusters"][0]["cluster"]["server"]
+    cluster = config["clusters"][0]["cluster"]
+    _session["url"] = cluster["server"]
     token = config["users"][0]["user"]["token"]
-    _session["http"] = aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"})
+    ca = cluster.get("certificate-authority")  # a real API server's CA (https)
+    connector = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=ca)) if ca else None
+    _session["http"] = aiohttp.ClientSession(
+        headers={"Authorization": f"Bearer {token}"}, connector=connector
+    )
 
 
 @kopf.on.cleanup()

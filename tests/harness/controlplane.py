@@ -113,7 +113,9 @@ class ControlPlane:
         self._processes.append(process)
         self.pids[name] = process.pid
 
-    def start(self, timeout: float = 180) -> ControlPlane:
+    def start(self, timeout: float = 180, controllers: bool = True) -> ControlPlane:
+        """Start etcd and the API server, then (``controllers``) the controller manager and the
+        scheduler; without them the API server's clients are the only writers (benchmarks)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         ca = self._ca = pki.Authority(self.folder / "pki")
         serving = ca.issue("apiserver", "kube-apiserver", serving=True)
@@ -168,10 +170,12 @@ class ControlPlane:
                 {"client-certificate": str(admin.cert), "client-key": str(admin.key)},
             )
         )
-        for name, identity in (
+        components = (
             ("kube-controller-manager", "system:kube-controller-manager"),
             ("kube-scheduler", "system:kube-scheduler"),
-        ):
+        )
+        self._waited_for_apiserver(timeout, admin)
+        for name, identity in components if controllers else ():
             pair = ca.issue(name, identity)
             config = self.folder / f"{name}.kubeconfig"
             config.write_text(
@@ -196,9 +200,9 @@ class ControlPlane:
                     f"--root-ca-file={ca.cert}",
                     f"--service-cluster-ip-range={SERVICE_RANGE}",
                 ]
-            self._waited_for_apiserver(timeout, admin)
             self._start(name, argv)
-        self._wait_ready(timeout)
+        if controllers:  # the default service account comes from the controller manager
+            self._wait_ready(timeout)
         (self.folder / "state.json").write_text(
             json.dumps({"server": self.server, "pids": self.pids})
         )

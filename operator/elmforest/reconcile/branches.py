@@ -1,7 +1,8 @@
 """Reconcile one ElmBranch (and finalize it on deletion): observe, plan, apply.
 
 The branch's own finalizer (not Kopf's) guards what outlives the branch's Jobs: its run in
-storage and its expert in the manifest. It is added just before the first of those exists.
+storage (with retention Delete) and its expert in the manifest. It is added just before the
+first of those exists.
 """
 
 from __future__ import annotations
@@ -84,13 +85,17 @@ def _records_version(
     return status.version
 
 
-def _needs_finalizer(plan: Plan, status: ElmBranchStatus) -> bool:
+def _needs_finalizer(plan: Plan, status: ElmBranchStatus, retention: str) -> bool:
     """Whether the branch has (or is about to have) something outside Kubernetes' garbage
-    collection to clean up on deletion: a run in storage or an expert in the manifest."""
-    return (
-        status.job_name is not None
-        or status.merged_version is not None
-        or any(isinstance(a, (CreateJob, *STORAGE_ACTIONS)) for a in plan.actions)
+    collection to clean up on deletion: an expert in the manifest, or, with retention Delete,
+    a run in storage. A branch that keeps its files needs none until it merges: its Jobs go by
+    owner reference, and one write (and its watch echo) per branch is saved."""
+    if status.merged_version is not None or any(
+        isinstance(a, STORAGE_ACTIONS) for a in plan.actions
+    ):
+        return True
+    return retention == "Delete" and (
+        status.job_name is not None or any(isinstance(a, CreateJob) for a in plan.actions)
     )
 
 
@@ -207,7 +212,10 @@ async def _apply(
     storage: ForestStorage | None,
 ) -> bool:
     """The finalizer first (before anything it must clean up exists), then the plan."""
-    if _needs_finalizer(plan, status) and not await _set_finalizer(ctx, body, present=True):
+    retention = str((body.get("spec") or {}).get("retention", "Keep"))
+    if _needs_finalizer(plan, status, retention) and not await _set_finalizer(
+        ctx, body, present=True
+    ):
         return False
     await apply_plan(ctx, BRANCH, body, plan, storage)
     return True
