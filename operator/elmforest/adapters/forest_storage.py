@@ -6,6 +6,7 @@ Blocking (boto3); the reconcilers call it from worker threads.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 from pydantic import ValidationError
 
@@ -21,6 +22,10 @@ from elmforest.planner.actions import Action, DeleteExpertFiles, MergeResult, Re
 from elmforest.planner.observed import RunRecords, StorageView
 
 FOREST_ROLES = ("tokenizer", "seed")  # built in this order before any branch
+
+
+# A branch's run folder: branch.<domain>.v<version> (elmcore.names.branch_run_id).
+_BRANCH_RUN = re.compile(r"^branch\.([a-z0-9-]+)\.v(\d+)$")
 
 
 class ForestStorage:
@@ -51,30 +56,41 @@ class ForestStorage:
         return view, records
 
     def observe_branch(
-        self, domain: str, version: int | None, manifest: Manifest | None = None
+        self,
+        domain: str,
+        version: int | None,
+        manifest: Manifest | None = None,
+        used: Mapping[str, int] | None = None,
     ) -> tuple[RunRecords, ExpertEntry | None]:
         """A branch version's run records, and the manifest's entry for its domain (from
-        ``manifest`` when the caller has just read it, else read here)."""
+        ``manifest`` when the caller has just read it, else read here). A branch without a
+        version yet learns the highest version its domain left in storage (from ``used``, one
+        listing shared by a batch, else listed here)."""
         if version:
             records = self.records(branch_run_id(domain, version))
         else:
-            records = RunRecords(used_version=self.used_version(domain))
+            highest = (used if used is not None else self.used_versions()).get(domain, 0)
+            records = RunRecords(used_version=highest)
         merged = manifest.experts.get(domain) if manifest else self.merged_expert(domain)
         return records, merged
 
-    def used_version(self, domain: str) -> int:
-        """The highest version of ``domain`` with runs or expert files in storage (0: none).
-        Read once per new branch: a re-created branch must not resume, or take as its own, an
-        earlier branch's run of the same number."""
-        versions = [0]
-        pattern = re.compile(rf"^{re.escape(branch_run_id(domain, 1)[:-1])}(\d+)$")
+    def used_versions(self) -> dict[str, int]:
+        """Each domain's highest version with runs or expert files in storage. A re-created
+        branch must not resume, or take as its own, an earlier branch's run of the same
+        number (one that retention Keep left behind)."""
+        found: dict[str, int] = {}
+
+        def seen(domain: str, version: int) -> None:
+            found[domain] = max(found.get(domain, 0), version)
+
         for name in self.storage.list_children("runs"):
-            if match := pattern.match(name):
-                versions.append(int(match.group(1)))
-        for name in self.storage.list_children(f"experts/{domain}"):
-            if name.startswith("v") and name[1:].isdigit():
-                versions.append(int(name[1:]))
-        return max(versions)
+            if match := _BRANCH_RUN.match(name):
+                seen(match.group(1), int(match.group(2)))
+        for key in self.storage.list_keys("experts"):
+            parts = key.split("/")
+            if len(parts) > 2 and parts[2].startswith("v") and parts[2][1:].isdigit():
+                seen(parts[1], int(parts[2][1:]))
+        return found
 
     def apply(self, action: Action) -> str:
         """Carry out a storage action; returns a line for the log."""

@@ -21,6 +21,7 @@ class Batch:
     def __init__(self, ctx: OperatorContext) -> None:
         self.ctx = ctx
         self._views: dict[ForestStorage, asyncio.Future[StorageView]] = {}
+        self._used: dict[ForestStorage, asyncio.Future[dict[str, int]]] = {}
         self._branches: dict[tuple[str, str], ForestBranches] = {}
 
     def branches(
@@ -36,4 +37,12 @@ class Batch:
         if read is None:
             read = asyncio.ensure_future(self.ctx.io(storage.view))
             self._views[storage] = read
+        return await asyncio.shield(read)
+
+    async def used_versions(self, storage: ForestStorage) -> dict[str, int]:
+        """One listing of the forest's runs and experts for all new branches of the batch."""
+        read = self._used.get(storage)
+        if read is None:
+            read = asyncio.ensure_future(self.ctx.io(storage.used_versions))
+            self._used[storage] = read
         return await asyncio.shield(read)

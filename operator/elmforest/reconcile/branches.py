@@ -161,9 +161,9 @@ async def reconcile_branch(
             # Storage is the truth: a forest whose seed is merged is ready, whether or not
             # the forest's own loop has written that to its status yet.
             view = replace(view, ready=True, observed=True)
-        records, merged = await ctx.io(
-            storage.observe_branch, spec.domain, _records_version(spec, status, job), manifest
-        )
+        version = _records_version(spec, status, job)
+        used = await batch.used_versions(storage) if batch is not None and not version else None
+        records, merged = await ctx.io(storage.observe_branch, spec.domain, version, manifest, used)
     # Slots are counted and taken under the forest's lock, so two branches never race for one.
     async with ctx.forest_lock(namespace, spec.forest):
         others = (branches.active | ctx.reserved(namespace, spec.forest)) - {name}
