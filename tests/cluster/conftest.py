@@ -105,7 +105,9 @@ class Release:
         return self.name if "elmforest" in self.name else f"{self.name}-elmforest"
 
 
-def install_chart(kube: Kube, name: str, prefix: str, **values: str) -> Release:
+def install_chart(
+    kube: Kube, name: str, prefix: str, strings: dict[str, str] | None = None, **values: str
+) -> Release:
     """``helm install`` of helm/elmforest into a new restricted namespace, watching another."""
     crds_before = all(
         kube.kubectl("get", f"crd/{kind.crd_name}", check=False).returncode == 0
@@ -120,6 +122,7 @@ def install_chart(kube: Kube, name: str, prefix: str, **values: str) -> Release:
         **values,
     }
     sets = [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+    sets += [a for k, v in (strings or {}).items() for a in ("--set-string", f"{k}={v}")]
     kube.helm("install", name, str(ROOT / "helm" / "elmforest"), "-n", namespace, *sets)
     return Release(name, namespace, watched, crds_before)
 
@@ -129,7 +132,7 @@ def release(kube: Kube) -> Release:
     # Admitted, never scheduled: the RBAC test runs this operator itself, and no node (the
     # process kubelet of other tests) may start a second one on the same namespace.
     return install_chart(
-        kube, "elmforest", "team", **{"nodeSelector.elmforest-test/unschedulable": "true"}
+        kube, "elmforest", "team", strings={"nodeSelector.elmforest-test/unschedulable": "true"}
     )
 
 

@@ -205,6 +205,8 @@ def test_operator_as_its_service_account_is_least_privilege(
             "domain": "code",
             "data": {"train": [f"s3://{s3_bucket}/data/code.txt"]},
             "training": {"steps": 10},
+            # Deleting its files needs the operator's finalizer from the first Job on.
+            "retention": "Delete",
         },
     }
     kube.apply(branch, "-n", ns)
