@@ -9,28 +9,16 @@ from __future__ import annotations
 
 import copy
 import json
-import time
-from typing import Any
 
 import pytest
 
 from elmforest.api import BRANCH, FOREST
 from tests.chart.test_pod_security import TRAINERS
 from tests.cluster.conftest import Release
-from tests.harness.kubectl import Kube
+from tests.harness.kubectl import Kube, wait_for
 from tests.planner.test_jobs import job
 
 pytestmark = pytest.mark.cluster
-
-
-def _wait(what: str, check: Any, timeout: float = 90) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_helm_installs_the_chart_with_its_crds(kube: Kube, release: Release) -> None:
@@ -47,7 +35,7 @@ def test_helm_installs_the_chart_with_its_crds(kube: Kube, release: Release) -> 
 
 def test_the_operator_pod_is_admitted_under_restricted(kube: Kube, release: Release) -> None:
     selector = "app.kubernetes.io/name=elmforest"
-    pods = _wait(
+    pods = wait_for(
         "the ReplicaSet controller to create the operator's pod",
         lambda: kube.json("get", "pods", "-n", release.namespace, "-l", selector)["items"],
     )

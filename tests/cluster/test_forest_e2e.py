@@ -16,7 +16,7 @@ import re
 import shutil
 import socket
 import time
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +26,13 @@ import yaml
 
 from elmcore.manifest import Manifest
 from tests.cluster.conftest import Release, install_chart
-from tests.harness.kubectl import Kube
+from tests.harness.kubectl import Kube, wait_for
 from tests.harness.nodeagent import ProcessKubelet
 from tests.local.test_quickstart import QUICKSTART, TINY_MODEL, TINY_TRAINING
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+# A forest trains for minutes on 2 cores: patient waits by default.
+wait = partial(wait_for, timeout=300, every=1.0)
 DOMAINS = ("code", "legal", "quotes", "scripture")
 GROUP_LABEL = "btm.elmforest.io"
 WRITES = {"create", "update", "patch", "delete", "deletecollection"}
@@ -41,15 +43,6 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def _wait(what: str, check: Callable[[], Any], timeout: float = 300, every: float = 1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _s3_yaml(folder: Path, bucket: str, endpoint: str) -> None:
@@ -201,8 +194,8 @@ def test_quickstart_forest_on_a_real_control_plane(
         return Manifest.model_validate(json.loads(data.read()))
 
     # 1. Everything trains in pods run by the node and merges exactly once.
-    _wait("four merged branches", lambda: _all_merged(kube, ns, DOMAINS), timeout=600)
-    _wait(
+    wait("four merged branches", lambda: _all_merged(kube, ns, DOMAINS), timeout=600)
+    wait(
         "the forest Ready with four experts",
         lambda: (
             kube.json("get", "ef", "quickstart", "-n", ns).get("status", {}).get("expertCount") == 4
@@ -242,7 +235,7 @@ def test_quickstart_forest_on_a_real_control_plane(
     kube.kubectl(
         "apply", "--server-side", "--field-manager=argocd-controller", "-f", str(folder), "-n", ns
     )
-    _wait("extra merged", lambda: _all_merged(kube, ns, ("extra",)), timeout=300)
+    wait("extra merged", lambda: _all_merged(kube, ns, ("extra",)), timeout=300)
     trainer_jobs = kube.json("get", "jobs", "-n", ns, "-l", f"{GROUP_LABEL}/branch")["items"]
     assert sorted(j["metadata"]["name"] for j in trainer_jobs) == sorted(
         [f"{d}-v1-a1" for d in (*DOMAINS, "extra")]
@@ -263,17 +256,17 @@ def test_quickstart_forest_on_a_real_control_plane(
     )
     selector = f"{GROUP_LABEL}/branch=quotes"
     job = "quotes-v2-a1"
-    pod = _wait("quotes v2 training", lambda: _running_pod(kube, ns, f"job-name={job}"))
-    _wait(
+    pod = wait("quotes v2 training", lambda: _running_pod(kube, ns, f"job-name={job}"))
+    wait(
         "a committed checkpoint",
         lambda: _logged_steps(node, ns, pod, "checkpoint.committed"),
         every=0.2,
     )
     _evict(kube, ns, pod, grace=None)  # SIGTERM: the trainer checkpoints and exits
-    second = _wait(
+    second = wait(
         "a replacement pod", lambda: (p := _running_pod(kube, ns, f"job-name={job}")) != pod and p
     )
-    resumed = _wait(
+    resumed = wait(
         "the replacement to resume",
         lambda: _logged_steps(node, ns, second, "checkpoint.resumed"),
         every=0.2,
@@ -291,7 +284,7 @@ def test_quickstart_forest_on_a_real_control_plane(
         "--force",
         "--wait=false",
     )  # the operator dies; its ReplicaSet starts another
-    committed = _wait(
+    committed = wait(
         "a checkpoint after the resume",
         lambda: [
             s for s in _logged_steps(node, ns, second, "checkpoint.committed") if s > resumed[0]
@@ -299,15 +292,15 @@ def test_quickstart_forest_on_a_real_control_plane(
         every=0.2,
     )
     _evict(kube, ns, second, grace=0)  # SIGKILL at once
-    third = _wait(
+    third = wait(
         "a third pod",
         lambda: (p := _running_pod(kube, ns, f"job-name={job}")) not in (pod, second) and p,
     )
-    again = _wait(
+    again = wait(
         "it to resume", lambda: _logged_steps(node, ns, third, "checkpoint.resumed"), every=0.2
     )
     assert again[0] >= committed[-1] - 20, (committed, again)  # within one interval
-    _wait(
+    wait(
         "quotes v2 merged",
         lambda: _all_merged(kube, ns, ("quotes",)) and manifest().experts["quotes"].version == 2,
         timeout=600,
@@ -319,7 +312,7 @@ def test_quickstart_forest_on_a_real_control_plane(
         return [j for j in _jobs(kube, ns, selector) if "-v2-" in j["metadata"]["name"]]
 
     # (the operator merges the committed result; the pod exits a moment later)
-    _wait("the Job to complete", lambda: v2_jobs()[0]["status"].get("succeeded") == 1)
+    wait("the Job to complete", lambda: v2_jobs()[0]["status"].get("succeeded") == 1)
     status = v2_jobs()
     assert [j["metadata"]["name"] for j in status] == [job], status
     assert status[0]["status"].get("failed", 0) == 0, status[0]["status"]
@@ -330,7 +323,7 @@ def test_quickstart_forest_on_a_real_control_plane(
     assert "legal" not in manifest().experts
     listed = s3.list_objects_v2(Bucket=s3_bucket, Prefix="forests/quickstart/experts/legal")
     assert listed.get("KeyCount", 0) == 0
-    _wait(
+    wait(
         "legal's Jobs collected",
         lambda: not _jobs(kube, ns, f"{GROUP_LABEL}/branch=legal"),
         timeout=120,
@@ -361,7 +354,7 @@ def test_quickstart_forest_on_a_real_control_plane(
     )  # kept
     code["spec"]["data"]["train"] = [f"s3://{s3_bucket}/data/legal/train.txt"]
     kube.apply(code, "-n", ns)
-    _wait(
+    wait(
         "code merged again",
         lambda: _all_merged(kube, ns, ("code",)) and "code" in manifest().experts,
         timeout=300,
@@ -387,7 +380,7 @@ def test_quickstart_forest_on_a_real_control_plane(
     }
     before = manifest().revision
     kube.apply(broken, "-n", ns)
-    failed = _wait(
+    failed = wait(
         "broken to fail",
         lambda: (
             _branches(kube, ns).get("broken", {}).get("phase") == "Failed"

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from typing import Any
 
 import pytest
 
 from elmforest.planner.jobs import failure_policy
-from tests.harness.kubectl import Kube
+from tests.harness.kubectl import Kube, wait_for
 from tests.harness.nodeagent import ProcessKubelet
 
 pytestmark = pytest.mark.cluster
@@ -42,15 +41,6 @@ def _job(name: str, code: str, backoff: int = 0, grace: int = 30) -> dict[str, A
             },
         },
     }
-
-
-def _wait(what: str, check: Any, timeout: float = 90) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _condition(kube: Kube, namespace: str, name: str) -> dict[str, Any] | None:
@@ -82,12 +72,12 @@ def test_jobs_succeed_fail_and_retry_as_the_job_controller_decides(
         "-n",
         ns,
     )
-    ok = _wait("ok to complete", lambda: _condition(kube, ns, "ok"))
+    ok = wait_for("ok to complete", lambda: _condition(kube, ns, "ok"))
     assert ok["type"] == "Complete" and ok["succeeded"] == 1
-    bad = _wait("bad-input to fail", lambda: _condition(kube, ns, "bad-input"))
+    bad = wait_for("bad-input to fail", lambda: _condition(kube, ns, "bad-input"))
     # podFailurePolicy FailJob on exit 65: no retry although backoffLimit allows 3.
     assert bad["type"] == "Failed" and bad["reason"] == "PodFailurePolicy" and bad["failed"] == 1
-    crash = _wait("crash to fail", lambda: _condition(kube, ns, "crash"))
+    crash = wait_for("crash to fail", lambda: _condition(kube, ns, "crash"))
     assert crash["type"] == "Failed" and crash["reason"] == "BackoffLimitExceeded"
     assert crash["failed"] == 2  # the first pod and one retry
     pods = kube.json("get", "pods", "-n", ns, "-l", "batch.kubernetes.io/job-name=crash")["items"]
@@ -113,7 +103,7 @@ def test_eviction_is_a_disruption_not_a_failure(kube: Kube, node: ProcessKubelet
                 return str(pod["metadata"]["name"])
         return None
 
-    first = _wait("the pod to run", running_pod)
+    first = wait_for("the pod to run", running_pod)
     eviction = {
         "apiVersion": "policy/v1",
         "kind": "Eviction",
@@ -128,7 +118,7 @@ def test_eviction_is_a_disruption_not_a_failure(kube: Kube, node: ProcessKubelet
         stdin=json.dumps(eviction),
     )
     # The Job controller ignores the disrupted pod (podFailurePolicy) and starts another.
-    second = _wait("a replacement pod", lambda: (p := running_pod()) != first and p)
+    second = wait_for("a replacement pod", lambda: (p := running_pod()) != first and p)
     assert second != first
     status = kube.json("get", "job", "sleeper", "-n", ns)["status"]
     assert status.get("failed", 0) == 0, status

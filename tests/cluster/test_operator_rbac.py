@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,28 +24,10 @@ import pytest
 from tests.cluster.conftest import Release
 from tests.cluster.validation_cases import IMAGE
 from tests.harness.controlplane import kubeconfig
-from tests.harness.kubectl import Kube
+from tests.harness.kubectl import Kube, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 TINY = {"dModel": 48, "nLayers": 2, "nHeads": 2, "contextLength": 64}
-
-
-def _wait(
-    what: str,
-    check: Callable[[], Any],
-    operator: subprocess.Popen[bytes],
-    log: Path,
-    timeout: float = 120,
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        if operator.poll() is not None:
-            raise AssertionError(f"the operator exited:\n{log.read_text()[-5000:]}")
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}\n{log.read_text()[-5000:]}")
 
 
 def _token_kubeconfig(kube: Kube, release: Release, folder: Path) -> Path:
@@ -170,7 +151,15 @@ def test_operator_as_its_service_account_is_least_privilege(
 ) -> None:
     process, log = operator
     ns = release.watched
-    wait = lambda what, check, timeout=120: _wait(what, check, process, log, timeout)  # noqa: E731
+
+    def wait(what: str, check: Callable[[], Any]) -> Any:
+        def alive() -> str | None:
+            if process.poll() is None:
+                return None
+            return f"the operator exited:\n{log.read_text()[-5000:]}"
+
+        return wait_for(what, check, alive=alive)
+
     secret = {
         "apiVersion": "v1",
         "kind": "Secret",

@@ -176,15 +176,7 @@ class ControlPlane:
         )
         self._waited_for_apiserver(timeout, admin)
         for name, identity in components if controllers else ():
-            pair = ca.issue(name, identity)
-            config = self.folder / f"{name}.kubeconfig"
-            config.write_text(
-                kubeconfig(
-                    self.server,
-                    ca.cert,
-                    {"client-certificate": str(pair.cert), "client-key": str(pair.key)},
-                )
-            )
+            config = self._identity(name, identity)
             argv = [
                 f"--kubeconfig={config}",
                 f"--authentication-kubeconfig={config}",
@@ -211,15 +203,14 @@ class ControlPlane:
     def node_kubeconfig(self, node: str) -> Path:
         """A kubeconfig as the kubelet of ``node`` (``system:node:<node>`` in ``system:nodes``),
         so the Node authorizer grants it what a kubelet gets, no more."""
-        pair = self._ca.issue(f"node-{node}", f"system:node:{node}", "system:nodes")
-        path = self.folder / f"node-{node}.kubeconfig"
-        path.write_text(
-            kubeconfig(
-                self.server,
-                self.ca,
-                {"client-certificate": str(pair.cert), "client-key": str(pair.key)},
-            )
-        )
+        return self._identity(f"node-{node}", f"system:node:{node}", "system:nodes")
+
+    def _identity(self, stem: str, user: str, group: str | None = None) -> Path:
+        """A kubeconfig with a client certificate from this plane's CA for ``user``."""
+        pair = self._ca.issue(stem, user, group)
+        path = self.folder / f"{stem}.kubeconfig"
+        cert = {"client-certificate": str(pair.cert), "client-key": str(pair.key)}
+        path.write_text(kubeconfig(self.server, self.ca, cert))
         return path
 
     def _context(self, admin: pki.Pair | None = None) -> ssl.SSLContext:

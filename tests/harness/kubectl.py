@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,3 +106,23 @@ class Kube:
         if self.namespaces:
             self.kubectl("delete", "namespace", "--wait=false", *self.namespaces, check=False)
             self.namespaces.clear()
+
+
+def wait_for(
+    what: str,
+    check: Callable[[], Any],
+    timeout: float = 120,
+    every: float = 0.5,
+    alive: Callable[[], str | None] = lambda: None,
+) -> Any:
+    """Poll ``check`` until it returns something truthy; ``alive`` may name why to stop early
+    (a process that died), and its words go into the failure."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        if (dead := alive()) is not None:
+            raise AssertionError(f"{dead} while waiting for {what}")
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
