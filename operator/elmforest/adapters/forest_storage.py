@@ -64,13 +64,12 @@ class ForestStorage:
     ) -> tuple[RunRecords, ExpertEntry | None]:
         """A branch version's run records, and the manifest's entry for its domain (from
         ``manifest`` when the caller has just read it, else read here). A branch without a
-        version yet learns the highest version its domain left in storage (from ``used``, one
-        listing shared by a batch, else listed here)."""
+        version yet is given ``used`` (``used_versions``, one listing shared by a batch) and
+        learns the highest version its domain left in storage."""
         if version:
             records = self.records(branch_run_id(domain, version))
         else:
-            highest = (used if used is not None else self.used_versions()).get(domain, 0)
-            records = RunRecords(used_version=highest)
+            records = RunRecords(used_version=(used or {}).get(domain, 0))
         merged = manifest.experts.get(domain) if manifest else self.merged_expert(domain)
         return records, merged
 

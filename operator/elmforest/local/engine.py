@@ -221,7 +221,8 @@ class Engine:
             storage = self.storage(view.spec.storage)
             # A deletion reads the manifest afresh: it must see what is there now.
             manifest = None if deleting else self.manifests.get(spec.forest)
-            records, merged = storage.observe_branch(spec.domain, status.version, manifest)
+            used = storage.used_versions() if status.version is None else None
+            records, merged = storage.observe_branch(spec.domain, status.version, manifest, used)
         job = self.state.jobs.get(status.job_name) if status.job_name else None
         active = [s for s in siblings if s.name != record.name and s.phase in ACTIVE]
         return BranchInput(

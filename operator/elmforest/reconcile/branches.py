@@ -162,7 +162,9 @@ async def reconcile_branch(
             # the forest's own loop has written that to its status yet.
             view = replace(view, ready=True, observed=True)
         version = _records_version(spec, status, job)
-        used = await batch.used_versions(storage) if batch is not None and not version else None
+        used = None
+        if status.version is None:  # a new (or re-created) branch picks its first version
+            used = await (batch.used_versions(storage) if batch else ctx.io(storage.used_versions))
         records, merged = await ctx.io(storage.observe_branch, spec.domain, version, manifest, used)
     # Slots are counted and taken under the forest's lock, so two branches never race for one.
     async with ctx.forest_lock(namespace, spec.forest):
