@@ -364,12 +364,11 @@ class ProcessKubelet:
         termination = folder / "termination-log"
         env["ELMTRAIN_TERMINATION_LOG"] = str(termination)  # the kubelet's bind of the log file
         command = list(container.get("command") or _entrypoint(container["image"]))
-        argv = [
-            *PROGRAMS.get(command[0], command[:1]),
-            *command[1:],
-            *(container.get("args") or []),
-        ]
-        argv = [_mapped(a, mounts) for a in argv]
+        # Only the container's own words name paths inside it; this machine's program does not
+        # (a venv under /tmp is no path below a pod's /tmp mount).
+        inside = [*command[1:], *(container.get("args") or [])]
+        program = PROGRAMS.get(command[0], [_mapped(command[0], mounts)])
+        argv = [*program, *(_mapped(a, mounts) for a in inside)]
         cwd = _mapped(container.get("working_dir") or str(folder), mounts)
         log = folder / "container.log"
         with log.open("ab") as out:
