@@ -115,7 +115,15 @@ class ControlPlane:
 
     def start(self, timeout: float = 180, controllers: bool = True) -> ControlPlane:
         """Start etcd and the API server, then (``controllers``) the controller manager and the
-        scheduler; without them the API server's clients are the only writers (benchmarks)."""
+        scheduler; without them the API server's clients are the only writers (benchmarks).
+        A failed start stops what it had started (no orphan etcd holding ports and data)."""
+        try:
+            return self._start_all(timeout, controllers)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_all(self, timeout: float, controllers: bool) -> ControlPlane:
         self.folder.mkdir(parents=True, exist_ok=True)
         ca = self._ca = pki.Authority(self.folder / "pki")
         serving = ca.issue("apiserver", "kube-apiserver", serving=True)
