@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -139,6 +138,3 @@ def writes_between(
 def elmforest_argv(resync: float) -> list[str]:
     return [sys.executable, "-m", "elmforest", "operator", "--namespace", NAMESPACE,
             "--resync", str(resync), "--liveness", "", "--metrics-port", "0"]  # fmt: skip
-
-
-Starter = Callable[[], subprocess.Popen[bytes]]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import time
 from functools import partial
 from pathlib import Path
@@ -26,6 +25,7 @@ import yaml
 
 from elmcore.manifest import Manifest
 from tests.cluster.conftest import Release, install_chart
+from tests.harness.controlplane import free_port
 from tests.harness.kubectl import Kube, wait_for
 from tests.harness.nodeagent import ProcessKubelet
 from tests.local.test_quickstart import QUICKSTART, TINY_MODEL, TINY_TRAINING
@@ -36,13 +36,6 @@ wait = partial(wait_for, timeout=300, every=1.0)
 DOMAINS = ("code", "legal", "quotes", "scripture")
 GROUP_LABEL = "btm.elmforest.io"
 WRITES = {"create", "update", "patch", "delete", "deletecollection"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _s3_yaml(folder: Path, bucket: str, endpoint: str) -> None:
@@ -160,9 +153,9 @@ def test_quickstart_forest_on_a_real_control_plane(
         kube,
         "e2e",
         "forest",
-        healthPort=str(_free_port()),
+        healthPort=str(free_port()),
         **{
-            "metrics.port": str(_free_port()),
+            "metrics.port": str(free_port()),
             "resyncSeconds": "2",
             "trainer.gpus": "0",
             "trainer.resources.requests.cpu": "1",

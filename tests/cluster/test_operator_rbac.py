@@ -9,6 +9,7 @@ every rule of the chart's Role was used by some request (least privilege).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -38,8 +39,6 @@ def _token_kubeconfig(kube: Kube, release: Release, folder: Path) -> Path:
     cluster = view["clusters"][0]["cluster"]
     ca = folder / "ca.crt"
     if "certificate-authority-data" in cluster:
-        import base64
-
         ca.write_bytes(base64.b64decode(cluster["certificate-authority-data"]))
     else:
         ca.write_bytes(Path(cluster["certificate-authority"]).read_bytes())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import os
 import shutil
@@ -64,6 +65,7 @@ def go() -> str:
     return found
 
 
+@functools.cache  # asked for each component path; one `go env` per process
 def _go_version() -> str:
     return subprocess.run(
         [go(), "env", "GOVERSION"], capture_output=True, text=True, check=True
