@@ -29,11 +29,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Build the control plane (once; cached) when a selected test needs it: here, outside any
-    test's time limit, since a cold build takes many minutes."""
-    if any("kube" in getattr(item, "fixturenames", ()) for item in items):
-        with contextlib.suppress(kubebuild.GoMissingError):  # the fixture skips, saying why
+    """Build the control plane and Kueue (once; cached) when a selected test needs them: here,
+    outside any test's time limit, since a cold build takes many minutes."""
+    needed = {name for item in items for name in getattr(item, "fixturenames", ())}
+    with contextlib.suppress(kubebuild.GoMissingError):  # the fixtures skip, saying why
+        if needed & {"kube", "kueue_kube"}:
             kubebuild.binary()
+        if "kueue" in needed:
+            kubebuild.build(kubebuild.KUEUE)
 
 
 def _unavailable(why: str) -> None:
@@ -42,7 +45,7 @@ def _unavailable(why: str) -> None:
     pytest.skip(f"real-cluster tests skipped: {why}")
 
 
-def _tools() -> tuple[Path, Path]:
+def tools() -> tuple[Path, Path]:
     try:
         return kubebuild.tool("kubectl"), kubebuild.tool("helm")
     except kubebuild.GoMissingError as error:
@@ -58,7 +61,7 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
     external = os.environ.get("ELMFOREST_TEST_KUBECONFIG", "")
     if external and not Path(external).is_file():
         pytest.fail(f"ELMFOREST_TEST_KUBECONFIG={external}: no such file")
-    kubectl, helm = _tools()
+    kubectl, helm = tools()
     home = tmp_path_factory.mktemp("helm-home")
     if external:
         client = Kube(Path(external), kubectl, helm, home)
@@ -136,20 +139,28 @@ def release(kube: Kube) -> Release:
     )
 
 
+def start_node(
+    plane: ControlPlane, kube: Kube, folder: Path, name: str = "node-0"
+) -> ProcessKubelet:
+    """A process kubelet joined to ``plane``, Ready."""
+    keep = ("PATH", "HOME", "LANG", "PYTHONPATH", "ELMTRAIN_CACHE")
+    agent = ProcessKubelet(
+        plane.node_kubeconfig(name),
+        name,
+        folder,
+        plane.server,
+        plane.ca,
+        base_env={k: os.environ[k] for k in keep if k in os.environ} | {"OMP_NUM_THREADS": "1"},
+    ).start()
+    kube.kubectl("wait", "--for=condition=Ready", f"node/{name}", "--timeout=60s")
+    return agent
+
+
 @pytest.fixture(scope="session")
 def node(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessKubelet]:
     """One node whose pods run as processes here (the local control plane only)."""
     if kube.plane is None:
         pytest.skip("the process kubelet joins the local control plane only")
-    keep = ("PATH", "HOME", "LANG", "PYTHONPATH", "ELMTRAIN_CACHE")
-    agent = ProcessKubelet(
-        kube.plane.node_kubeconfig("node-0"),
-        "node-0",
-        tmp_path_factory.mktemp("node-0"),
-        kube.plane.server,
-        kube.plane.ca,
-        base_env={k: os.environ[k] for k in keep if k in os.environ} | {"OMP_NUM_THREADS": "1"},
-    ).start()
-    kube.kubectl("wait", "--for=condition=Ready", "node/node-0", "--timeout=60s")
+    agent = start_node(kube.plane, kube, tmp_path_factory.mktemp("node-0"))
     yield agent
     agent.stop()

@@ -85,3 +85,27 @@ def test_kubectl_shows_what_the_docs_say(installed_crds: Kube) -> None:
         assert re.search(rf"^\s+{field}\s+<", explained, re.M), explained
         assert description in " ".join(explained.split()), (field, explained)
     assert "posterior-weighted average" in explained  # the model's docstring, as description
+
+
+def test_unset_trainer_fields_stay_unset_for_the_charts_defaults(installed_crds: Kube) -> None:
+    """The API server fills schema defaults into objects a user sends; under a forest's
+    ``trainer`` and ``storage`` that would override the chart's install-time defaults."""
+    kube = installed_crds
+    namespace = kube.namespace("defaults")
+    body = forest()
+    body["spec"]["trainer"] = {"queueName": "gpus"}
+    stored = json.loads(
+        kube.kubectl(
+            "create",
+            "--dry-run=server",
+            "-o",
+            "json",
+            "-n",
+            namespace,
+            "-f",
+            "-",
+            stdin=json.dumps(body),
+        ).stdout
+    )
+    assert stored["spec"]["trainer"] == {"queueName": "gpus"}
+    assert stored["spec"]["storage"] == body["spec"]["storage"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 from functools import partial
 from pathlib import Path
@@ -24,63 +23,23 @@ import pytest
 import yaml
 
 from elmcore.manifest import Manifest
+from tests.cluster import quickstart
 from tests.cluster.conftest import Release, install_chart
+from tests.cluster.quickstart import DOMAINS, all_merged, branches
 from tests.harness.controlplane import free_port
 from tests.harness.kubectl import Kube, wait_for
 from tests.harness.nodeagent import ProcessKubelet
-from tests.local.test_quickstart import QUICKSTART, TINY_MODEL, TINY_TRAINING
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 # A forest trains for minutes on 2 cores: patient waits by default.
 wait = partial(wait_for, timeout=300, every=1.0)
-DOMAINS = ("code", "legal", "quotes", "scripture")
 GROUP_LABEL = "btm.elmforest.io"
 WRITES = {"create", "update", "patch", "delete", "deletecollection"}
 
 
-def _s3_yaml(folder: Path, bucket: str, endpoint: str) -> None:
-    """The quickstart's YAML for a cluster: s3:// data and storage, a tiny model, few steps."""
-
-    def located(paths: list[str]) -> list[str]:
-        return [f"s3://{bucket}/{p}" for p in paths]
-
-    for path in folder.glob("*.yaml"):
-        body = yaml.safe_load(path.read_text())
-        spec = body["spec"]
-        if body["kind"] == "ElmForest":
-            spec["storage"] = {
-                "uri": f"s3://{bucket}/forests/quickstart",
-                "endpoint": endpoint,
-                "region": "us-east-1",
-                "credentialsSecret": "s3-creds",
-            }
-            spec["model"] = TINY_MODEL
-            spec["tokenizer"]["vocabSize"] = 512
-            spec["seed"] = {
-                "data": located(spec["seed"]["data"]),
-                "valData": located(spec["seed"]["valData"]),
-                "training": {**TINY_TRAINING, "steps": 60},
-            }
-            spec["branchDefaults"] = {**TINY_TRAINING, "steps": 6}
-        else:
-            spec["data"] = {k: located(v) for k, v in spec["data"].items()}
-            if spec["domain"] == "legal":
-                spec["retention"] = "Delete"
-        path.write_text(yaml.safe_dump(body, sort_keys=False))
-
-
-def _branches(kube: Kube, ns: str) -> dict[str, dict[str, Any]]:
-    items = kube.json("get", "eb", "-n", ns)["items"]
-    return {b["metadata"]["name"]: b.get("status") or {} for b in items}
-
-
-def _all_merged(kube: Kube, ns: str, names: tuple[str, ...]) -> bool:
-    forest = kube.json("get", "ef", "quickstart", "-n", ns).get("status") or {}
-    assert forest.get("phase") != "Failed", forest
-    statuses = _branches(kube, ns)
-    failed = {n: s for n, s in statuses.items() if n in names and s.get("phase") == "Failed"}
-    assert not failed, failed
-    return all(statuses.get(n, {}).get("phase") == "Merged" for n in names)
+def _legal_deleted(body: dict[str, Any]) -> None:
+    if body["kind"] == "ElmBranch" and body["spec"]["domain"] == "legal":
+        body["spec"]["retention"] = "Delete"
 
 
 def _jobs(kube: Kube, ns: str, selector: str) -> list[dict[str, Any]]:
@@ -165,20 +124,8 @@ def test_quickstart_forest_on_a_real_control_plane(
     )
     ns = release.watched
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-    for path in (QUICKSTART / "data").rglob("*.txt"):
-        s3.upload_file(str(path), s3_bucket, str(path.relative_to(QUICKSTART)))  # data/...
-    folder = tmp_path / "quickstart"
-    shutil.copytree(QUICKSTART, folder, ignore=shutil.ignore_patterns("data", ".elmforest"))
-    _s3_yaml(folder, s3_bucket, s3_endpoint)
-    kube.kubectl(
-        "create",
-        "secret",
-        "generic",
-        "s3-creds",
-        "-n",
-        ns,
-        "--from-literal=AWS_ACCESS_KEY_ID=testing",
-        "--from-literal=AWS_SECRET_ACCESS_KEY=testing",
+    folder = quickstart.on_s3(
+        kube, ns, s3_endpoint, s3_bucket, tmp_path / "quickstart", edit=_legal_deleted
     )
     kube.kubectl("apply", "-f", str(folder), "-n", ns)
 
@@ -187,7 +134,7 @@ def test_quickstart_forest_on_a_real_control_plane(
         return Manifest.model_validate(json.loads(data.read()))
 
     # 1. Everything trains in pods run by the node and merges exactly once.
-    wait("four merged branches", lambda: _all_merged(kube, ns, DOMAINS), timeout=600)
+    wait("four merged branches", lambda: all_merged(kube, ns, DOMAINS), timeout=600)
     wait(
         "the forest Ready with four experts",
         lambda: (
@@ -212,14 +159,14 @@ def test_quickstart_forest_on_a_real_control_plane(
     # GitOps: every file re-applied unchanged, server-side, under another field manager (as
     # Argo CD syncs): no new version, no new Job, and the operator writes nothing in response.
     user = f"system:serviceaccount:{release.namespace}:{release.account}"
-    versions = {n: s.get("version") for n, s in _branches(kube, ns).items()}
+    versions = {n: s.get("version") for n, s in branches(kube, ns).items()}
     mark = _audit_lines(kube)
     kube.kubectl(
         "apply", "--server-side", "--field-manager=argocd-controller", "-f", str(folder), "-n", ns
     )
     time.sleep(8)  # several of the operator's resyncs (2 s) and progress polls
     assert _operator_writes(kube, user, mark) == []
-    assert {n: s.get("version") for n, s in _branches(kube, ns).items()} == versions
+    assert {n: s.get("version") for n, s in branches(kube, ns).items()} == versions
     # One more branch file, the folder applied again: only that domain trains.
     extra = yaml.safe_load((folder / "branch-quotes.yaml").read_text())
     extra["metadata"]["name"], extra["spec"]["domain"] = "extra", "extra"
@@ -228,7 +175,7 @@ def test_quickstart_forest_on_a_real_control_plane(
     kube.kubectl(
         "apply", "--server-side", "--field-manager=argocd-controller", "-f", str(folder), "-n", ns
     )
-    wait("extra merged", lambda: _all_merged(kube, ns, ("extra",)), timeout=300)
+    wait("extra merged", lambda: all_merged(kube, ns, ("extra",)), timeout=300)
     trainer_jobs = kube.json("get", "jobs", "-n", ns, "-l", f"{GROUP_LABEL}/branch")["items"]
     assert sorted(j["metadata"]["name"] for j in trainer_jobs) == sorted(
         [f"{d}-v1-a1" for d in (*DOMAINS, "extra")]
@@ -295,7 +242,7 @@ def test_quickstart_forest_on_a_real_control_plane(
     assert again[0] >= committed[-1] - 20, (committed, again)  # within one interval
     wait(
         "quotes v2 merged",
-        lambda: _all_merged(kube, ns, ("quotes",)) and manifest().experts["quotes"].version == 2,
+        lambda: all_merged(kube, ns, ("quotes",)) and manifest().experts["quotes"].version == 2,
         timeout=600,
     )
 
@@ -349,7 +296,7 @@ def test_quickstart_forest_on_a_real_control_plane(
     kube.apply(code, "-n", ns)
     wait(
         "code merged again",
-        lambda: _all_merged(kube, ns, ("code",)) and "code" in manifest().experts,
+        lambda: all_merged(kube, ns, ("code",)) and "code" in manifest().experts,
         timeout=300,
     )
     entry = manifest().experts["code"]
@@ -376,8 +323,8 @@ def test_quickstart_forest_on_a_real_control_plane(
     failed = wait(
         "broken to fail",
         lambda: (
-            _branches(kube, ns).get("broken", {}).get("phase") == "Failed"
-            and _branches(kube, ns)["broken"]
+            branches(kube, ns).get("broken", {}).get("phase") == "Failed"
+            and branches(kube, ns)["broken"]
         ),
         timeout=300,
     )
@@ -392,5 +339,5 @@ def test_quickstart_forest_on_a_real_control_plane(
     ]
     assert any("train.txt" in e["message"] for e in events), [e["message"] for e in events]
     assert manifest().revision == before
-    assert all(_branches(kube, ns)[n]["phase"] == "Merged" for n in ("code", "quotes", "scripture"))
+    assert all(branches(kube, ns)[n]["phase"] == "Merged" for n in ("code", "quotes", "scripture"))
     assert re.search(r"quickstart\s+Ready\s+4", kube.kubectl("get", "ef", "-n", ns).stdout)

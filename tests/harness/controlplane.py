@@ -154,6 +154,9 @@ class ControlPlane:
                 "--bind-address=127.0.0.1",
                 "--advertise-address=127.0.0.1",
                 "--endpoint-reconciler-type=none",  # it refuses a loopback address; no pod needs it
+                # No kube-proxy: webhook and aggregated-API Services are reached at their
+                # endpoints, not at a cluster IP nothing routes (Kueue's webhooks need this).
+                "--enable-aggregator-routing=true",
                 f"--secure-port={api_port}",
                 f"--tls-cert-file={serving.cert}",
                 f"--tls-private-key-file={serving.key}",

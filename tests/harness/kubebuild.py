@@ -1,10 +1,12 @@
-"""Build the pinned control plane (tests/cluster/kube) once and reuse it.
+"""Build the pinned Go programs of the cluster tier once and reuse them.
 
-The Go module pins Kubernetes, etcd and Helm by exact version; one multi-call binary holds
-them all (linked once). It is cached under a key made of everything that decides its bytes
-(the module files, the Go version, the link flags), so a warm machine starts in seconds and a
-change of pin rebuilds. Links named after each component let callers run ``kubectl``, ``helm``
-and the rest as their own programs.
+Two Go modules pin them by exact version: tests/cluster/kube (Kubernetes, etcd and Helm in one
+multi-call binary, linked once) and tests/cluster/kueue (Kueue's manager, a ``tool`` of that
+module; it needs an older Kubernetes client than the control plane, hence its own module).
+Each is cached under a key made of everything that decides its bytes (the module files, the Go
+version, the link flags), so a warm machine starts in seconds and a change of pin rebuilds.
+Links named after each component let callers run ``kubectl``, ``helm`` and the rest as their
+own programs.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULE = ROOT / "tests" / "cluster" / "kube"
+KUEUE_MODULE = ROOT / "tests" / "cluster" / "kueue"
 COMPONENTS = (
     "kube-apiserver",
     "kube-controller-manager",
@@ -32,6 +36,7 @@ COMPONENTS = (
 )
 KUBERNETES_VERSION = "v1.37.2"
 HELM_VERSION = "v4.3.2"
+KUEUE_VERSION = "v0.17.0"
 # Kubernetes' own build stamps these (hack/lib/version.sh); clients and Helm compare them.
 _STAMPED = ("k8s.io/client-go/pkg/version", "k8s.io/component-base/version")
 
@@ -72,12 +77,41 @@ def _go_version() -> str:
     ).stdout.strip()
 
 
+@dataclass(frozen=True)
+class GoBuild:
+    """One pinned program: what to build in which module, how it is stamped, its links."""
+
+    name: str  # the binary's file name in its cache folder
+    module: Path
+    package: str  # what ``go build`` builds there
+    version: str
+    flags: str  # -ldflags
+    links: tuple[str, ...] = ()
+
+    def cache_key(self) -> str:
+        digest = hashlib.sha256()
+        for name in ("go.mod", "go.sum", "main.go"):
+            path = self.module / name
+            if path.is_file():
+                digest.update(name.encode() + b"\0" + path.read_bytes())
+        digest.update(_go_version().encode() + b"\0" + self.flags.encode())
+        if self.package != ".":  # kept out of the control plane's key: its caches stay valid
+            digest.update(b"\0" + self.package.encode())
+        return f"{self.version}-{digest.hexdigest()[:16]}"
+
+
+KUBE = GoBuild("kube", MODULE, ".", KUBERNETES_VERSION, ldflags(), COMPONENTS)
+KUEUE = GoBuild(
+    "kueue",
+    KUEUE_MODULE,
+    "sigs.k8s.io/kueue/cmd/kueue",
+    KUEUE_VERSION,
+    f"-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion={KUEUE_VERSION}",
+)
+
+
 def cache_key() -> str:
-    digest = hashlib.sha256()
-    for name in ("go.mod", "go.sum", "main.go"):
-        digest.update(name.encode() + b"\0" + (MODULE / name).read_bytes())
-    digest.update(_go_version().encode() + b"\0" + ldflags().encode())
-    return f"{KUBERNETES_VERSION}-{digest.hexdigest()[:16]}"
+    return KUBE.cache_key()
 
 
 def cache_root() -> Path:
@@ -88,10 +122,10 @@ def cache_root() -> Path:
     return Path(base) / "elmforest" / "kube"
 
 
-def binary(log: bool = True) -> Path:
-    """The multi-call binary, built first if this key has none; its links sit beside it."""
-    folder = cache_root() / cache_key()
-    built = folder / "kube"
+def build(spec: GoBuild, log: bool = True) -> Path:
+    """The program, built first if this key has none; its links sit beside it."""
+    folder = cache_root() / spec.cache_key()
+    built = folder / spec.name
     if built.is_file():
         return built
     folder.mkdir(parents=True, exist_ok=True)
@@ -102,28 +136,41 @@ def binary(log: bool = True) -> Path:
         started = time.monotonic()
         if log:
             print(
-                f"building the control plane {KUBERNETES_VERSION} into {folder} ...",
+                f"building {spec.name} {spec.version} into {folder} ...",
                 file=sys.stderr,
                 flush=True,
             )
-        partial = folder / "kube.partial"
-        env = {**os.environ, "GOTOOLCHAIN": "local"}  # never fetch another toolchain
-        command = [go(), "build", "-trimpath", "-ldflags", ldflags(), "-o", str(partial), "."]
+        partial = folder / f"{spec.name}.partial"
+        command = [go(), "build", "-trimpath", "-ldflags", spec.flags, "-o", str(partial)]
         result = subprocess.run(
-            command, check=False, cwd=MODULE, env=env, capture_output=True, text=True
+            [*command, spec.package],
+            check=False,
+            cwd=spec.module,
+            env=_go_env(),
+            capture_output=True,
+            text=True,
         )
         if result.returncode != 0:
             raise RuntimeError(f"go build failed ({result.returncode}):\n{result.stderr[-6000:]}")
-        for name in COMPONENTS:
+        for name in spec.links:
             link = folder / name
             with contextlib.suppress(FileNotFoundError):
                 link.unlink()
-            link.symlink_to("kube")
+            link.symlink_to(spec.name)
         partial.rename(built)  # last: a present binary means a complete build
         (folder / "build-seconds").write_text(f"{time.monotonic() - started:.0f}\n")
         if log:
             print(f"built in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     return built
+
+
+def _go_env() -> dict[str, str]:
+    return {**os.environ, "GOTOOLCHAIN": "local"}  # never fetch another toolchain
+
+
+def binary(log: bool = True) -> Path:
+    """The control plane's multi-call binary."""
+    return build(KUBE, log)
 
 
 def tool(name: str) -> Path:
@@ -132,5 +179,20 @@ def tool(name: str) -> Path:
     return binary().parent / name
 
 
+def source_of(spec: GoBuild, module_path: str) -> Path:
+    """Where a pinned module's files are (the module cache): its manifests, for instance."""
+    result = subprocess.run(
+        [go(), "list", "-m", "-f", "{{.Dir}}", module_path],
+        check=True,
+        cwd=spec.module,
+        env=_go_env(),
+        capture_output=True,
+        text=True,
+    )
+    return Path(result.stdout.strip())
+
+
 if __name__ == "__main__":
     print(binary())
+    if "--kueue" in sys.argv[1:]:
+        print(build(KUEUE))

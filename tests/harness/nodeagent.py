@@ -77,6 +77,8 @@ class ProcessKubelet:
     pods: dict[str, Running] = field(default_factory=dict)  # by pod uid
     done: set[str] = field(default_factory=set)  # uids reported terminal
     started_pods: list[str] = field(default_factory=list)  # "namespace/name", in start order
+    # "namespace/name" -> (started, exit seen), wall-clock seconds: what ran at the same time
+    lifetimes: dict[str, tuple[float, float | None]] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
 
@@ -234,6 +236,8 @@ class ProcessKubelet:
                     continue
                 self._start(pod)
             elif running is not None and running.process.poll() is not None:
+                key = f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
+                self.lifetimes[key] = (self.lifetimes[key][0], time.time())
                 self._report_exit(pod, running)
                 del self.pods[uid]
                 self.done.add(uid)
@@ -384,6 +388,7 @@ class ProcessKubelet:
         running = Running(process, folder, _now(), termination, log)
         self.pods[meta["uid"]] = running
         self.started_pods.append(f"{meta['namespace']}/{meta['name']}")
+        self.lifetimes[f"{meta['namespace']}/{meta['name']}"] = (time.time(), None)
         state = {"running": {"startedAt": running.started}}
         self._patch_status(pod, "Running", state, ready=True, started=running.started)
 

@@ -131,6 +131,20 @@ def test_progress_is_shown_while_the_job_runs() -> None:
     assert status.progress.summary == "40/100 (40%)"
 
 
+def test_a_job_held_by_its_queue_waits_and_says_so() -> None:
+    held = {
+        "metadata": {"name": "cook-v1-a1", "labels": {"kueue.x-k8s.io/queue-name": "gpus"}},
+        "spec": {"suspend": True},
+    }
+    plan = plan_branch(inp(status=versioned(attempt=1, job_name="cook-v1-a1"), job=job_state(held)))
+    status = status_of(plan.actions)
+    ready = next(c for c in status.conditions if c.type == "Ready")
+    assert (status.phase, ready.status, ready.reason) == ("Waiting", "False", "Queued")
+    assert "admission by queue gpus" in status.message
+    assert any(isinstance(a, Event) and a.reason == "Waiting" for a in plan.actions)
+    assert plan.requeue_after is None  # admission changes the Job, and that wakes the branch
+
+
 def result(version: int = 1, sha: str = "c" * 64) -> Result:
     return Result(
         run_id=f"branch.cooking.v{version}",

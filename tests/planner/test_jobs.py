@@ -74,6 +74,8 @@ def test_gpus_placement_and_queue() -> None:
     assert container["command"][0] == "torchrun" and "--nproc-per-node=4" in container["command"]
     assert pod["nodeSelector"] == {"gpu": "h100"} and pod["priorityClassName"] == "batch-low"
     assert body["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "research"
+    assert body["spec"]["suspend"] is True  # Kueue's admission unsuspends it
+    assert "suspend" not in job()["spec"]  # no queue: runs at once
     assert job(gpus=1)["spec"]["template"]["spec"]["containers"][0]["command"] == ["elmtrain"]
 
 

@@ -48,6 +48,28 @@ DESCRIPTIONS = {
 }
 
 
+# A forest's fields that take the chart's install-time defaults where the user left them unset
+# (planner/defaults.py). A schema default there would have the API server fill them in first,
+# and the chart's value would never apply (``trainer: {queueName: q}`` reset the chart's gpus).
+CHART_DEFAULTED = ("trainer", "storage")
+
+
+def _without_defaults(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _without_defaults(v) for k, v in node.items() if k != "default"}
+    if isinstance(node, list):
+        return [_without_defaults(v) for v in node]
+    return node
+
+
+def _spec_schema(kind: Kind, spec: type[BaseModel]) -> dict[str, Any]:
+    schema = crd_schema(spec)
+    if kind.kind == FOREST.kind:
+        for name in CHART_DEFAULTED:
+            schema["properties"][name] = _without_defaults(schema["properties"][name])
+    return schema
+
+
 def _schema(kind: Kind, spec: type[BaseModel], status: type[BaseModel]) -> dict[str, Any]:
     return {
         "type": "object",
@@ -57,7 +79,7 @@ def _schema(kind: Kind, spec: type[BaseModel], status: type[BaseModel]) -> dict[
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
             "metadata": {"type": "object"},
-            "spec": crd_schema(spec),
+            "spec": _spec_schema(kind, spec),
             "status": crd_schema(status),
         },
         "x-kubernetes-validations": [NAME_IS_LABEL.schema()],

@@ -240,7 +240,12 @@ def _watch(inp: BranchInput, status: ElmBranchStatus, job: JobState) -> Plan:
             status.progress = _progress(progress)
             phase = _PROGRESS_PHASE[progress.phase]
         message = f"Job {job.name} (attempt {status.attempt})"
-        if not job.started:
+        if job.suspended and not job.started:
+            # Created suspended for its queue; Kueue's admission (unsuspend) wakes us.
+            why = f"{message} waits for admission by queue {job.queue or '(none)'}"
+            _set_phase(inp, status, "Waiting", "Queued", why)
+            plan.requeue_after = None
+        elif not job.started:
             # No pod, no progress to poll: the pod's start is a Job change and wakes us.
             _set_phase(inp, status, phase, "JobCreated", message)
             plan.requeue_after = None

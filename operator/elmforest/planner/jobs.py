@@ -20,10 +20,10 @@ from elmforest.planner.naming import (
     MANAGED_BY,
     OPERATOR,
 )
+from elmforest.planner.observed import QUEUE_LABEL
 
 CONTAINER = "trainer"
 TRAINER_UID = 10001  # the trainer image's user
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 GPU_RESOURCE = "nvidia.com/gpu"
 CACHE = "/cache"
 CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
@@ -153,7 +153,7 @@ def build_job(request: JobRequest) -> dict[str, Any]:
         labels[LABEL_BRANCH] = request.branch
     job_labels = dict(labels)
     if trainer.queue_name:
-        job_labels[KUEUE_QUEUE_LABEL] = trainer.queue_name
+        job_labels[QUEUE_LABEL] = trainer.queue_name
     volumes = [
         {"name": "cache", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
@@ -199,6 +199,10 @@ def build_job(request: JobRequest) -> dict[str, Any]:
     }
     if trainer.active_deadline_seconds:
         spec["activeDeadlineSeconds"] = trainer.active_deadline_seconds
+    if trainer.queue_name:
+        # Created suspended, as Kueue expects: its admission unsuspends the Job. Without this,
+        # pods could start before Kueue's webhook or controller sees the Job.
+        spec["suspend"] = True
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

@@ -9,6 +9,7 @@ from elmcore.manifest import Manifest
 from elmcore.records import Progress, Result
 
 JobPhase = Literal["Running", "Succeeded", "Failed"]
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"  # Kueue's: which LocalQueue admits the Job
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,8 @@ class JobState:
     reason: str = ""  # the Failed condition's reason (PodFailurePolicy, BackoffLimitExceeded...)
     message: str = ""
     started: bool = False  # a pod was created: the trainer may have written progress
+    suspended: bool = False  # held by its queue (Kueue): no pod until admitted
+    queue: str = ""  # the Kueue LocalQueue named by its label, if any
 
     @property
     def permanent(self) -> bool:
@@ -44,7 +47,11 @@ def job_state(job: dict[str, object]) -> JobState:
             )
     counts = [status.get(n) for n in ("active", "succeeded", "failed")]
     started = any(isinstance(c, int) and c > 0 for c in counts)
-    return JobState(name, "Running", started=started)
+    spec = job.get("spec")
+    suspended = isinstance(spec, dict) and spec.get("suspend") is True
+    labels = metadata.get("labels") if isinstance(metadata, dict) else None
+    queue = str(labels.get(QUEUE_LABEL, "")) if isinstance(labels, dict) else ""
+    return JobState(name, "Running", started=started, suspended=suspended, queue=queue)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,217 @@
+"""Kueue for real: a forest whose trainer names a LocalQueue is admitted two GPUs at a time.
+
+Kueue v0.17.0 is built from its module and installed from its own manifests
+(tests/harness/kueue.py) on a control plane of this module's own, so its webhooks (which refuse
+pods when no manager answers) never touch the other tests' cluster. A ClusterQueue holds 2
+``nvidia.com/gpu`` of quota; the node has 4; every trainer Job asks for one GPU. The operator
+creates its Jobs suspended; Kueue's webhook and controller make a Workload of each, admit them
+in order as quota frees, and unsuspend them; the Job controller then starts their pods.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cluster import quickstart
+from tests.cluster.conftest import install_chart, start_node, tools
+from tests.harness.controlplane import ControlPlane, free_port
+from tests.harness.kubectl import Kube, wait_for
+from tests.harness.kueue import KueueManager
+from tests.harness.nodeagent import ProcessKubelet
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+wait = partial(wait_for, timeout=300, every=1.0)
+QUEUE, CLUSTER_QUEUE, FLAVOR = "training", "trainer-gpus", "default-flavor"
+GPU_QUOTA = 2
+
+
+@pytest.fixture(scope="module")
+def kueue_kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
+    if os.environ.get("ELMFOREST_TEST_KUBECONFIG"):
+        pytest.skip("Kueue is installed on a local control plane of the test's own only")
+    kubectl, helm = tools()
+    plane = ControlPlane(tmp_path_factory.mktemp("kueue-plane"))
+    try:
+        plane.start()
+        yield Kube(plane.kubeconfig, kubectl, helm, tmp_path_factory.mktemp("kueue-helm"), plane)
+    finally:
+        plane.stop()
+
+
+@pytest.fixture(scope="module")
+def kueue_node(
+    kueue_kube: Kube, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProcessKubelet]:
+    assert kueue_kube.plane is not None
+    agent = start_node(kueue_kube.plane, kueue_kube, tmp_path_factory.mktemp("kueue-node"))
+    yield agent
+    agent.stop()
+
+
+@pytest.fixture(scope="module")
+def kueue(kueue_kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KueueManager]:
+    manager = KueueManager(kueue_kube, tmp_path_factory.mktemp("kueue"))
+    try:
+        yield manager.start()
+    finally:
+        manager.stop()
+
+
+def _queues(namespace: str) -> list[dict[str, Any]]:
+    """One flavor, a ClusterQueue with 2 GPUs of quota (CPU and memory to spare), a LocalQueue."""
+    quota = {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": str(GPU_QUOTA)}
+    return [
+        {
+            "apiVersion": "kueue.x-k8s.io/v1beta2",
+            "kind": "ResourceFlavor",
+            "metadata": {"name": FLAVOR},
+        },
+        {
+            "apiVersion": "kueue.x-k8s.io/v1beta2",
+            "kind": "ClusterQueue",
+            "metadata": {"name": CLUSTER_QUEUE},
+            "spec": {
+                "namespaceSelector": {},
+                # Strict: a newer Workload never overtakes an older one waiting for quota
+                # (BestEffortFIFO, the default, lets it when the older was set aside).
+                "queueingStrategy": "StrictFIFO",
+                "resourceGroups": [
+                    {
+                        "coveredResources": list(quota),
+                        "flavors": [
+                            {
+                                "name": FLAVOR,
+                                "resources": [
+                                    {"name": k, "nominalQuota": v} for k, v in quota.items()
+                                ],
+                            }
+                        ],
+                    }
+                ],
+            },
+        },
+        {
+            "apiVersion": "kueue.x-k8s.io/v1beta2",
+            "kind": "LocalQueue",
+            "metadata": {"name": QUEUE, "namespace": namespace},
+            "spec": {"clusterQueue": CLUSTER_QUEUE},
+        },
+    ]
+
+
+def _time(text: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _condition(obj: dict[str, Any], kind: str) -> datetime.datetime | None:
+    for condition in (obj.get("status") or {}).get("conditions") or []:
+        if condition["type"] == kind and condition["status"] == "True":
+            return _time(condition["lastTransitionTime"])
+    return None
+
+
+def _queue_name(body: dict[str, Any]) -> None:
+    if body["kind"] == "ElmForest":
+        body["spec"]["trainer"] = {"queueName": QUEUE}
+
+
+@pytest.mark.timeout(1200)  # a seed and four branches, two at a time, on 2 cores
+def test_a_forest_is_admitted_two_gpus_at_a_time_by_kueue(
+    kueue_kube: Kube,
+    kueue_node: ProcessKubelet,
+    kueue: KueueManager,
+    s3_endpoint: str,
+    s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    kube = kueue_kube
+    release = install_chart(
+        kube,
+        "queued",
+        "queued",
+        healthPort=str(free_port()),
+        **{
+            "metrics.port": str(free_port()),
+            "resyncSeconds": "2",
+            "trainer.gpus": "1",  # one GPU per Job: the quota admits two at a time
+            "trainer.resources.requests.cpu": "1",
+            "trainer.resources.requests.memory": "1Gi",
+            "trainer.resources.limits.memory": "8Gi",
+        },
+    )
+    ns = release.watched
+    # Kueue's validating webhook judges the queues: it answers, through the API server.
+    wait("Kueue's webhooks to answer", lambda: kube.apply(_queues(ns), check=False).returncode == 0)
+    folder = quickstart.on_s3(
+        kube, ns, s3_endpoint, s3_bucket, tmp_path / "quickstart", seed_steps=20, edit=_queue_name
+    )
+    kube.kubectl("apply", "-f", str(folder), "-n", ns)
+
+    wait(
+        "four merged branches",
+        lambda: quickstart.all_merged(kube, ns, quickstart.DOMAINS),
+        timeout=900,
+        alive=kueue.exited,
+    )
+
+    jobs = kube.json("get", "jobs", "-n", ns)["items"]
+    trainer_jobs = [j for j in jobs if j["metadata"]["labels"].get("kueue.x-k8s.io/queue-name")]
+    # The tokenizer's, the seed's and one per branch: all of them went through the queue.
+    assert len(trainer_jobs) == 2 + len(quickstart.DOMAINS), [j["metadata"]["name"] for j in jobs]
+
+    def finished_workloads() -> list[dict[str, Any]] | None:
+        items: list[dict[str, Any]] = kube.json("get", "workloads.kueue.x-k8s.io", "-n", ns)[
+            "items"
+        ]
+        done = len(items) == len(trainer_jobs) and all(_condition(w, "Finished") for w in items)
+        return items if done else None
+
+    # Kueue marks a Workload Finished after its Job completes (the merge may come first).
+    workloads = wait("every Workload Finished", finished_workloads, timeout=60)
+    by_job = {
+        ref["name"]: w
+        for w in workloads
+        for ref in w["metadata"].get("ownerReferences", [])
+        if ref["kind"] == "Job"
+    }
+    assert sorted(by_job) == sorted(j["metadata"]["name"] for j in trainer_jobs)
+    # Every Workload was admitted once, to this queue, and finished; first in, first out.
+    admissions = []
+    for name, workload in by_job.items():
+        admitted = _condition(workload, "Admitted")
+        assert admitted is not None, (name, workload.get("status"))
+        assert workload["status"]["admission"]["clusterQueue"] == CLUSTER_QUEUE
+        admissions.append((admitted, _time(workload["metadata"]["creationTimestamp"]), name))
+    admissions.sort()  # by admission time; ties (the same second) by creation
+    assert [c for _, c, _ in admissions] == sorted(c for _, c, _ in admissions), admissions
+    # Never more than the quota's GPUs running at once, and the quota reached: the node has 4
+    # GPUs, so the queue (not the node) held the other branches back. Lifetimes are the
+    # node's own (process start to exit), every trainer pod asking for one GPU.
+    pods = {k: v for k, v in kueue_node.lifetimes.items() if k.startswith(f"{ns}/")}
+    assert len(pods) == len(trainer_jobs), sorted(pods)
+    spans = [(start, end) for start, end in pods.values() if end is not None]
+    assert len(spans) == len(pods), pods
+    running = [sum(1 for s, e in spans if s <= start < e) for start, _ in spans]
+    assert max(running) == GPU_QUOTA, sorted(spans)
+    # Each trainer pod started after its Job's admission, as Kueue unsuspended it.
+    for job in trainer_jobs:
+        name = job["metadata"]["name"]
+        start = _time(job["status"]["startTime"])
+        assert start >= _condition(by_job[name], "Admitted"), name  # type: ignore[operator]
+    # Branches held by the queue said so (the operator's status and Event), then merged.
+    events = kube.json("get", "events", "-n", ns)["items"]
+    queued = {
+        e["involvedObject"]["name"]
+        for e in events
+        if e["reason"] == "Waiting" and f"admission by queue {QUEUE}" in e["message"]
+    }
+    assert len(queued) >= len(quickstart.DOMAINS) - GPU_QUOTA, queued
+    manifest_experts = kube.json("get", "ef", quickstart.FOREST, "-n", ns)["status"]["expertCount"]
+    assert manifest_experts == len(quickstart.DOMAINS)
