@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -140,9 +141,13 @@ def release(kube: Kube) -> Release:
 
 
 def start_node(
-    plane: ControlPlane, kube: Kube, folder: Path, name: str = "node-0"
+    plane: ControlPlane,
+    kube: Kube,
+    folder: Path,
+    name: str = "node-0",
+    **settings: Any,
 ) -> ProcessKubelet:
-    """A process kubelet joined to ``plane``, Ready."""
+    """A process kubelet joined to ``plane``, Ready; ``settings``: ProcessKubelet's fields."""
     keep = ("PATH", "HOME", "LANG", "PYTHONPATH", "ELMTRAIN_CACHE")
     agent = ProcessKubelet(
         plane.node_kubeconfig(name),
@@ -151,6 +156,7 @@ def start_node(
         plane.server,
         plane.ca,
         base_env={k: os.environ[k] for k in keep if k in os.environ} | {"OMP_NUM_THREADS": "1"},
+        **settings,
     ).start()
     kube.kubectl("wait", "--for=condition=Ready", f"node/{name}", "--timeout=60s")
     return agent

@@ -9,7 +9,6 @@ every rule of the chart's Role was used by some request (least privilege).
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import signal
@@ -22,29 +21,13 @@ from typing import Any
 import boto3
 import pytest
 
+from tests.cluster.chart_operator import operator_command, token_kubeconfig
 from tests.cluster.conftest import Release
 from tests.cluster.validation_cases import IMAGE
-from tests.harness.controlplane import kubeconfig
 from tests.harness.kubectl import Kube, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 TINY = {"dModel": 48, "nLayers": 2, "nHeads": 2, "contextLength": 64}
-
-
-def _token_kubeconfig(kube: Kube, release: Release, folder: Path) -> Path:
-    token = kube.kubectl(
-        "create", "token", release.account, "-n", release.namespace, "--duration=1h"
-    ).stdout.strip()
-    view = kube.json("config", "view", "--raw", "--minify")
-    cluster = view["clusters"][0]["cluster"]
-    ca = folder / "ca.crt"
-    if "certificate-authority-data" in cluster:
-        ca.write_bytes(base64.b64decode(cluster["certificate-authority-data"]))
-    else:
-        ca.write_bytes(Path(cluster["certificate-authority"]).read_bytes())
-    path = folder / "operator.kubeconfig"
-    path.write_text(kubeconfig(cluster["server"], ca, {"token": token}))
-    return path
 
 
 @pytest.fixture
@@ -52,35 +35,12 @@ def operator(
     kube: Kube, release: Release, tmp_path: Path
 ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     """The chart's operator container, run as a process with the chart's identity."""
-    deployment = kube.json("get", "deployment", release.account, "-n", release.namespace)
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
-    args = [
-        a
-        for a in container["args"]
-        if not a.startswith(("--liveness", "--metrics-port", "--resync"))
-    ]
-    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
-    env.pop("TMPDIR", None)
+    args, env = operator_command(kube, release)
     log = tmp_path / "operator.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "elmforest",
-                *args,
-                "--liveness",
-                "",
-                "--metrics-port",
-                "0",
-                "--resync",
-                "1",
-            ],
-            env={
-                **os.environ,
-                **env,
-                "KUBECONFIG": str(_token_kubeconfig(kube, release, tmp_path)),
-            },
+            [sys.executable, "-m", "elmforest", *args],
+            env={**os.environ, **env, "KUBECONFIG": str(token_kubeconfig(kube, release, tmp_path))},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,

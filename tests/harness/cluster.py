@@ -27,6 +27,7 @@ import yaml
 
 from elmforest.adapters.kube import PERMISSIONS
 from elmforest.api import BRANCH, FOREST, GROUP, VERSION, Kind
+from tests.harness.crashes import CrashSwitch
 from tests.harness.emulator import TEST_CLIENT, ClusterEmulator
 from tests.harness.kubelet import Kubelet
 
@@ -227,6 +228,20 @@ class Cluster:
         allowed = {(p.group, p.resource, verb) for p in PERMISSIONS for verb in p.verbs}
         assert self.emulator is not None
         return sorted(set(self.emulator.audit) - allowed)
+
+    def set_crashes(self, switch: CrashSwitch) -> None:
+        assert self.emulator is not None
+        self.emulator.crashes = switch
+
+    def jobs_created(self) -> dict[str, int]:
+        """Job name -> how many creations the API server accepted."""
+        assert self.emulator is not None
+        return {name: n for (plural, name), n in self.emulator.created.items() if plural == "jobs"}
+
+    def job_runs(self, job: str) -> int:
+        """How many pods of ``job`` the kubelet started."""
+        assert self.kubelet is not None
+        return self.kubelet.started.count(job)
 
     def operator_log(self) -> str:
         return "\n".join(p.read_text(errors="replace")[-20000:] for p in self._operator_logs)

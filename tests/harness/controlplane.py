@@ -234,11 +234,22 @@ class ControlPlane:
 
     def get(self, path: str, timeout: float = 10) -> bytes:
         """A GET as the admin (for /readyz, /metrics and the like)."""
-        with urllib.request.urlopen(
-            self.server + path, context=self._context(), timeout=timeout
-        ) as response:
-            body: bytes = response.read()
-            return body
+        return self.request("GET", path, timeout=timeout)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        content_type: str = "application/json",
+        timeout: float = 10,
+    ) -> bytes:
+        """A request as the admin; an error status raises ``urllib.error.HTTPError``."""
+        request = urllib.request.Request(self.server + path, data=body, method=method)
+        request.add_header("Content-Type", content_type)
+        with urllib.request.urlopen(request, context=self._context(), timeout=timeout) as answer:
+            data: bytes = answer.read()
+            return data
 
     def _waited_for_apiserver(self, timeout: float, admin: pki.Pair) -> None:
         deadline = time.monotonic() + timeout

@@ -74,6 +74,8 @@ class ProcessKubelet:
         }
     )
     poll_seconds: float = 0.3
+    programs: dict[str, list[str]] = field(default_factory=lambda: dict(PROGRAMS))
+    taints: list[dict[str, str]] = field(default_factory=list)  # registered with the Node
     pods: dict[str, Running] = field(default_factory=dict)  # by pod uid
     done: set[str] = field(default_factory=set)  # uids reported terminal
     started_pods: list[str] = field(default_factory=list)  # "namespace/name", in start order
@@ -114,6 +116,7 @@ class ProcessKubelet:
                 "name": self.name,
                 "labels": {"kubernetes.io/hostname": self.name, "kubernetes.io/os": "linux"},
             },
+            "spec": {"taints": self.taints},
         }
         with contextlib.suppress(ApiException):  # already registered (a restarted agent)
             self.api.create_node(node)
@@ -371,7 +374,7 @@ class ProcessKubelet:
         # Only the container's own words name paths inside it; this machine's program does not
         # (a venv under /tmp is no path below a pod's /tmp mount).
         inside = [*command[1:], *(container.get("args") or [])]
-        program = PROGRAMS.get(command[0], [_mapped(command[0], mounts)])
+        program = self.programs.get(command[0], [_mapped(command[0], mounts)])
         argv = [*program, *(_mapped(a, mounts) for a in inside)]
         cwd = _mapped(container.get("working_dir") or str(folder), mounts)
         log = folder / "container.log"

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from elmcore import layout
 from elmcore.manifest import Manifest
@@ -39,6 +39,30 @@ EXPECTED_REVISION = 7
 STANDIN = [sys.executable, "-m", "tests.harness.standin"]
 TRAINING = {"steps": 8, "checkpointInterval": 4}
 EDIT = {"spec": {"training": {"steps": 12}}}  # what determines the expert changed: version 2
+
+
+class ScenarioCluster(Protocol):
+    """What a life needs of a cluster: the emulator's (tests/harness/cluster.py) or a real
+    control plane's (tests/cluster/crash_plane.py)."""
+
+    workdir: Path
+    operator_starts: int
+
+    def start(self) -> ScenarioCluster: ...
+    def stop(self) -> None: ...
+    def start_operator(self) -> object: ...
+    def kill_operator(self) -> None: ...
+    def operator_alive(self) -> bool: ...
+    def set_crashes(self, switch: CrashSwitch) -> None: ...
+    def jobs_created(self) -> dict[str, int]: ...
+    def job_runs(self, job: str) -> int: ...
+    def unpermitted_requests(self) -> list[tuple[str, str, str]]: ...
+    def create(self, body: dict[str, Any]) -> Any: ...
+    def get(self, kind: str, name: str) -> Any: ...
+    def list(self, kind: str) -> list[dict[str, Any]]: ...
+    def patch(self, kind: str, name: str, patch: Any) -> Any: ...
+    def delete(self, kind: str, name: str) -> Any: ...
+    def secret(self, name: str, data: dict[str, str]) -> Any: ...
 
 
 @dataclass
@@ -70,7 +94,7 @@ class Outcome:
 class _Life:
     """The checks the run waits on, reading the API (as a user would) and S3 (past the proxy)."""
 
-    def __init__(self, cluster: Cluster, storage: Storage) -> None:
+    def __init__(self, cluster: ScenarioCluster, storage: Storage) -> None:
         self.cluster, self.storage = cluster, storage
 
     def status(self, kind: str, name: str) -> dict[str, Any]:
@@ -107,7 +131,7 @@ class _Life:
         )
 
 
-def converge(cluster: Cluster, check: Callable[[], bool], timeout: float) -> bool:
+def converge(cluster: ScenarioCluster, check: Callable[[], bool], timeout: float) -> bool:
     """Wait for ``check``, restarting the operator whenever it died (as its Deployment would)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -122,19 +146,14 @@ def converge(cluster: Cluster, check: Callable[[], bool], timeout: float) -> boo
     return False
 
 
-def invariants(cluster: Cluster, life: _Life) -> list[str]:
+def invariants(cluster: ScenarioCluster, life: _Life) -> list[str]:
     """What must hold however the operator was killed."""
     problems = []
-    assert cluster.emulator is not None and cluster.kubelet is not None
-    created = {
-        name: n for (plural, name), n in cluster.emulator.created.items() if plural == "jobs"
-    }
+    created = cluster.jobs_created()
     for name, count in sorted(created.items()):
         attempt = re.search(r"-a(\d+)$", name)
-        if count != 1 or cluster.kubelet.started.count(name) != 1:
-            problems.append(
-                f"Job {name}: created {count}x, ran {cluster.kubelet.started.count(name)}x"
-            )
+        if count != 1 or cluster.job_runs(name) != 1:
+            problems.append(f"Job {name}: created {count}x, ran {cluster.job_runs(name)}x")
         if attempt is not None and attempt.group(1) != "1":
             problems.append(f"Job {name}: a second attempt although no run failed")
     expected_jobs = {
@@ -172,8 +191,19 @@ def invariants(cluster: Cluster, life: _Life) -> list[str]:
     return problems
 
 
-def run_scenario(rig: Rig, run: str, points: set[CrashPoint], timeout: float = 90) -> Outcome:
-    """Live the forest's life with the operator killed at ``points``; return what held."""
+def _emulated(workdir: Path, env: dict[str, str]) -> ScenarioCluster:
+    return Cluster(workdir, env, programs={"elmtrain": STANDIN})
+
+
+def run_scenario(
+    rig: Rig,
+    run: str,
+    points: set[CrashPoint],
+    timeout: float = 90,
+    make_cluster: Callable[[Path, dict[str, str]], ScenarioCluster] = _emulated,
+) -> Outcome:
+    """Live the forest's life with the operator killed at ``points``; return what held.
+    ``make_cluster`` gives the API server and nodes: the emulator's by default."""
     started = time.monotonic()
     outcome = Outcome(run, sorted(points))
     bucket = create_bucket(rig.s3_endpoint, f"sweep-{run}")
@@ -187,10 +217,10 @@ def run_scenario(rig: Rig, run: str, points: set[CrashPoint], timeout: float = 9
     workdir = rig.workdir / run
     workdir.mkdir(parents=True, exist_ok=True)
     proxy = S3FaultProxy(rig.s3_endpoint).start()
-    cluster = Cluster(workdir, env, programs={"elmtrain": STANDIN}).start()
+    cluster = make_cluster(workdir, env).start()
     switch = CrashSwitch(set(points), kill=cluster.kill_operator)
-    assert cluster.emulator is not None
-    cluster.emulator.crashes = proxy.crashes = switch
+    cluster.set_crashes(switch)
+    proxy.crashes = switch
     try:
         cluster.secret("s3-creds", {"AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t"})
         forest = forest_body(FOREST, f"s3://{bucket}", proxy.url, maxConcurrentBranches=2)

@@ -10,6 +10,7 @@ the kinds; ``--doubles N`` adds N runs killed at two points.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -17,15 +18,17 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
 from tests.harness.crashes import CrashPoint, When
-from tests.reliability.scenario import Outcome, Rig, run_scenario
+from tests.reliability.scenario import Outcome, Rig, ScenarioCluster, run_scenario
 
 WHENS: tuple[When, ...] = ("before", "after")
+MakeCluster = Callable[[Path, dict[str, str]], ScenarioCluster]
+PLANE_TIMEOUT = 180.0  # per step of a life: real controllers and pods are slower than emulated
 
 
 def every_point(effects: dict[str, int]) -> list[CrashPoint]:
@@ -63,13 +66,19 @@ def double_points(effects: dict[str, int], n: int, seed: int) -> list[set[CrashP
 
 
 def run_all(
-    rig: Rig, runs: Iterable[tuple[str, set[CrashPoint]]], parallel: int, progress: bool = True
+    rig: Rig,
+    runs: Iterable[tuple[str, set[CrashPoint]]],
+    parallel: int,
+    progress: bool = True,
+    make_cluster: MakeCluster | None = None,
 ) -> list[Outcome]:
+    """Each run's life, ``parallel`` at a time, on the emulator or ``make_cluster``'s."""
     jobs = list(runs)
     outcomes: list[Outcome] = []
     started = time.monotonic()
+    on = {"make_cluster": make_cluster, "timeout": PLANE_TIMEOUT} if make_cluster else {}
     with ThreadPoolExecutor(parallel) as pool:
-        futures = [pool.submit(run_scenario, rig, name, points) for name, points in jobs]
+        futures = [pool.submit(run_scenario, rig, name, points, **on) for name, points in jobs]
         for future in futures:
             outcome = future.result()
             outcomes.append(outcome)
@@ -142,15 +151,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--parallel", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("sweep-results.json"))
+    parser.add_argument(
+        "--plane",
+        action="store_true",
+        help="on a real control plane built from source (tests/cluster/crash_plane.py)",
+    )
     args = parser.parse_args(argv)
     from tests.harness.moto import moto_server
 
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
-    with tempfile.TemporaryDirectory(prefix="elmforest-sweep-") as tmp, moto_server() as s3:
-        work = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="elmforest-sweep-")))
+        s3 = stack.enter_context(moto_server())
+        make_cluster = None
+        if args.plane:
+            from tests.cluster.crash_plane import plane_clusters
+
+            make_cluster = stack.enter_context(plane_clusters(work / "plane"))
         os.environ["ELMTRAIN_CACHE"] = str(work / "cache")
         rig = Rig(s3, make_templates(work), work / "runs", base_env())
-        reference = run_scenario(rig, "reference", set())
+        reference = run_all(rig, [("reference", set())], 1, False, make_cluster)[0]
         if not reference.ok:
             print(f"the reference run failed: {reference.violations}", file=sys.stderr)
             return 1
@@ -163,9 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         pairs = double_points(reference.effects, args.doubles, args.seed)
         runs += [(f"d{i}", pair) for i, pair in enumerate(pairs)]
         print(f"{len(runs)} runs; reference effects {reference.effects}", file=sys.stderr)
-        outcomes = run_all(rig, runs, args.parallel)
+        outcomes = run_all(rig, runs, args.parallel, make_cluster=make_cluster)
     report = {
         "seed": args.seed,
+        "api_server": "kube-apiserver (tests/cluster/kube)" if args.plane else "emulator",
         "reference_effects": reference.effects,
         **summary(outcomes),
         "outcomes": [asdict(o) for o in outcomes],

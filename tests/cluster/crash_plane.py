@@ -1,0 +1,215 @@
+"""The crash sweep's cluster on a real control plane (tests/reliability/scenario.py's
+``ScenarioCluster``): Kubernetes' own Job controller, garbage collector and scheduler run; only
+the operator's death at its writes is on cue.
+
+Each life gets its own release of the chart (helm, namespaces enforcing Pod Security
+restricted, the chart's RBAC); the operator runs as a process with the chart's ServiceAccount
+token, its API traffic through :class:`ApiCrashProxy`. Trainer Jobs land on a node of their
+own (a process kubelet whose ``elmtrain`` is the stand-in trainer, tainted so that no other
+test's pod goes there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from tests.cluster.chart_operator import operator_command, token_kubeconfig
+from tests.cluster.conftest import Release, install_chart, start_node
+from tests.harness.apiproxy import ApiCrashProxy
+from tests.harness.cluster import PATHS, ApiError
+from tests.harness.controlplane import ControlPlane
+from tests.harness.crashes import CrashSwitch
+from tests.harness.kubectl import Kube
+from tests.harness.nodeagent import PROGRAMS, ProcessKubelet
+from tests.reliability.scenario import STANDIN
+
+STANDIN_TAINT = {"key": "elmforest-test/standin", "value": "true", "effect": "NoSchedule"}
+UNSCHEDULABLE = {"nodeSelector.elmforest-test/unschedulable": "true"}  # the chart's own pod
+
+
+class PlaneCluster:
+    def __init__(self, kube: Kube, node: ProcessKubelet, workdir: Path, env: dict[str, str]):
+        assert kube.plane is not None, "the crash sample runs on the local control plane"
+        self.kube, self.plane, self.node, self.workdir = kube, kube.plane, node, workdir
+        self.node.base_env.update(env)  # the stand-in's settings, for the pods of this life
+        self.operator: subprocess.Popen[bytes] | None = None
+        self.operator_starts = 0
+        self.proxy = ApiCrashProxy(self.plane.server, self.plane.ca)
+        self.release: Release | None = None
+        self.namespace = ""
+        self._logs: list[Path] = []
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> PlaneCluster:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.release = install_chart(
+            self.kube, f"crash-{uuid.uuid4().hex[:6]}", "crash", strings=UNSCHEDULABLE
+        )
+        self.namespace = self.release.watched
+        self.proxy.start()
+        self.argv, self.env = operator_command(self.kube, self.release)
+        self.kubeconfig = token_kubeconfig(self.kube, self.release, self.workdir, self.proxy.url)
+        return self
+
+    def stop(self) -> None:
+        self._stop_operator()
+        self.proxy.stop()
+        if self.release is not None:
+            self.kube.kubectl(
+                "delete",
+                "namespace",
+                "--wait=false",
+                self.namespace,
+                self.release.namespace,
+                check=False,
+            )
+
+    def set_crashes(self, switch: CrashSwitch) -> None:
+        self.proxy.crashes = switch
+
+    # ---- the operator -------------------------------------------------------------------------
+
+    def start_operator(self) -> subprocess.Popen[bytes]:
+        log = self.workdir / f"operator-{len(self._logs)}.log"
+        self._logs.append(log)
+        env = {**os.environ, **self.env, "KUBECONFIG": str(self.kubeconfig)}
+        with log.open("wb") as out:
+            self.operator = subprocess.Popen(
+                [sys.executable, "-m", "elmforest", *self.argv],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.operator_starts += 1
+        return self.operator
+
+    def kill_operator(self) -> None:
+        if self.operator is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.operator.pid, signal.SIGKILL)
+
+    def operator_alive(self) -> bool:
+        return self.operator is not None and self.operator.poll() is None
+
+    def _stop_operator(self) -> None:
+        if self.operator is not None and self.operator.poll() is None:
+            os.killpg(self.operator.pid, signal.SIGKILL)
+            self.operator.wait(10)
+
+    def operator_log(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-20000:] for p in self._logs)
+
+    # ---- what Kubernetes itself recorded ------------------------------------------------------
+
+    def jobs_created(self) -> dict[str, int]:
+        return {name: n for (plural, name), n in self.proxy.created.items() if plural == "jobs"}
+
+    def job_runs(self, job: str) -> int:
+        """Pods of ``job`` this life's node started (a Job's pods are ``<job>-<5 chars>``)."""
+        prefix = f"{self.namespace}/{job}-"
+        return sum(
+            1 for p in self.node.started_pods if p.startswith(prefix) and len(p) == len(prefix) + 5
+        )
+
+    def unpermitted_requests(self) -> list[tuple[str, str, str]]:
+        """The operator's requests the API server refused (403), from its audit log."""
+        assert self.release is not None
+        user = f"system:serviceaccount:{self.release.namespace}:{self.release.account}"
+        refused = set()
+        for line in self.plane.audit_log.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("user", {}).get("username") != user:
+                continue
+            if record.get("responseStatus", {}).get("code") == 403:
+                ref = record.get("objectRef", {})
+                refused.add((ref.get("apiGroup", ""), ref.get("resource", ""), record["verb"]))
+        return sorted(refused)
+
+    # ---- a tiny kubectl, as the admin ---------------------------------------------------------
+
+    def _request(self, method: str, path: str, body: Any = None, ctype: str = "") -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        try:
+            answer = self.plane.request(method, path, data, ctype or "application/json")
+        except urllib.error.HTTPError as error:
+            raise ApiError(error.code, error.read().decode(errors="replace")) from None
+        return json.loads(answer or b"null")
+
+    def _path(self, kind: str) -> str:
+        return PATHS[kind].format(ns=self.namespace)
+
+    def create(self, body: dict[str, Any]) -> Any:
+        if body["kind"] == "ElmForest":  # its Jobs go to the stand-in's node
+            trainer = body["spec"].setdefault("trainer", {})
+            trainer["nodeSelector"] = {"kubernetes.io/hostname": self.node.name}
+            trainer["tolerations"] = [{**STANDIN_TAINT, "operator": "Equal"}]
+        return self._request("POST", self._path(body["kind"]), body)
+
+    def get(self, kind: str, name: str) -> Any:
+        return self._request("GET", f"{self._path(kind)}/{name}")
+
+    def list(self, kind: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self._request("GET", self._path(kind))["items"]
+        return items
+
+    def patch(self, kind: str, name: str, patch: Any) -> Any:
+        path = f"{self._path(kind)}/{name}"
+        return self._request("PATCH", path, patch, "application/merge-patch+json")
+
+    def delete(self, kind: str, name: str) -> Any:
+        return self._request("DELETE", f"{self._path(kind)}/{name}")
+
+    def secret(self, name: str, data: dict[str, str]) -> Any:
+        body = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}}
+        return self._request("POST", self._path("Secret"), {**body, "stringData": data})
+
+
+def standin_node(kube: Kube, folder: Path) -> ProcessKubelet:
+    """The node the stand-in trainer's pods run on, tainted for them alone."""
+    assert kube.plane is not None
+    return start_node(
+        kube.plane,
+        kube,
+        folder,
+        "node-standin",
+        programs={**PROGRAMS, "elmtrain": STANDIN},
+        taints=[STANDIN_TAINT],
+    )
+
+
+def cluster_factory(
+    kube: Kube, node: ProcessKubelet
+) -> Callable[[Path, dict[str, str]], PlaneCluster]:
+    return lambda workdir, env: PlaneCluster(kube, node, workdir, env)
+
+
+@contextlib.contextmanager
+def plane_clusters(folder: Path) -> Iterator[Callable[[Path, dict[str, str]], PlaneCluster]]:
+    """A control plane built from source and the stand-in's node, for the sweep's ``--plane``."""
+    from tests.harness import kubebuild
+
+    plane = ControlPlane(folder / "control-plane")
+    node: ProcessKubelet | None = None
+    try:
+        plane.start()
+        kube = Kube(
+            plane.kubeconfig, kubebuild.tool("kubectl"), kubebuild.tool("helm"), folder, plane
+        )
+        node = standin_node(kube, folder / "node-standin")
+        yield cluster_factory(kube, node)
+    finally:
+        if node is not None:
+            node.stop()
+        plane.stop()
