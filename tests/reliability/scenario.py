@@ -151,7 +151,7 @@ def invariants(cluster: ScenarioCluster, life: _Life) -> list[str]:
     problems = []
     created = cluster.jobs_created()
     for name, count in sorted(created.items()):
-        attempt = re.search(r"-a(\d+)$", name)
+        attempt = re.search(r"-v\d+-a(\d+)$", name)  # branch Jobs; a seed's hash may read "a01857"
         if count != 1 or cluster.job_runs(name) != 1:
             problems.append(f"Job {name}: created {count}x, ran {cluster.job_runs(name)}x")
         if attempt is not None and attempt.group(1) != "1":

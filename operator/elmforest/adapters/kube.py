@@ -87,7 +87,13 @@ class Kube:
         meta = body["metadata"]
         try:
             # The created Job comes back through the watch: skip parsing it into models here.
-            self.batch.create_namespaced_job(meta["namespace"], body, _preload_content=False)
+            response = self.batch.create_namespaced_job(
+                meta["namespace"], body, _preload_content=False
+            )
+            # An unread answer keeps its connection out of the pool: the next call would open
+            # (and TLS-handshake) a new one. Reading it to the end hands the connection back.
+            response.drain_conn()
+            response.release_conn()
         except ApiException as error:
             if error.status == 409:
                 return False
