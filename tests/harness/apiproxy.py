@@ -11,12 +11,10 @@ controllers do with the writes is their own; only the operator's death is on cue
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import json
 import re
 import ssl
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import aiohttp
 import aiohttp.web
 
 from tests.harness.crashes import CrashSwitch
+from tests.harness.loopserver import LoopServer
 
 _HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "content-encoding"}
 _WRITES = {"POST", "PUT", "PATCH", "DELETE"}
@@ -50,49 +49,27 @@ class ApiCrashProxy:
     ca: Path
     crashes: CrashSwitch | None = None
     created: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
-    url: str = ""
-    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
-    _runner: aiohttp.web.AppRunner | None = None
-    _session: aiohttp.ClientSession | None = None
-    _streams: set[asyncio.Task[object]] = field(default_factory=set)
+    _server: LoopServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None, "not started"
+        return self._server.url
 
     def start(self) -> ApiCrashProxy:
-        ready = threading.Event()
-        threading.Thread(target=self._serve, args=(ready,), daemon=True, name="apiproxy").start()
-        if not ready.wait(10):
-            raise RuntimeError("the API proxy did not start")
+        tls = ssl.create_default_context(cafile=str(self.ca))
+
+        def session() -> aiohttp.ClientSession:  # no read timeout: watches stay open for minutes
+            return aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=tls), timeout=aiohttp.ClientTimeout(total=None)
+            )
+
+        self._server = LoopServer(self._forward, "apiproxy", session).start()
         return self
 
     def stop(self) -> None:
-        async def close() -> None:
-            for task in self._streams:  # open watches: the server's cleanup would wait on them
-                task.cancel()
-            if self._session is not None:
-                await self._session.close()
-            if self._runner is not None:
-                await self._runner.cleanup()
-
-        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-
-    def _serve(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._listen())
-        ready.set()
-        self._loop.run_forever()
-
-    async def _listen(self) -> None:
-        app = aiohttp.web.Application(client_max_size=1 << 26)
-        app.router.add_route("*", "/{tail:.*}", self._forward)
-        self._runner = aiohttp.web.AppRunner(app)
-        await self._runner.setup()
-        await aiohttp.web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-        tls = ssl.create_default_context(cafile=str(self.ca))
-        # No read timeout: watches stay open for minutes.
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=tls), timeout=aiohttp.ClientTimeout(total=None)
-        )
+        if self._server is not None:
+            self._server.stop()
 
     async def _forward(self, request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
         body = await request.read()
@@ -112,9 +89,9 @@ class ApiCrashProxy:
     async def _upstream(
         self, request: aiohttp.web.Request, body: bytes, label: str | None
     ) -> aiohttp.web.StreamResponse:
-        assert self._session is not None
+        assert self._server is not None and self._server.session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
-        async with self._session.request(
+        async with self._server.session.request(
             request.method,
             self.upstream + request.rel_url.path_qs,
             headers=headers,
@@ -130,10 +107,7 @@ class ApiCrashProxy:
                 return aiohttp.web.Response(status=upstream.status, body=payload, headers=reply)
             response = aiohttp.web.StreamResponse(status=upstream.status, headers=reply)
             await response.prepare(request)
-            task = asyncio.current_task()
-            assert task is not None
-            self._streams.add(task)
-            task.add_done_callback(self._streams.discard)
+            self._server.stream()
             try:
                 async for chunk in upstream.content.iter_any():  # a watch: event by event
                     await response.write(chunk)

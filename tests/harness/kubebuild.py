@@ -110,10 +110,6 @@ KUEUE = GoBuild(
 )
 
 
-def cache_key() -> str:
-    return KUBE.cache_key()
-
-
 def cache_root() -> Path:
     explicit = os.environ.get("ELMFOREST_KUBE_CACHE")
     if explicit:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import re
-import threading
 from dataclasses import dataclass, field
+from functools import partial
 
 import aiohttp
 import aiohttp.web
 
 from tests.harness.crashes import CrashSwitch
+from tests.harness.loopserver import LoopServer
 
 _HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
 
@@ -40,44 +41,21 @@ class S3FaultProxy:
     faults: list[S3Fault] = field(default_factory=list)
     crashes: CrashSwitch | None = None  # counts writes (PUT, POST, DELETE), kills at chosen ones
     requests: int = 0
-    url: str = ""
-    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
-    _runner: aiohttp.web.AppRunner | None = None
-    _session: aiohttp.ClientSession | None = None
+    _server: LoopServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None, "not started"
+        return self._server.url
 
     def start(self) -> S3FaultProxy:
-        ready = threading.Event()
-        threading.Thread(target=self._serve, args=(ready,), daemon=True, name="s3proxy").start()
-        if not ready.wait(10):
-            raise RuntimeError("the S3 proxy did not start")
+        session = partial(aiohttp.ClientSession, auto_decompress=False)
+        self._server = LoopServer(self._forward, "s3proxy", session).start()
         return self
 
     def stop(self) -> None:
-        async def close() -> None:
-            if self._session is not None:
-                await self._session.close()
-            if self._runner is not None:
-                await self._runner.cleanup()
-
-        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-
-    def _serve(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._listen())
-        ready.set()
-        self._loop.run_forever()
-
-    async def _listen(self) -> None:
-        app = aiohttp.web.Application(client_max_size=1 << 30)
-        app.router.add_route("*", "/{tail:.*}", self._forward)
-        self._runner = aiohttp.web.AppRunner(app)
-        await self._runner.setup()
-        site = aiohttp.web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}"
-        self._session = aiohttp.ClientSession(auto_decompress=False)
+        if self._server is not None:
+            self._server.stop()
 
     def _fault(self, method: str, path: str) -> S3Fault | None:
         for fault in self.faults:
@@ -114,9 +92,9 @@ class S3FaultProxy:
                 self.crashes.kill()
 
     async def _upstream(self, request: aiohttp.web.Request, body: bytes) -> aiohttp.web.Response:
-        assert self._session is not None
+        assert self._server is not None and self._server.session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
-        async with self._session.request(
+        async with self._server.session.request(
             request.method,
             self.upstream + request.rel_url.path_qs,
             headers=headers,
