@@ -39,7 +39,7 @@ def _vm_hwm_mb(pid: int) -> float:
 
 def _forest_template(work: Path) -> Path:
     """A forest holding a tokenizer and an (untrained) seed, made by the real CLI."""
-    from bench.btm_quality import elmtrain
+    from bench.btm.recipes import elmtrain
 
     template, text = work / "template", work / "text.txt"
     text.write_text("\n\n\n".join(f"document {i} about branch {i % 7}" for i in range(200)))

@@ -63,12 +63,26 @@ DOMAIN_WORDS = {
         "ember",
         "dusk",
     ],
+    "weather": [
+        "rain",
+        "front",
+        "gust",
+        "drizzle",
+        "pressure",
+        "humid",
+        "cloud",
+        "thunder",
+        "frost",
+        "breeze",
+        "forecast",
+    ],
 }
 SHAPES = {
     "cooking": "{a} the {b} with {c} then {d}.",
     "sailing": "At {a} we raised the {b}; the {c} held {d}.",
     "finance": "{a}: {b} rose 3.2% while {c} fell on {d} concerns",
     "poetry": "O {a}, thy {b} -- a {c} of {d}!",
+    "weather": "Forecast for {a}: {b} and {c}, later {d}",
 }
 
 

@@ -64,3 +64,9 @@ class TrainingConfig(BaseModel):
         10.0, gt=0, description="seconds between progress records"
     )
     eval_batches: int = Field(16, ge=1, description="validation batches for perplexity")
+    eval_interval: int | None = Field(
+        None,
+        ge=1,
+        description="steps between validation perplexities kept as the learning curve "
+        "(metrics.curve); unset: before and after training only",
+    )

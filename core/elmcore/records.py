@@ -54,8 +54,17 @@ class Parent(Record):
     weight: float
 
 
+class CurvePoint(Record):
+    """Validation loss after ``step`` optimizer steps: one point of a learning curve."""
+
+    step: int = Field(ge=0)
+    loss: float
+    perplexity: float
+
+
 class Metrics(Record):
-    """Validation perplexity on the expert's own domain, before and after training."""
+    """Validation perplexity on the expert's own domain, before and after training (and, with
+    ``training.eval_interval``, every that many steps in between: ``curve``)."""
 
     val_loss_before: float | None = None
     val_ppl_before: float | None = None

@@ -49,39 +49,76 @@ def quick(name: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
 
 
 def test_btm_quality(tmp_path: Path) -> None:
-    """On a synthetic corpus (the shared one is for the real run): every row for every domain."""
-    corpus = write_domains(tmp_path / "corpus", ["cooking", "sailing", "finance", "poetry"])
-    for domain in ("cooking", "sailing", "finance", "poetry"):
+    """On a synthetic corpus (the shared one is for the real run): every experiment, every row
+    for every domain and seed, and lineage that says how each new expert was initialised."""
+    domains = ["cooking", "sailing", "finance", "weather", "poetry"]
+    corpus = write_domains(tmp_path / "corpus", domains)
+    for domain in domains:
         (corpus / domain / "test.txt").write_text(domain_text(domain, 12, seed=2))
     results = quick(
         "btm_quality",
         tmp_path,
         "--corpus",
         str(corpus),
-        "--domains",
-        "cooking,sailing,finance",
+        "--first",
+        "cooking,sailing",
+        "--new",
+        "finance",
+        "--held-out",
+        "weather",
         "--ood",
         "poetry",
     )
-    ppl = results["main"]["perplexity"]
-    assert set(ppl) == {
-        "seed",
-        "dense",
-        "expert",
-        "ensemble",
-        "ensemble top-2",
-        "ensemble routed top-2",
-        "posterior average",
-        "uniform average",
-    }
-    for row in ppl.values():
-        assert set(row) == {"cooking", "sailing", "finance", "poetry"}
-        assert all(v > 1 and math.isfinite(v) for v in row.values())
-    # Trained experts are better than the seed on their own domains.
-    assert all(ppl["expert"][d] < ppl["seed"][d] for d in ("cooking", "sailing", "finance"))
-    assert len(results["orderings"]) == 4
-    assert all(isinstance(c["holds"], bool) and c["detail"] for c in results["orderings"])
-    assert set(results["sweep"]) == {"30%", "50%"}
+    trained = ("cooking", "sailing", "finance")
+    main = results["main"]
+    assert set(main["per_seed"]) == {"0", "1"}
+    for rows in main["per_seed"].values():
+        assert set(rows) == {
+            "seed",
+            "dense",
+            "expert",
+            "ensemble",
+            "ensemble top-2",
+            "ensemble routed top-2",
+            "posterior average",
+            "uniform average",
+            "random-split ensemble",
+            "random-split posterior average",
+            "random-split uniform average",
+        }
+        for row in rows.values():
+            assert set(row) == set(domains)
+            assert all(v > 1 and math.isfinite(v) for v in row.values())
+        # Trained experts are better than the seed on their own domains.
+        assert all(rows["expert"][d] < rows["seed"][d] for d in trained)
+    assert set(main["groups"]) == {"in-domain", "held-out", "poetry"}
+    assert len(main["orderings"]) == 4 * 3
+    assert all(c["seeds"] == 2 and isinstance(c["holds"], bool) for c in main["orderings"])
+    assert main["spread"]["ensemble"]["in-domain"]["std"] >= 0
+
+    # Incremental: the new domain's expert under each init, with its learning curve.
+    expert_steps = 30 // 3  # (1 - 0.5) * 60 steps over 3 trained domains
+    for seed in results["incremental"]["per_seed"].values():
+        assert set(seed) == {"posterior", "seed", "nearest", "uniform"}
+        for strategy, experts in seed.items():
+            entry = experts["finance"]
+            steps = [p[0] for p in entry["curve"]]
+            assert steps[0] == 0 and steps[-1] == expert_steps and steps == sorted(steps)
+            assert len(steps) >= 3
+            weights = entry["parents"]
+            assert sum(weights.values()) == pytest.approx(1, abs=1e-3)
+            expected = {"seed": {"seed"}, "uniform": {"cooking", "sailing"}}.get(strategy)
+            if expected is not None:
+                assert set(weights) == expected
+        assert len(seed["nearest"]["finance"]["parents"]) == 1
+    comparisons = results["incremental"]["analysis"]["comparisons"]
+    assert [c["claim"].split()[3] for c in comparisons] == ["seed", "nearest", "uniform"]
+
+    assert set(results["sweep"]["means"]) == {"50%", "80%"}
+    forests = results["domain_count"]["forests"]
+    assert set(forests) == {"2", "4"}
+    assert forests["4"]["domains"] == ["cooking", "sailing", "finance", "weather"]
+    assert set(results["domain_count"]["advantage"]["in-domain"]["gain"]) == {"2", "4"}
 
 
 def test_merge(tmp_path: Path) -> None:

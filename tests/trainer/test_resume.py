@@ -1,4 +1,5 @@
-"""A run killed with SIGKILL resumes from its last committed step and ends bit-identical."""
+"""A run killed with SIGKILL resumes from its last committed step and ends bit-identical,
+learning curve included."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def branch_args(forest: Path, corpus: Path) -> list[str]:
         "--val-data",
         str(corpus / "cooking" / "valid.txt"),
         "--training",
-        training(steps=STEPS, checkpoint_interval=INTERVAL),
+        training(steps=STEPS, checkpoint_interval=INTERVAL, eval_interval=INTERVAL),
         "--merge",
     ]
 
@@ -73,6 +74,14 @@ def test_sigkill_mid_training_resumes_to_identical_weights(
     ]
     assert metrics[0]["val_ppl_before"] == metrics[1]["val_ppl_before"]
     assert metrics[1]["val_ppl_after"] < metrics[1]["val_ppl_before"]
+    # The learning curve: before, every INTERVAL steps, after. The point at the step the killed
+    # attempt committed came back with its checkpoint; the rest match the uninterrupted run.
+    curve = metrics[1]["curve"]
+    assert [p["step"] for p in curve] == list(range(0, STEPS + 1, INTERVAL))
+    assert curve == metrics[0]["curve"]
+    assert curve[0]["perplexity"] == metrics[1]["val_ppl_before"]
+    assert curve[-1]["perplexity"] == metrics[1]["val_ppl_after"]
+    assert curve[-1]["loss"] < curve[1]["loss"] < curve[0]["loss"]
     # The checkpoints were only for resuming: cleaned up once the expert is committed.
     assert not (run_dir / "checkpoints").exists()
 

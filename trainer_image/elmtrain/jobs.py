@@ -7,6 +7,7 @@ killed one resumes from its last committed checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -20,7 +21,7 @@ from transformers import PreTrainedModel
 
 from elmcore import layout
 from elmcore.errors import ElmError, ExitCode, NotFoundError
-from elmcore.records import Metrics, Parent, Progress, Result
+from elmcore.records import CurvePoint, Metrics, Parent, Progress, Result
 from elmcore.storage.commit import commit_dir, verify_committed
 from elmcore.storage.manifest_store import merge_verified
 from elmtrain.cache import cache_dir
@@ -120,6 +121,20 @@ def _before_training(
     return loss, ppl
 
 
+def _learning_curve(
+    cfg: TrainingConfig,
+    loss_before: float | None,
+    during: list[CurvePoint],
+    loss_after: float | None,
+) -> list[CurvePoint]:
+    """Before, every ``eval_interval`` steps, after: kept only when the interval is set."""
+    if cfg.eval_interval is None or loss_before is None or loss_after is None:
+        return []
+    ends = [(0, loss_before), (cfg.steps, loss_after)]
+    first, last = (CurvePoint(step=s, loss=v, perplexity=math.exp(v)) for s, v in ends)
+    return [first, *during, last] if cfg.steps > 0 else [first]
+
+
 def run_training_job(
     forest: Forest, spec: JobSpec, model: PreTrainedModel, runtime: Runtime
 ) -> Result:
@@ -148,7 +163,7 @@ def run_training_job(
     model.to(runtime.device)
     checkpointer = Checkpointer(forest.storage, spec.run_id, cfg.keep_checkpoints)
     loss_before, ppl_before = _before_training(forest, spec.run_id, model, val, runtime)
-    outcome = train(model, sequences, cfg, runtime, checkpointer, reporter)
+    outcome = train(model, sequences, cfg, runtime, checkpointer, reporter, val)
     reporter.report(
         Progress(run_id=spec.run_id, phase="evaluating", step=cfg.steps, total_steps=cfg.steps),
         force=True,
@@ -163,6 +178,7 @@ def run_training_job(
         train_tokens=outcome.tokens,
         steps=outcome.steps,
         seconds=round(outcome.seconds, 2),
+        curve=_learning_curve(cfg, loss_before, outcome.curve, loss_after),
     )
     result = Result(
         run_id=spec.run_id,

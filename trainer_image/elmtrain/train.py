@@ -22,13 +22,14 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from elmcore.errors import BadInputError, TransientError
-from elmcore.records import Progress
+from elmcore.records import CurvePoint, Progress
 from elmtrain.checkpoint import Checkpointer
 from elmtrain.config import TrainingConfig
 from elmtrain.data import batch_indices
 from elmtrain.fused_loss import CausalLMLoss
 from elmtrain.progress import ProgressReporter
 from elmtrain.runtime import Runtime
+from elmtrain.scoring import perplexity, token_logprobs
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +41,7 @@ class TrainOutcome:
     tokens: int
     seconds: float
     final_loss: float | None
+    curve: list[CurvePoint]  # validation every ``eval_interval`` steps (none without it)
 
 
 class _Preemption:
@@ -101,6 +103,13 @@ def _micro_batches(indices: list[int], runtime: Runtime, cfg: TrainingConfig) ->
     return [mine[i : i + micro] for i in range(0, len(mine), micro)]
 
 
+def _validate(model: PreTrainedModel, val: torch.Tensor, step: int, runtime: Runtime) -> CurvePoint:
+    loss, ppl, _ = perplexity(token_logprobs(model, val, runtime))
+    model.train()  # token_logprobs switched it to eval
+    log.info("train.validation", step=step, loss=round(loss, 4), perplexity=round(ppl, 2))
+    return CurvePoint(step=step, loss=loss, perplexity=ppl)
+
+
 def train(
     model: PreTrainedModel,
     sequences: torch.Tensor,
@@ -108,12 +117,15 @@ def train(
     runtime: Runtime,
     checkpointer: Checkpointer,
     reporter: ProgressReporter,
+    val: torch.Tensor | None = None,
 ) -> TrainOutcome:
     # 1. Resume from the last committed checkpoint, if this run has one.
     start_step = 0
+    curve: list[CurvePoint] = []
     resumed = checkpointer.latest(runtime.device)
     if resumed is not None:
         model, start_step = resumed.model, resumed.step
+        curve = [CurvePoint.model_validate(p) for p in resumed.state.get("curve", [])]
     model.to(runtime.device).train()
     optimizer = _optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
@@ -138,6 +150,7 @@ def train(
                 "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(),
                 "step": step,
+                "curve": [p.model_dump() for p in curve],
             }
             checkpointer.save(step, model, state)
         runtime.barrier()
@@ -200,6 +213,11 @@ def train(
             )
             if elapsed > 30:
                 window_start, window_steps = time.monotonic(), 0
+            # Every rank validates (a small set), so none waits at the next all-reduce; the
+            # last point is the job's own evaluation after training.
+            curve_point = cfg.eval_interval and done % cfg.eval_interval == 0 and done < cfg.steps
+            if val is not None and curve_point:
+                curve.append(_validate(model, val, done, runtime))
             if done % cfg.checkpoint_interval == 0 and done < cfg.steps:
                 save(done)
             if preemption.requested and done < cfg.steps:
@@ -215,4 +233,5 @@ def train(
         tokens=(cfg.steps - start_step) * tokens_per_step,
         seconds=seconds,
         final_loss=loss_value,
+        curve=curve,
     )
