@@ -43,3 +43,11 @@ def run_progress(run_id: str) -> str:
 
 def run_result(run_id: str) -> str:
     return f"{run(run_id)}/{RESULT}"
+
+
+SERVING = "serving"
+
+
+def serving(replica: str) -> str:
+    """Where a serving replica (``elmtrain serve --report-as``) says what it serves."""
+    return f"{SERVING}/{validate_run_id(replica)}.json"

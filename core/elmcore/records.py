@@ -74,6 +74,7 @@ class Metrics(Record):
     train_tokens: int = 0
     steps: int = 0
     seconds: float = 0.0
+    curve: list[CurvePoint] = Field(default_factory=list)
 
 
 class Result(Record):
@@ -89,3 +90,14 @@ class Result(Record):
     parents: list[Parent] = Field(default_factory=list)
     metrics: Metrics = Field(default_factory=Metrics)
     finished_at: str = Field(default_factory=utc_now)
+
+
+class ServingRecord(Record):
+    """``serving/<replica>.json``: what one ``elmtrain serve`` replica serves; rewritten on every
+    swap and every heartbeat, so a reader can tell a live replica from a gone one."""
+
+    replica: str
+    revision: int | None = None  # the manifest revision serving new requests; None: loading
+    experts: dict[str, int] = Field(default_factory=dict)  # domain -> version
+    message: str = ""
+    updated_at: str = Field(default_factory=utc_now)

@@ -1,6 +1,7 @@
 """``elmforest``: train a forest on this machine, run the operator, or print the CRDs.
 
-``elmforest up -f DIR`` runs the operator's planners locally (trainer Jobs as processes);
+``elmforest up -f DIR`` runs the operator's planners locally (trainer Jobs as processes),
+``elmforest serve -f DIR`` serves what it trained (OpenAI's completions API);
 ``elmforest operator`` wraps ``kopf run`` with this project's defaults: peering off (one
 replica; the Deployment uses the Recreate strategy), a liveness endpoint, Prometheus metrics.
 """
@@ -74,6 +75,12 @@ def _local(args: argparse.Namespace) -> int:
         top_k=getattr(args, "top_k", 2),
         force_report=getattr(args, "force", False),
     )
+    if args.command == "serve":  # a server's log is its output: it stays on stderr
+        return _run_local(
+            "serve",
+            lambda o, out: commands.serve(o, out, args.forest, args.host, args.port),
+            options,
+        )
     run = {"up": commands.up, "down": commands.down, "report": commands.report}[args.command]
     # The screen shows the progress table; this process's own log goes to a file beside it.
     options.state_dir.mkdir(parents=True, exist_ok=True)
@@ -97,7 +104,8 @@ def _add_local(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     up = sub.add_parser("up", help="train the forest in these files on this machine")
     down = sub.add_parser("down", help="remove these files' branches (and forests) locally")
     report = sub.add_parser("report", help="perplexity table and plot of a local forest")
-    for parser in (up, down, report):
+    serve = sub.add_parser("serve", help="serve a local forest (OpenAI-compatible completions)")
+    for parser in (up, down, report, serve):
         parser.add_argument(
             "-f",
             "--file",
@@ -111,9 +119,12 @@ def _add_local(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     up.add_argument("--poll", type=float, default=1.0, help="seconds between checks")
     up.add_argument("--timeout", type=float, help="stop (resumably) after this many seconds")
     up.add_argument("--no-report", action="store_true", help="skip the report at the end")
-    for parser in (up, report):
+    for parser in (up, report, serve):
         parser.add_argument("--top-k", type=int, default=2, help="the sparse ensemble's k")
     report.add_argument("--force", action="store_true", help="recompute even if up to date")
+    serve.add_argument("--forest", help="which forest (default: the files' only one)")
+    serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
+    serve.add_argument("--port", type=int, default=8000)
 
 
 def build_parser() -> argparse.ArgumentParser:

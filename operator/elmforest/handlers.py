@@ -19,8 +19,16 @@ import structlog
 from elmforest.adapters.kube import Kube, load_config
 from elmforest.api import BRANCH, FOREST, GROUP, VERSION
 from elmforest.planner.defaults import Defaults
-from elmforest.planner.naming import FINALIZER, LABEL_BRANCH, LABEL_FOREST, MANAGED_BY, OPERATOR
-from elmforest.planner.observed import JobState, job_state
+from elmforest.planner.naming import (
+    FINALIZER,
+    LABEL_BRANCH,
+    LABEL_FOREST,
+    LABEL_ROLE,
+    MANAGED_BY,
+    OPERATOR,
+)
+from elmforest.planner.observed import JobState, OwnedObject, job_state, owned_object
+from elmforest.planner.serving import ROLE as SERVING_ROLE
 from elmforest.planner.siblings import Sibling, owners_by_domain, sibling
 from elmforest.reconcile.branch_worker import BranchSources, BranchWorker
 from elmforest.reconcile.context import OperatorContext, Settings
@@ -30,6 +38,7 @@ log = structlog.get_logger("elmforest.operator")
 CONTEXT_KEY = "elmforest"
 WORKER_KEY = "branch_worker"
 JOB_LABELS = {MANAGED_BY: OPERATOR}
+SERVING_LABELS = {MANAGED_BY: OPERATOR, LABEL_ROLE: SERVING_ROLE}
 
 
 def _ctx(memo: Any) -> OperatorContext:
@@ -93,6 +102,33 @@ def job_index(namespace: str | None, body: kopf.Body, **_: Any) -> dict[Any, Any
     # Keyed by owner, so a reconcile looks up its own Jobs instead of scanning them all.
     owners = body.get("metadata", {}).get("ownerReferences") or [{}]
     return {(namespace, owners[0].get("kind"), owners[0].get("name")): job_state(dict(body))}
+
+
+def _serving_key(namespace: str | None, labels: kopf.Labels) -> tuple[str, str]:
+    return (namespace or "", labels.get(LABEL_FOREST, ""))
+
+
+@kopf.index("apps", "v1", "deployments", labels=SERVING_LABELS)
+def deployment_index(
+    namespace: str | None, body: kopf.Body, labels: kopf.Labels, **_: Any
+) -> dict[Any, Any]:
+    return {_serving_key(namespace, labels): owned_object("Deployment", dict(body))}
+
+
+@kopf.index("", "v1", "services", labels=SERVING_LABELS)
+def service_index(
+    namespace: str | None, body: kopf.Body, labels: kopf.Labels, **_: Any
+) -> dict[Any, Any]:
+    return {_serving_key(namespace, labels): owned_object("Service", dict(body))}
+
+
+def _serving(indexes: Mapping[str, Any], namespace: str, forest: str) -> dict[str, OwnedObject]:
+    """The forest's Deployment and Service, by kind, as last watched."""
+    found = {}
+    for index in (indexes["deployment_index"], indexes["service_index"]):
+        for owned in index.get((namespace, forest), []):
+            found[owned.kind] = owned
+    return found
 
 
 def _forest_body(
@@ -184,6 +220,14 @@ async def job_changed(
         ctx.wakeups.wake((FOREST.kind, namespace, labels[LABEL_FOREST]))
 
 
+@kopf.on.event("apps", "v1", "deployments", labels=SERVING_LABELS)
+async def deployment_changed(
+    namespace: str | None, labels: kopf.Labels, memo: Any, **_: Any
+) -> None:
+    """A server pod became ready (or went): the forest's status says how many are."""
+    _ctx(memo).wakeups.wake((FOREST.kind, namespace or "", labels.get(LABEL_FOREST, "")))
+
+
 @kopf.on.event(GROUP, VERSION, BRANCH.plural)
 async def branch_changed(
     type: str,
@@ -245,7 +289,8 @@ async def forest_loop(
     async def reconcile_once() -> float | None:
         siblings = _siblings(kwargs["branch_index"], ns, name)
         jobs = _owned_jobs(kwargs["job_index"], ns, FOREST.kind, name)
-        return await reconcile_forest(ctx, body, jobs, owners_by_domain(siblings))
+        serving = _serving(kwargs, ns, name)
+        return await reconcile_forest(ctx, body, jobs, owners_by_domain(siblings), serving)
 
     await _run_loop(ctx, (FOREST.kind, ns, name), stopped, reconcile_once)
 

@@ -153,3 +153,22 @@ def test_operator(tmp_path: Path) -> None:
         measured = results[name]
         assert measured["api_calls"]["jobs create"] >= 40
         assert 20 < measured["peak_rss_mb"] < 1000
+
+
+def test_serve(tmp_path: Path) -> None:
+    """The three endpoints under each load level answer every request with tokens."""
+    corpus = write_domains(tmp_path / "corpus", ["cooking", "sailing"])
+    for domain in ("cooking", "sailing"):
+        (corpus / domain / "test.txt").write_text(domain_text(domain, 12, seed=2))
+    results = quick("serve", tmp_path, "--corpus", str(corpus), "--domains", "cooking,sailing")
+    assert set(results["rows"]) == {
+        "elmforest routed top-2",
+        "elmforest one expert",
+        "plain generate loop",
+    }
+    for levels in results["rows"].values():
+        assert [level["clients"] for level in levels] == [1, 4]
+        for level in levels:
+            assert level["failures"] == 0 and level["requests"] > 0
+            assert level["tokens_per_second"] > 0 and level["p99_seconds"] >= level["p50_seconds"]
+    assert results["ratio_routed_vs_plain"] > 0

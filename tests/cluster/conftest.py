@@ -21,7 +21,7 @@ import pytest
 
 from elmforest.api import BRANCH, FOREST
 from tests.harness import kubebuild
-from tests.harness.controlplane import ControlPlane
+from tests.harness.controlplane import ControlPlane, host_address
 from tests.harness.kubectl import Kube
 from tests.harness.nodeagent import ProcessKubelet
 
@@ -149,6 +149,8 @@ def start_node(
 ) -> ProcessKubelet:
     """A process kubelet joined to ``plane``, Ready; ``settings``: ProcessKubelet's fields."""
     keep = ("PATH", "HOME", "LANG", "PYTHONPATH", "ELMTRAIN_CACHE")
+    with contextlib.suppress(RuntimeError):  # no such address: Services get no endpoints
+        settings.setdefault("pod_ip", host_address())
     agent = ProcessKubelet(
         plane.node_kubeconfig(name),
         name,

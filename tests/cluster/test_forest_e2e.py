@@ -3,7 +3,8 @@
 ``helm install`` the chart (the operator's pod runs on the process kubelet with the chart's
 ServiceAccount), S3 from moto, ``kubectl apply -f`` the quickstart's YAML with ``s3://``
 storage; the seed and four branches train with the real ``elmtrain`` in pods run as processes,
-under the real Job controller, garbage collector and scheduler. Then, on the same cluster: a
+under the real Job controller, garbage collector and scheduler, and the forest is served (its
+Deployment's pod answers through its Service's endpoint). Then, on the same cluster: a
 branch's training is edited (version 2 replaces version 1) while its pod is evicted twice (with
 and without grace) and the operator's pod is deleted; a branch with ``retention: Delete`` is
 deleted (its Jobs go by garbage collection); a branch whose data has no text fails at once.
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import openai
 import pytest
 import yaml
 
@@ -37,9 +39,35 @@ GROUP_LABEL = "btm.elmforest.io"
 WRITES = {"create", "update", "patch", "delete", "deletecollection"}
 
 
-def _legal_deleted(body: dict[str, Any]) -> None:
-    if body["kind"] == "ElmBranch" and body["spec"]["domain"] == "legal":
-        body["spec"]["retention"] = "Delete"
+def _edits(serving_port: int) -> Any:
+    """The quickstart's YAML, served on ``serving_port``, with legal's files deleted with it."""
+
+    def edit(body: dict[str, Any]) -> None:
+        if body["kind"] == "ElmForest":
+            body["spec"]["serving"] = {"port": serving_port, "pollSeconds": 1}
+        if body["kind"] == "ElmBranch" and body["spec"]["domain"] == "legal":
+            body["spec"]["retention"] = "Delete"
+
+    return edit
+
+
+def _served(kube: Kube, ns: str, revision: int) -> dict[str, Any] | None:
+    """The forest's serving status once its one replica is ready and serves ``revision``."""
+    serving = kube.json("get", "ef", "quickstart", "-n", ns).get("status", {}).get("serving")
+    ready = serving and serving.get("replicas") == 1 and serving.get("revision") == revision
+    return serving if ready else None
+
+
+def _service_endpoint(kube: Kube, ns: str, service: str) -> str | None:
+    """``ip:port`` of the Service's ready endpoint, as Kubernetes' EndpointSlice controller
+    wrote it (no kube-proxy here: the address is the pod's own)."""
+    label = f"kubernetes.io/service-name={service}"
+    for item in kube.json("get", "endpointslices", "-n", ns, "-l", label)["items"]:
+        port = (item.get("ports") or [{}])[0].get("port")
+        for endpoint in item.get("endpoints") or []:
+            if endpoint.get("conditions", {}).get("ready") and port:
+                return f"{endpoint['addresses'][0]}:{port}"
+    return None
 
 
 def _jobs(kube: Kube, ns: str, selector: str) -> list[dict[str, Any]]:
@@ -124,8 +152,9 @@ def test_quickstart_forest_on_a_real_control_plane(
     )
     ns = release.watched
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    serving_port = free_port()
     folder = quickstart.on_s3(
-        kube, ns, s3_endpoint, s3_bucket, tmp_path / "quickstart", edit=_legal_deleted
+        kube, ns, s3_endpoint, s3_bucket, tmp_path / "quickstart", edit=_edits(serving_port)
     )
     kube.kubectl("apply", "-f", str(folder), "-n", ns)
 
@@ -155,6 +184,22 @@ def test_quickstart_forest_on_a_real_control_plane(
         jobs = [j["metadata"]["name"] for j in _jobs(kube, ns, f"{GROUP_LABEL}/branch={domain}")]
         assert jobs == [f"{domain}-v1-a1"], jobs
     assert node.started_pods[0].startswith(f"{release.namespace}/e2e-elmforest-")  # the operator
+
+    # Serving: the forest's Deployment runs `elmtrain serve` in a pod on the node, behind a
+    # Service whose endpoint Kubernetes publishes once the pod's readiness probe answers; the
+    # forest's status shows the endpoint and the revision served. A request through the
+    # Service's endpoint is answered by the forest's experts.
+    serving = wait("the forest served", lambda: _served(kube, ns, manifest().revision))
+    assert serving["endpoint"] == f"http://quickstart-serve.{ns}.svc:{serving_port}/v1"
+    address = wait(
+        "the Service's endpoint", lambda: _service_endpoint(kube, ns, "quickstart-serve")
+    )
+    client = openai.OpenAI(base_url=f"http://{address}/v1", api_key="unused", max_retries=2)
+    answer = client.completions.create(model="quickstart", prompt="def main():", max_tokens=6)
+    routed = (answer.model_extra or {})["elmforest"]
+    assert routed["revision"] == manifest().revision
+    assert {e["expert"] for e in routed["routing"][0]["experts"]} <= set(DOMAINS)
+    assert answer.usage is not None and answer.usage.completion_tokens >= 1
 
     # GitOps: every file re-applied unchanged, server-side, under another field manager (as
     # Argo CD syncs): no new version, no new Job, and the operator writes nothing in response.
@@ -257,6 +302,10 @@ def test_quickstart_forest_on_a_real_control_plane(
     assert [j["metadata"]["name"] for j in status] == [job], status
     assert status[0]["status"].get("failed", 0) == 0, status[0]["status"]
     assert manifest().revision == first.revision + 1  # one merge for version 2
+    # The server followed the forest to quotes v2, and says so through the Service.
+    wait("the server on quotes v2", lambda: _served(kube, ns, manifest().revision))
+    experts = client.models.list().data[0].model_extra["elmforest"]["experts"]  # type: ignore[index]
+    assert {"expert": "quotes", "version": 2} in experts
 
     # 3. retention: Delete: the expert and its files leave; Kubernetes' GC removes its Jobs.
     kube.kubectl("delete", "eb", "legal", "-n", ns, "--timeout=120s")

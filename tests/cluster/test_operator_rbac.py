@@ -2,9 +2,10 @@
 
 The operator runs here as a process (no kubelet runs its pod) with a token from the
 TokenRequest API for the chart's ServiceAccount, the args and env of the chart's Deployment.
-It reconciles forests and a branch to created Jobs, supersedes a Job, deletes a branch and the
-forests. The API server's audit log then shows every request it made: none was refused, and
-every rule of the chart's Role was used by some request (least privilege).
+It reconciles forests and a branch to created Jobs, serves a forest (Deployment and Service)
+and stops serving it, supersedes a Job, deletes a branch and the forests. The API server's
+audit log then shows every request it made: none was refused, and every rule of the chart's
+Role was used by some request (least privilege).
 """
 
 from __future__ import annotations
@@ -126,15 +127,9 @@ def test_operator_as_its_service_account_is_least_privilege(
         "stringData": {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"},
     }
     _upload(seeded_forest, s3_endpoint, s3_bucket, "forests/seeded")
-    kube.apply(
-        [
-            secret,
-            _forest("fresh", s3_bucket, s3_endpoint),
-            _forest("seeded", s3_bucket, s3_endpoint),
-        ],
-        "-n",
-        ns,
-    )
+    seeded = _forest("seeded", s3_bucket, s3_endpoint)
+    seeded["spec"]["serving"] = {"replicas": 1}
+    kube.apply([secret, _forest("fresh", s3_bucket, s3_endpoint), seeded], "-n", ns)
 
     # A new forest starts its tokenizer Job; a forest whose seed is in storage becomes Ready.
     wait("the tokenizer Job", lambda: _jobs(kube, ns, "btm.elmforest.io/forest=fresh"))
@@ -157,6 +152,14 @@ def test_operator_as_its_service_account_is_least_privilege(
             "retention": "Delete",
         },
     }
+    # Serving: a Deployment and a Service, applied server-side; the pod is admitted as
+    # restricted (Pending: no node here).
+    serve = "btm.elmforest.io/role=serve"
+    wait(
+        "the forest's server pod", lambda: kube.json("get", "pods", "-n", ns, "-l", serve)["items"]
+    )
+    services = kube.json("get", "services", "-n", ns, "-l", serve)["items"]
+    assert [s["metadata"]["name"] for s in services] == ["seeded-serve"]
     kube.apply(branch, "-n", ns)
     selector = "btm.elmforest.io/branch=seeded-code"
     assert wait("the branch's Job", lambda: _jobs(kube, ns, selector)) == ["seeded-code-v1-a1"]
@@ -168,6 +171,15 @@ def test_operator_as_its_service_account_is_least_privilege(
     kube.apply(branch, "-n", ns)
     wait("version 2's Job alone", lambda: _jobs(kube, ns, selector) == ["seeded-code-v2-a1"])
 
+    # Serving unset: the operator deletes its Deployment and Service.
+    kube.kubectl(
+        "patch", "ef", "seeded", "-n", ns, "--type=json",
+        "-p", '[{"op": "remove", "path": "/spec/serving"}]',
+    )  # fmt: skip
+    wait(
+        "the servers gone",
+        lambda: not kube.json("get", "deployments,services", "-n", ns, "-l", serve)["items"],
+    )
     kube.kubectl("delete", "eb", "seeded-code", "-n", ns, "--timeout=60s")
     kube.kubectl("delete", "ef", "fresh", "seeded", "-n", ns, "--timeout=60s")
     wait("the forests' Jobs gone", lambda: not _jobs(kube, ns, "btm.elmforest.io/forest"))
@@ -185,6 +197,9 @@ def test_operator_as_its_service_account_is_least_privilege(
         ref = record["objectRef"]
         resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
         used.add((ref.get("apiGroup", ""), resource, record["verb"]))
+        if record["verb"] == "patch" and record.get("responseStatus", {}).get("code") == 201:
+            # A server-side apply that created its object: the API server checked "create".
+            used.add((ref.get("apiGroup", ""), resource, "create"))
     role = kube.json("get", "role", release.account, "-n", ns)
     granted = {
         (group, resource, verb)

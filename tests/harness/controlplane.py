@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
+import ipaddress
 import json
 import os
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import time
@@ -60,6 +63,26 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+_SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's IPv4 address
+
+
+def host_address() -> str:
+    """This machine's first non-loopback IPv4 address: where an endpoint may point (the API
+    server refuses loopback endpoints), e.g. for a webhook or a Service's pods."""
+    for _, name in socket.if_nameindex():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            try:
+                packed = fcntl.ioctl(
+                    sock.fileno(), _SIOCGIFADDR, struct.pack("256s", name[:15].encode())
+                )
+            except OSError:  # no IPv4 address on this interface
+                continue
+        address = ipaddress.ip_address(socket.inet_ntoa(packed[20:24]))
+        if not (address.is_loopback or address.is_link_local or address.is_unspecified):
+            return str(address)
+    raise RuntimeError("no non-loopback IPv4 address here: no endpoint can point at this machine")
 
 
 def kubeconfig(server: str, ca: Path, user: dict[str, str], name: str = "elmforest-test") -> str:

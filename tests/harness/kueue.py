@@ -23,12 +23,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
-import ipaddress
 import os
 import signal
-import socket
-import struct
 import subprocess
 import threading
 import urllib.request
@@ -41,7 +37,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from tests.harness import kubebuild
-from tests.harness.controlplane import free_port, kubeconfig
+from tests.harness.controlplane import free_port, host_address, kubeconfig
 from tests.harness.kubectl import Kube, wait_for
 
 NAMESPACE = "kueue-system"
@@ -54,7 +50,6 @@ WEBHOOK_CONFIGURATIONS = (
     "mutatingwebhookconfiguration/kueue-mutating-webhook-configuration",
     "validatingwebhookconfiguration/kueue-validating-webhook-configuration",
 )
-_SIOCGIFADDR = 0x8915
 
 
 def manifests(kube: Kube) -> list[dict[str, Any]]:
@@ -62,24 +57,6 @@ def manifests(kube: Kube) -> list[dict[str, Any]]:
     source = kubebuild.source_of(kubebuild.KUEUE, "sigs.k8s.io/kueue")
     rendered = kube.kubectl("kustomize", str(source / "config" / "default")).stdout
     return [doc for doc in yaml.safe_load_all(rendered) if doc]
-
-
-def host_address() -> str:
-    """This machine's first non-loopback IPv4 address (where an endpoint may point)."""
-    for _, name in socket.if_nameindex():
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            try:
-                packed = fcntl.ioctl(
-                    sock.fileno(), _SIOCGIFADDR, struct.pack("256s", name[:15].encode())
-                )
-            except OSError:  # no IPv4 address on this interface
-                continue
-        address = ipaddress.ip_address(socket.inet_ntoa(packed[20:24]))
-        if not (address.is_loopback or address.is_link_local or address.is_unspecified):
-            return str(address)
-    raise RuntimeError(
-        "no non-loopback IPv4 address here: the API server cannot reach Kueue's webhooks"
-    )
 
 
 @dataclass

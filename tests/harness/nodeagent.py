@@ -8,7 +8,11 @@ venv's), env with ``secretKeyRef``/``configMapKeyRef``/``fieldRef``, every volum
 (paths under a mount are rewritten to it), a service-account token from the TokenRequest API
 where the pod mounts one, and the working directory. It reports phase, conditions, container
 state, exit code and termination message as a kubelet does, so Kubernetes' own Job controller
-counts successes and failures and applies each Job's ``podFailurePolicy``. A pod being deleted
+counts successes and failures and applies each Job's ``podFailurePolicy``. A container with an
+``httpGet`` readiness probe is Ready only while the probe answers (every ``periodSeconds``), so
+Kubernetes' EndpointSlice controller puts the pod behind its Service when it can answer; the
+pod's IP is ``pod_ip`` (this machine's: all pods share its network, so each listens on its
+own port). A pod being deleted
 (the Job controller, garbage collection, or an eviction through the Eviction API, which adds
 DisruptionTarget) gets SIGTERM, then SIGKILL after its grace period, and is then released.
 """
@@ -24,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +60,8 @@ class Running:
     termination: Path
     log: Path
     kill_at: float | None = None  # monotonic deadline for SIGKILL once SIGTERM was sent
+    ready: bool = True  # as last reported (a readiness probe decides, where there is one)
+    probed_at: float = 0.0  # monotonic time of the last readiness probe
 
 
 @dataclass
@@ -74,6 +81,7 @@ class ProcessKubelet:
         }
     )
     poll_seconds: float = 0.3
+    pod_ip: str = "127.0.0.1"  # a Service's endpoints need a non-loopback one (host_address)
     programs: dict[str, list[str]] = field(default_factory=lambda: dict(PROGRAMS))
     taints: list[dict[str, str]] = field(default_factory=list)  # registered with the Node
     pods: dict[str, Running] = field(default_factory=dict)  # by pod uid
@@ -248,11 +256,37 @@ class ProcessKubelet:
                     self._release(pod)
             elif running is not None and deleting:
                 self._terminate(pod, running)
+            elif running is not None:
+                self._probe(pod, running)
             elif uid in self.done and deleting:
                 self._release(pod)
         for uid in [u for u in self.pods if u not in seen]:  # force-deleted behind our back
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pods.pop(uid).process.pid, signal.SIGKILL)
+
+    def _probe(self, pod: dict[str, Any], running: Running) -> None:
+        """Run the first container's httpGet readiness probe when its period is up; report a
+        change of readiness."""
+        container = pod["spec"]["containers"][0]
+        probe = (container.get("readiness_probe") or {}).get("http_get")
+        period = (container.get("readiness_probe") or {}).get("period_seconds") or 10
+        if not probe or time.monotonic() - running.probed_at < min(period, 2):
+            return
+        running.probed_at = time.monotonic()
+        port = probe["port"]
+        if isinstance(port, str) and not port.isdigit():  # a named port
+            named = {p["name"]: p["container_port"] for p in container.get("ports") or []}
+            port = named.get(port, 0)
+        try:
+            url = f"http://127.0.0.1:{port}{probe.get('path') or '/'}"
+            with urllib.request.urlopen(url, timeout=1) as answer:
+                ready = 200 <= answer.status < 400
+        except (OSError, ValueError):
+            ready = False
+        if ready != running.ready:
+            running.ready = ready
+            state = {"running": {"startedAt": running.started}}
+            self._patch_status(pod, "Running", state, ready=ready, started=running.started)
 
     def _terminate(self, pod: dict[str, Any], running: Running) -> None:
         if running.kill_at is None:
@@ -341,7 +375,7 @@ class ProcessKubelet:
                 ref = source["config_map_key_ref"]
                 value = self._config_map(namespace, ref["name"]).get(ref["key"])
             elif source.get("field_ref"):
-                value = _field(pod, source["field_ref"]["field_path"])
+                value = _field(pod, source["field_ref"]["field_path"], self.pod_ip)
             if value is not None:
                 env[item["name"]] = _mapped(value, mounts)
         if TOKEN_PATH in mounts:
@@ -389,11 +423,12 @@ class ProcessKubelet:
                 start_new_session=True,
             )
         running = Running(process, folder, _now(), termination, log)
+        running.ready = not container.get("readiness_probe")  # else the probe says when
         self.pods[meta["uid"]] = running
         self.started_pods.append(f"{meta['namespace']}/{meta['name']}")
         self.lifetimes[f"{meta['namespace']}/{meta['name']}"] = (time.time(), None)
         state = {"running": {"startedAt": running.started}}
-        self._patch_status(pod, "Running", state, ready=True, started=running.started)
+        self._patch_status(pod, "Running", state, ready=running.ready, started=running.started)
 
     # ---- status -------------------------------------------------------------------------------
 
@@ -443,8 +478,8 @@ class ProcessKubelet:
                 "conditions": list(conditions.values()),
                 "hostIP": "127.0.0.1",
                 "hostIPs": [{"ip": "127.0.0.1"}],
-                "podIP": "127.0.0.1",
-                "podIPs": [{"ip": "127.0.0.1"}],
+                "podIP": self.pod_ip,
+                "podIPs": [{"ip": self.pod_ip}],
                 "startTime": started,
                 "containerStatuses": [
                     {
@@ -488,7 +523,7 @@ def _mapped(value: str, mounts: dict[str, Path]) -> str:
     return value
 
 
-def _field(pod: dict[str, Any], path: str) -> str | None:
+def _field(pod: dict[str, Any], path: str, pod_ip: str) -> str | None:
     meta = pod["metadata"]
     known = {
         "metadata.name": meta["name"],
@@ -496,7 +531,7 @@ def _field(pod: dict[str, Any], path: str) -> str | None:
         "metadata.uid": meta["uid"],
         "spec.nodeName": pod["spec"].get("node_name"),
         "spec.serviceAccountName": pod["spec"].get("service_account_name"),
-        "status.podIP": "127.0.0.1",
+        "status.podIP": pod_ip,
         "status.hostIP": "127.0.0.1",
     }
     return known.get(path)

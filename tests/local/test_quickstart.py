@@ -1,8 +1,9 @@
 """The shipped quickstart, shrunk to tiny steps, end to end through the CLI on the CPU.
 
 One flow, because each stage starts from the last one's state: interrupt the first ``up``
-mid-seed (it resumes), finish it (a finite report), run it again (nothing changes), delete a
-branch file (its expert leaves the manifest), and ``down`` (every expert leaves).
+mid-seed (it resumes), finish it (a finite report), run it again (nothing changes), serve it
+(``elmforest serve``), delete a branch file (its expert leaves the manifest, and the server
+follows), and ``down`` (every expert leaves).
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 import yaml
 
 from elmcore.report import Report
+from tests.harness.controlplane import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "quickstart"
@@ -72,6 +76,16 @@ def wait_for(check: Any, timeout: float, what: str) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def http_json(url: str, body: dict[str, Any] | None = None) -> Any:
+    """GET (or POST ``body`` as JSON) and the answer's JSON; None while nothing answers."""
+    data = None if body is None else json.dumps(body).encode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=30) as answer:
+            return json.loads(answer.read())
+    except (OSError, ValueError):
+        return None
 
 
 def seed_step(state_dir: Path) -> int:
@@ -143,12 +157,47 @@ def test_quickstart_up_resume_idempotent_prune_down(tmp_path: Path) -> None:
     shown = elmforest("report", "-f", str(folder))  # on demand: the stored report, reused
     assert shown.returncode == 0 and markdown in shown.stdout, shown.stdout + shown.stderr
 
-    # 4. Delete a branch file: its expert leaves the manifest, the others stay.
-    (folder / "branch-quotes.yaml").unlink()
-    pruned = elmforest("up", "-f", str(folder))
-    assert pruned.returncode == 0, pruned.stdout + pruned.stderr
-    manifest = read_json(manifest_path)
-    assert sorted(manifest["experts"]) == ["code", "legal", "scripture"]
+    # 3b. Serve what `up` trained (README): a raw HTTP request and the official client.
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "elmforest", "serve", "-f", str(folder), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: http_json(base + "/readyz") is not None, 120, "the server")
+        raw = http_json(
+            base + "/v1/completions",
+            {"model": "quickstart", "prompt": "import os", "max_tokens": 8},
+        )
+        assert raw is not None and raw["choices"][0]["finish_reason"] in ("length", "stop")
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        answer = client.completions.create(
+            model="quickstart", prompt="In the beginning", max_tokens=8, temperature=0.7
+        )
+        assert answer.usage is not None and answer.usage.completion_tokens >= 1
+        assert {m.id for m in client.models.list()} >= {"quickstart", "quickstart/expert/quotes"}
+
+        # 4. Delete a branch file: its expert leaves the manifest, the others stay; the
+        # server follows the forest to the new revision.
+        (folder / "branch-quotes.yaml").unlink()
+        pruned = elmforest("up", "-f", str(folder))
+        assert pruned.returncode == 0, pruned.stdout + pruned.stderr
+        manifest = read_json(manifest_path)
+        assert sorted(manifest["experts"]) == ["code", "legal", "scripture"]
+        wait_for(
+            lambda: "quickstart/expert/quotes" not in {m.id for m in client.models.list()},
+            60,
+            "the server to drop the quotes expert",
+        )
+    finally:
+        server.send_signal(signal.SIGTERM)
+        out, _ = server.communicate(timeout=60)
+    assert server.returncode == 0, out
+    assert f"serving forest 'quickstart' at {base}/v1" in out
     assert "quotes" not in read_json(state_dir / "state.json")["branches"]
     report = Report.model_validate(read_json(state_dir / "reports/quickstart/report.json"))
     assert report.experts == ["code", "legal", "scripture"]

@@ -31,6 +31,7 @@ COMMANDS = {
     "average": "average",
     "generate": "generate",
     "report": "report",
+    "serve": "serve",
 }
 
 

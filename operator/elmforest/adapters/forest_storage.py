@@ -14,7 +14,7 @@ from elmcore import layout
 from elmcore.errors import ElmError
 from elmcore.manifest import ExpertEntry, Manifest, remove_expert
 from elmcore.names import branch_run_id
-from elmcore.records import Progress, Result
+from elmcore.records import Progress, Result, ServingRecord
 from elmcore.storage import S3Credentials, Storage, open_storage
 from elmcore.storage.manifest_store import load_manifest, merge_verified, update_manifest
 from elmforest.api.forest import StorageSpec
@@ -54,6 +54,19 @@ class ForestStorage:
             if missing:
                 records[missing[0]] = self.records(missing[0])
         return view, records
+
+    def serving_records(self) -> list[ServingRecord]:
+        """What each serving replica last said it serves (``serving/<replica>.json``)."""
+        records = []
+        for key in self.storage.list_keys(layout.SERVING):
+            found = self.storage.read_versioned(key)
+            if found is None:
+                continue
+            try:
+                records.append(ServingRecord.model_validate_json(found[0]))
+            except ValidationError:
+                continue  # a torn or foreign file: as if not there
+        return records
 
     def observe_branch(
         self,

@@ -19,6 +19,8 @@ from elmcore.storage import S3Credentials
 from elmforest.api import GROUP, VERSION, Kind
 
 MERGE_PATCH = "application/merge-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"  # server-side apply (JSON is YAML)
+FIELD_MANAGER = "elmforest"
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,10 @@ PERMISSIONS = (
     Permission(GROUP, "elmbranches", ("list", "watch", "patch")),
     Permission(GROUP, "elmbranches/status", ("patch",)),
     Permission("batch", "jobs", ("list", "watch", "create", "delete", "deletecollection")),
+    # The forest's servers (spec.serving): applied server-side (which creates them: the API
+    # server checks "create" then), deleted when unset.
+    Permission("apps", "deployments", ("list", "watch", "create", "patch", "delete")),
+    Permission("", "services", ("list", "watch", "create", "patch", "delete")),
     Permission("", "secrets", ("get",)),
     Permission("", "events", ("create",)),
 )
@@ -79,6 +85,7 @@ class Kube:
             api_client = client.ApiClient(configuration)
         self.api = api_client
         self.batch = client.BatchV1Api(self.api)
+        self.apps = client.AppsV1Api(self.api)
         self.core = client.CoreV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
 
@@ -106,6 +113,42 @@ class Kube:
         except ApiException as error:
             if error.status != 404:
                 _raise(error, f"delete Job {name}")
+
+    def apply(self, body: dict[str, Any]) -> None:
+        """Server-side apply of a Deployment or Service the operator owns (creates it, or
+        sets the fields it manages; another manager's fields stay)."""
+        meta = body["metadata"]
+        patch = (
+            self.apps.patch_namespaced_deployment
+            if body["kind"] == "Deployment"
+            else self.core.patch_namespaced_service
+        )
+        try:
+            response = patch(
+                meta["name"],
+                meta["namespace"],
+                body,
+                field_manager=FIELD_MANAGER,
+                force=True,
+                _content_type=APPLY_PATCH,
+                _preload_content=False,
+            )
+            response.drain_conn()
+            response.release_conn()
+        except ApiException as error:
+            _raise(error, f"apply {body['kind']} {meta['name']}")
+
+    def delete_object(self, kind: str, namespace: str, name: str) -> None:
+        delete = (
+            self.apps.delete_namespaced_deployment
+            if kind == "Deployment"
+            else self.core.delete_namespaced_service
+        )
+        try:
+            delete(name, namespace, propagation_policy="Background")
+        except ApiException as error:
+            if error.status != 404:
+                _raise(error, f"delete {kind} {name}")
 
     def delete_jobs(self, namespace: str, selector: str) -> None:
         try:

@@ -183,6 +183,23 @@ class TrainerSpec(SpecModel):
     ttl_seconds_after_finished: int = Field(3600, ge=0, description="keep finished Jobs this long")
 
 
+class ServingSpec(SpecModel):
+    """An OpenAI-compatible endpoint for the forest (``elmtrain serve``): a Deployment and a
+    Service owned by the forest, from the trainer image, following the manifest as experts
+    merge."""
+
+    replicas: int = Field(1, ge=0, le=64, description="server pods")
+    top_k: int = Field(2, ge=1, le=64, description="experts that generate for each request")
+    port: int = Field(8000, ge=1024, le=65535, description="the servers' and the Service's port")
+    poll_seconds: int = Field(10, ge=1, le=3600, description="seconds between manifest checks")
+    max_batch: int = Field(64, ge=1, le=4096, description="sequences decoding at once per pod")
+    gpus: int = Field(0, ge=0, le=8, description="nvidia.com/gpu per server pod")
+    resources: Resources = Field(default_factory=Resources)
+    node_selector: dict[str, str] = Field(default_factory=dict, max_length=32)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    priority_class_name: str | None = Field(None, max_length=253, pattern=DNS1123_SUBDOMAIN)
+
+
 class MergePolicy(SpecModel):
     """When a trained ELM joins the forest. Both unset: always (automatic)."""
 
@@ -227,6 +244,9 @@ class ElmForestSpec(SpecModel):
         max_length=64,
         description="report columns beside the branches' own domains (out-of-domain text)",
     )
+    serving: ServingSpec | None = Field(
+        None, description="serve the forest (OpenAI completions API); unset: not served"
+    )
 
 
 # ---- status -------------------------------------------------------------------------------
@@ -263,6 +283,14 @@ class ManifestStatus(StatusModel):
     revision: int
 
 
+class ServingStatus(StatusModel):
+    endpoint: str  # the Service's OpenAI base URL
+    model: str  # the ensemble's model name
+    revision: int | None = None  # the manifest revision the reporting replicas serve (oldest)
+    replicas: int = 0  # server pods ready (the Deployment's status)
+    message: str = ""
+
+
 class ElmForestStatus(StatusModel):
     phase: ForestPhase = "Pending"
     message: str = ""
@@ -273,3 +301,4 @@ class ElmForestStatus(StatusModel):
     seed: ArtifactStatus | None = None
     experts: list[ExpertStatus] = Field(default_factory=list)
     expert_count: int = 0
+    serving: ServingStatus | None = None

@@ -1,4 +1,5 @@
-"""``elmforest up`` / ``down`` / ``report``: local mode, driven by the same YAML as a cluster.
+"""``elmforest up`` / ``down`` / ``report`` / ``serve``: local mode, driven by the same YAML as
+a cluster.
 
 The state lives in ``<folder>/.elmforest/`` beside the YAML (``--state-dir`` moves it): the
 objects and their statuses, one log per trainer run, the report, and a shared trainer cache.
@@ -222,3 +223,23 @@ def report(options: Options, out: TextIO) -> int:
         raise BadInputError("no ElmForest in the given files")
     written = [session.forest_report(name) for name in names]
     return 0 if any(written) else 1
+
+
+def serve(options: Options, out: TextIO, forest: str | None, host: str, port: int) -> int:
+    """Serve a forest of these files (what ``up`` trained) with ``elmtrain serve``, in this
+    process; it follows the forest as ``up`` merges more experts."""
+    from elmtrain.cli import main as elmtrain
+
+    forests = load(options.paths).forests
+    if forest is None and len(forests) != 1:
+        raise BadInputError(f"these files declare {len(forests)} forests: name one (--forest)")
+    name = forest or next(iter(forests))
+    if name not in forests:
+        raise BadInputError(f"no ElmForest {name!r} in these files ({', '.join(forests)})")
+    spec = forests[name].spec
+    assert isinstance(spec, ElmForestSpec)
+    out.write(f"serving forest {name!r} at http://{host}:{port}/v1 (model {name!r})\n")
+    out.flush()
+    argv = ["serve", "--forest", spec.storage.uri, "--name", name, "--host", host]
+    argv += ["--port", str(port), "--top-k", str(options.top_k or 2), "--poll-seconds", "2"]
+    return elmtrain(argv)

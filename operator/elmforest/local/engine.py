@@ -177,7 +177,8 @@ class Engine:
             namespace="local",
             uid=record.uid,
             generation=record.generation,
-            spec=spec,
+            # Local mode trains; `elmforest serve -f` serves (no Deployment on this machine).
+            spec=spec.model_copy(update={"serving": None}),
             status=ElmForestStatus.model_validate(record.status),
             storage=view,
             jobs=jobs,

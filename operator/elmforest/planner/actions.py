@@ -20,6 +20,17 @@ class DeleteJob:
 
 
 @dataclass(frozen=True)
+class ApplyObject:
+    body: dict[str, Any]  # a whole object, applied server-side (the operator owns its fields)
+
+
+@dataclass(frozen=True)
+class DeleteObject:
+    kind: str  # "Deployment" or "Service"
+    name: str
+
+
+@dataclass(frozen=True)
 class MergeResult:
     result: Result  # verified against its commit marker, then merged by compare-and-swap
 
@@ -47,7 +58,15 @@ class Event:
 
 
 Action = (
-    CreateJob | DeleteJob | MergeResult | RemoveExpert | DeleteExpertFiles | PatchStatus | Event
+    CreateJob
+    | DeleteJob
+    | ApplyObject
+    | DeleteObject
+    | MergeResult
+    | RemoveExpert
+    | DeleteExpertFiles
+    | PatchStatus
+    | Event
 )
 
 

@@ -7,6 +7,7 @@ from typing import Literal
 
 from elmcore import layout
 from elmcore.manifest import Manifest
+from elmcore.records import ServingRecord
 from elmforest.api import FOREST
 from elmforest.api.forest import (
     ArtifactStatus,
@@ -21,7 +22,8 @@ from elmforest.planner.actions import CreateJob, Event, MergeResult, PatchStatus
 from elmforest.planner.conditions import READY, set_condition
 from elmforest.planner.jobs import JobRequest, Owner, build_job
 from elmforest.planner.naming import digest, forest_job_name
-from elmforest.planner.observed import JobState, RunRecords, StorageView
+from elmforest.planner.observed import JobState, OwnedObject, RunRecords, StorageView
+from elmforest.planner.serving import serving_actions, serving_status
 from elmforest.planner.trainer_args import seed_argv, tokenizer_argv
 
 POLL_SECONDS = 10.0
@@ -40,6 +42,8 @@ class ForestInput:
     records: dict[str, RunRecords] = field(default_factory=dict)  # "tokenizer" / "seed"
     branches_by_domain: dict[str, str] = field(default_factory=dict)
     require_image: bool = True  # a cluster needs an image; local mode runs processes
+    serving: dict[str, OwnedObject] = field(default_factory=dict)  # by kind, as watched
+    serving_records: list[ServingRecord] = field(default_factory=list)  # storage's serving/
 
 
 def spec_problem(spec: ElmForestSpec, require_image: bool) -> str | None:
@@ -132,7 +136,12 @@ def plan_forest(inp: ForestInput, spec_error: str | None = None) -> Plan:
         "tokenizer and seed are merged",
         inp.generation,
     )
-    return _finish(Plan(), inp.status, status)
+    # Served once there is a seed to serve; the servers follow the manifest from then on.
+    # Their objects come after the status, so a refused write never hides the forest's state.
+    status.serving = serving_status(inp.name, inp.namespace, spec, inp.serving, inp.serving_records)
+    owner = Owner(FOREST.kind, inp.name, inp.uid)
+    plan = _finish(Plan(), inp.status, status)
+    return plan.add(*serving_actions(inp.name, inp.namespace, owner, spec, inp.serving))
 
 
 def _build_step(inp: ForestInput, spec: ElmForestSpec, status: ElmForestStatus, role: str) -> Plan:

@@ -11,7 +11,7 @@ from typing import Any
 
 from elmcore.errors import ExitCode
 from elmforest.api import API_VERSION
-from elmforest.api.forest import StorageSpec, TrainerSpec
+from elmforest.api.forest import Resources, StorageSpec, TrainerSpec
 from elmforest.planner.naming import (
     ANNOTATION_RUN,
     LABEL_BRANCH,
@@ -65,7 +65,7 @@ def merge_trainer(base: TrainerSpec, overrides: dict[str, Any]) -> TrainerSpec:
     return base.model_copy(update={k: v for k, v in overrides.items() if v is not None})
 
 
-def _env(storage: StorageSpec) -> list[dict[str, Any]]:
+def storage_env(storage: StorageSpec) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "ELMFOREST_LOG_FORMAT", "value": "json"},
         {"name": "ELMTRAIN_CACHE", "value": f"{CACHE}/elmtrain"},
@@ -86,12 +86,12 @@ def _env(storage: StorageSpec) -> list[dict[str, Any]]:
     return env
 
 
-def _resources(trainer: TrainerSpec) -> dict[str, Any]:
-    requests = dict(trainer.resources.requests)
-    limits = dict(trainer.resources.limits)
-    if trainer.gpus:
-        limits[GPU_RESOURCE] = trainer.gpus
-        requests[GPU_RESOURCE] = trainer.gpus
+def container_resources(resources: Resources, gpus: int) -> dict[str, Any]:
+    requests = dict(resources.requests)
+    limits = dict(resources.limits)
+    if gpus:
+        limits[GPU_RESOURCE] = gpus
+        requests[GPU_RESOURCE] = gpus
     return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
 
 
@@ -100,6 +100,38 @@ def _command(trainer: TrainerSpec) -> list[str]:
         # One process per GPU; the trainer reads torchrun's environment for DDP.
         return ["torchrun", "--standalone", f"--nproc-per-node={trainer.gpus}", "-m", "elmtrain"]
     return ["elmtrain"]
+
+
+def scratch_volumes() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The writable folders of a read-only-root container: caches, /tmp, shared memory."""
+    volumes = [
+        {"name": "cache", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+    mounts = [
+        {"name": "cache", "mountPath": CACHE},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    return volumes, mounts
+
+
+def scheduling(
+    service_account: str | None,
+    priority_class: str | None,
+    node_selector: dict[str, str],
+    tolerations: list[Any],
+) -> dict[str, Any]:
+    """The pod spec's optional placement fields, only those that are set."""
+    optional = {
+        "serviceAccountName": service_account,
+        "priorityClassName": priority_class,
+        "nodeSelector": node_selector or None,
+        "tolerations": [t.model_dump(by_alias=True, exclude_none=True) for t in tolerations]
+        or None,
+    }
+    return {k: v for k, v in optional.items() if v is not None}
 
 
 def pod_security_context() -> dict[str, Any]:
@@ -154,24 +186,15 @@ def build_job(request: JobRequest) -> dict[str, Any]:
     job_labels = dict(labels)
     if trainer.queue_name:
         job_labels[QUEUE_LABEL] = trainer.queue_name
-    volumes = [
-        {"name": "cache", "emptyDir": {}},
-        {"name": "tmp", "emptyDir": {}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
-    ]
-    mounts = [
-        {"name": "cache", "mountPath": CACHE},
-        {"name": "tmp", "mountPath": "/tmp"},
-        {"name": "dshm", "mountPath": "/dev/shm"},
-    ]
+    volumes, mounts = scratch_volumes()
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": trainer.image,
         "imagePullPolicy": trainer.image_pull_policy,
         "command": _command(trainer),
         "args": request.argv,
-        "env": _env(request.storage),
-        "resources": _resources(trainer),
+        "env": storage_env(request.storage),
+        "resources": container_resources(trainer.resources, trainer.gpus),
         "securityContext": container_security_context(),
         "volumeMounts": mounts,
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -183,14 +206,14 @@ def build_job(request: JobRequest) -> dict[str, Any]:
         "volumes": volumes,
         "automountServiceAccountToken": False,
     }
-    optional = {
-        "serviceAccountName": trainer.service_account_name,
-        "priorityClassName": trainer.priority_class_name,
-        "nodeSelector": trainer.node_selector or None,
-        "tolerations": [t.model_dump(by_alias=True, exclude_none=True) for t in trainer.tolerations]
-        or None,
-    }
-    pod_spec.update({k: v for k, v in optional.items() if v is not None})
+    pod_spec.update(
+        scheduling(
+            trainer.service_account_name,
+            trainer.priority_class_name,
+            trainer.node_selector,
+            trainer.tolerations,
+        )
+    )
     spec: dict[str, Any] = {
         "backoffLimit": trainer.backoff_limit,
         "podFailurePolicy": failure_policy(),

@@ -72,3 +72,31 @@ class StorageView:
     manifest: Manifest | None = None
     error: str | None = None  # why storage could not be read (bad secret, unreachable...)
     error_reason: str = "StorageUnavailable"
+
+
+SPEC_HASH = "btm.elmforest.io/spec-hash"  # on what the operator applies: the desired state's
+
+
+@dataclass(frozen=True)
+class OwnedObject:
+    """A Deployment or Service the operator applied for a forest, as the watch last saw it."""
+
+    kind: str
+    name: str
+    spec_hash: str
+    ready_replicas: int = 0  # Deployments: status.readyReplicas
+
+
+def owned_object(kind: str, body: dict[str, object]) -> OwnedObject:
+    metadata = body.get("metadata")
+    meta: dict[str, object] = metadata if isinstance(metadata, dict) else {}
+    annotations = meta.get("annotations")
+    spec_hash = annotations.get(SPEC_HASH, "") if isinstance(annotations, dict) else ""
+    status = body.get("status")
+    ready = status.get("readyReplicas") if isinstance(status, dict) else None
+    return OwnedObject(
+        kind,
+        str(meta.get("name", "")),
+        str(spec_hash),
+        ready if isinstance(ready, int) else 0,
+    )

@@ -11,9 +11,11 @@ import structlog
 from elmforest.adapters.forest_storage import ForestStorage
 from elmforest.api import BRANCH, Kind
 from elmforest.planner.actions import (
+    ApplyObject,
     CreateJob,
     DeleteExpertFiles,
     DeleteJob,
+    DeleteObject,
     Event,
     MergeResult,
     PatchStatus,
@@ -52,6 +54,13 @@ async def apply_plan(
                 if created:
                     ctx.metrics.count("jobs_created", kind.kind)
                     log.info("job.created", job=job["metadata"]["name"], owner=name)
+            case ApplyObject(body=owned):
+                await ctx.io(ctx.kube.apply, owned)
+                ctx.metrics.count("serving_applied", kind.kind)
+                log.info("applied", kind=owned["kind"], name=owned["metadata"]["name"], owner=name)
+            case DeleteObject(kind=object_kind, name=object_name):
+                await ctx.io(ctx.kube.delete_object, object_kind, namespace, object_name)
+                log.info("deleted", kind=object_kind, name=object_name, owner=name)
             case DeleteJob(name=job_name, reason=reason):
                 await ctx.io(ctx.kube.delete_job, namespace, job_name)
                 log.info("job.deleted", job=job_name, reason=reason)

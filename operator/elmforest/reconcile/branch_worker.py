@@ -48,6 +48,7 @@ class BranchWorker:
     def __init__(self, ctx: OperatorContext, sources: BranchSources, concurrency: int) -> None:
         self.ctx, self.sources = ctx, sources
         self.queue: WorkQueue[Key] = WorkQueue()
+        ctx.metrics.watch_queue(lambda: len(self.queue))
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
@@ -112,14 +113,15 @@ class BranchWorker:
                 delay = self.ctx.expectations.expiry
             elif body is not None:
                 forest = str((body.get("spec") or {}).get("forest", ""))
-                outcome = await reconcile_branch(
-                    self.ctx,
-                    body,
-                    self.sources.forest(namespace, forest),
-                    batch.branches(namespace, forest, self.sources.siblings),
-                    self.sources.jobs(namespace, name),
-                    batch,
-                )
+                with self.ctx.metrics.timed(BRANCH.kind):
+                    outcome = await reconcile_branch(
+                        self.ctx,
+                        body,
+                        self.sources.forest(namespace, forest),
+                        batch.branches(namespace, forest, self.sources.siblings),
+                        self.sources.jobs(namespace, name),
+                        batch,
+                    )
                 delay = outcome.requeue_after
                 self._settled(namespace, forest, name, outcome)
         except asyncio.CancelledError:

@@ -7,11 +7,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from elmcore.errors import ElmError
+from elmcore.records import ServingRecord
+from elmforest.adapters.forest_storage import ForestStorage
 from elmforest.adapters.kube import SecretNotFoundError
 from elmforest.api import FOREST
 from elmforest.api.forest import ElmForestSpec, ElmForestStatus
 from elmforest.planner.forest import ForestInput, plan_forest
-from elmforest.planner.observed import JobState, RunRecords, StorageView
+from elmforest.planner.observed import JobState, OwnedObject, RunRecords, StorageView
 from elmforest.reconcile.apply import apply_plan
 from elmforest.reconcile.context import OperatorContext
 
@@ -27,6 +30,25 @@ async def reconcile_forest(
     body: Mapping[str, Any],
     jobs: Mapping[str, JobState],
     branches_by_domain: dict[str, str],
+    serving: Mapping[str, OwnedObject] | None = None,
+) -> float | None:
+    with ctx.metrics.timed(FOREST.kind):
+        return await _reconcile_forest(ctx, body, jobs, branches_by_domain, serving or {})
+
+
+def _serving_records(storage: ForestStorage) -> list[ServingRecord]:
+    try:
+        return storage.serving_records()
+    except ElmError:
+        return []  # unreadable now: the status shows no served revision until next time
+
+
+async def _reconcile_forest(
+    ctx: OperatorContext,
+    body: Mapping[str, Any],
+    jobs: Mapping[str, JobState],
+    branches_by_domain: dict[str, str],
+    serving: Mapping[str, OwnedObject],
 ) -> float | None:
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
@@ -40,10 +62,13 @@ async def reconcile_forest(
         spec_error = validation_message(error, "spec")
     view, storage = StorageView(), None
     records: dict[str, RunRecords] = {}
+    serving_records: list[ServingRecord] = []
     if spec is not None:
         try:
             storage = await ctx.storage(namespace, spec.storage)
             view, records = await ctx.io(storage.observe_forest)
+            if spec.serving is not None:
+                serving_records = await ctx.io(_serving_records, storage)
         except SecretNotFoundError as error:
             view = StorageView(error=str(error), error_reason="SecretNotFound")
     inp = ForestInput(
@@ -57,6 +82,8 @@ async def reconcile_forest(
         jobs=dict(jobs),
         records=records,
         branches_by_domain=branches_by_domain,
+        serving=dict(serving),
+        serving_records=serving_records,
     )
     plan = plan_forest(inp, spec_error)
     await apply_plan(ctx, FOREST, body, plan, storage)

@@ -23,6 +23,10 @@ class WorkQueue(Generic[K]):
         self._ready = asyncio.Event()
         self._timers: dict[K, tuple[float, asyncio.TimerHandle]] = {}
 
+    def __len__(self) -> int:
+        """The queue's depth: keys ready to take and keys in flight (delayed ones not)."""
+        return len(self._dirty) + len(self._processing)
+
     def add(self, key: K) -> None:
         if key in self._processing:
             self._again.add(key)

@@ -1,0 +1,193 @@
+"""The forest's servers (``spec.serving``), built purely: a Deployment of ``elmtrain serve`` from
+the trainer image and a Service in front of it, both owned by the forest; and what the forest's
+status says of them.
+
+Each object carries the hash of its desired state; the planner applies one only when what the
+watch shows differs (or is missing), so a steady forest writes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from elmcore.records import ServingRecord
+from elmforest.api.forest import ElmForestSpec, ServingSpec, ServingStatus
+from elmforest.planner.actions import Action, ApplyObject, DeleteObject
+from elmforest.planner.jobs import (
+    Owner,
+    container_resources,
+    container_security_context,
+    pod_security_context,
+    scheduling,
+    scratch_volumes,
+    storage_env,
+)
+from elmforest.planner.naming import (
+    LABEL_FOREST,
+    LABEL_ROLE,
+    MANAGED_BY,
+    OPERATOR,
+    child_name,
+    digest,
+)
+from elmforest.planner.observed import SPEC_HASH, OwnedObject
+
+ROLE = "serve"
+CONTAINER = "server"
+KINDS = ("Deployment", "Service")
+# A replica's record older than this is a pod that is gone (it rewrites it every minute).
+STALE_AFTER = timedelta(minutes=3)
+
+
+def serving_name(forest: str) -> str:
+    """A name both kinds accept: a Service's is a DNS-1035 label (no dots, a letter first)."""
+    base = re.sub(r"[^a-z0-9-]", "-", forest)
+    return child_name(base if base[:1].isalpha() else f"ef-{base}", ROLE)
+
+
+def _labels(forest: str) -> dict[str, str]:
+    return {LABEL_FOREST: forest, LABEL_ROLE: ROLE}
+
+
+def _argv(forest: str, spec: ElmForestSpec, serving: ServingSpec) -> list[str]:
+    return [
+        "serve",
+        "--forest",
+        spec.storage.uri,
+        "--port",
+        str(serving.port),
+        "--name",
+        forest,
+        "--top-k",
+        str(serving.top_k),
+        "--max-batch",
+        str(serving.max_batch),
+        "--poll-seconds",
+        str(serving.poll_seconds),
+    ]
+
+
+def deployment(forest: str, namespace: str, owner: Owner, spec: ElmForestSpec) -> dict[str, Any]:
+    serving = spec.serving or ServingSpec()
+    volumes, mounts = scratch_volumes()
+    probe = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5}
+    env = [
+        *storage_env(spec.storage),
+        # The replica's name for its record in storage (serving/<pod>.json).
+        {"name": "ELMTRAIN_REPLICA", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+    ]
+    container = {
+        "name": CONTAINER,
+        "image": spec.trainer.image,
+        "imagePullPolicy": spec.trainer.image_pull_policy,
+        "command": ["elmtrain"],
+        "args": _argv(forest, spec, serving),
+        "env": env,
+        "ports": [{"name": "http", "containerPort": serving.port, "protocol": "TCP"}],
+        "readinessProbe": probe,
+        "livenessProbe": {**probe, "httpGet": {"path": "/healthz", "port": "http"}},
+        "resources": container_resources(serving.resources, serving.gpus),
+        "securityContext": container_security_context(),
+        "volumeMounts": mounts,
+    }
+    pod_spec: dict[str, Any] = {
+        "securityContext": pod_security_context(),
+        "containers": [container],
+        "volumes": volumes,
+        "automountServiceAccountToken": False,
+        **scheduling(
+            spec.trainer.service_account_name,
+            serving.priority_class_name,
+            serving.node_selector,
+            serving.tolerations,
+        ),
+    }
+    labels = {MANAGED_BY: OPERATOR, "app.kubernetes.io/name": "elmforest-serve", **_labels(forest)}
+    return _owned(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": serving_name(forest), "namespace": namespace, "labels": labels},
+            "spec": {
+                "replicas": serving.replicas,
+                "selector": {"matchLabels": _labels(forest)},
+                # A new pod is ready before an old one goes: the endpoint never goes dark.
+                "strategy": {"rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+                "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+            },
+        },
+        owner,
+    )
+
+
+def service(forest: str, namespace: str, owner: Owner, spec: ElmForestSpec) -> dict[str, Any]:
+    serving = spec.serving or ServingSpec()
+    labels = {MANAGED_BY: OPERATOR, "app.kubernetes.io/name": "elmforest-serve", **_labels(forest)}
+    return _owned(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": serving_name(forest), "namespace": namespace, "labels": labels},
+            "spec": {
+                "selector": _labels(forest),
+                "ports": [
+                    {"name": "http", "port": serving.port, "targetPort": "http", "protocol": "TCP"}
+                ],
+            },
+        },
+        owner,
+    )
+
+
+def _owned(body: dict[str, Any], owner: Owner) -> dict[str, Any]:
+    body["metadata"]["annotations"] = {SPEC_HASH: digest(body, 16)}
+    body["metadata"]["ownerReferences"] = [owner.reference()]
+    return body
+
+
+def serving_actions(
+    forest: str,
+    namespace: str,
+    owner: Owner,
+    spec: ElmForestSpec,
+    observed: Mapping[str, OwnedObject],
+) -> list[Action]:
+    """Apply what is missing or changed; delete what ``spec.serving`` no longer asks for."""
+    if spec.serving is None:
+        return [DeleteObject(kind, observed[kind].name) for kind in KINDS if kind in observed]
+    actions: list[Action] = []
+    for body in (
+        deployment(forest, namespace, owner, spec),
+        service(forest, namespace, owner, spec),
+    ):
+        seen = observed.get(body["kind"])
+        if seen is None or seen.spec_hash != body["metadata"]["annotations"][SPEC_HASH]:
+            actions.append(ApplyObject(body))
+    return actions
+
+
+def serving_status(
+    forest: str,
+    namespace: str,
+    spec: ElmForestSpec,
+    observed: Mapping[str, OwnedObject],
+    records: Iterable[ServingRecord],
+    now: datetime | None = None,
+) -> ServingStatus | None:
+    if spec.serving is None:
+        return None
+    now = now or datetime.now(UTC)
+    live = [r for r in records if now - datetime.fromisoformat(r.updated_at) < STALE_AFTER]
+    served = [r.revision for r in live if r.revision is not None]
+    ready = observed["Deployment"].ready_replicas if "Deployment" in observed else 0
+    waiting = [r.message for r in live if r.message]
+    return ServingStatus(
+        endpoint=f"http://{serving_name(forest)}.{namespace}.svc:{spec.serving.port}/v1",
+        model=forest,
+        revision=min(served) if served else None,
+        replicas=ready,
+        message=waiting[0] if waiting else "",
+    )

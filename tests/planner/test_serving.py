@@ -1,0 +1,150 @@
+"""``spec.serving``: the forest's Deployment and Service, planned purely, and its status."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from elmcore.manifest import ArtifactEntry, Manifest
+from elmcore.records import ServingRecord
+from elmforest.api.forest import ElmForestSpec, ElmForestStatus
+from elmforest.planner.actions import ApplyObject, DeleteObject, PatchStatus
+from elmforest.planner.forest import ForestInput, plan_forest
+from elmforest.planner.observed import SPEC_HASH, OwnedObject, StorageView
+from elmforest.planner.serving import serving_name
+from tests.harness.pss import restricted_violations
+
+IMAGE = "r.example/t@sha256:" + "b" * 64
+READY = Manifest(
+    revision=7,
+    tokenizer=ArtifactEntry(path="tokenizer", sha256="a" * 64),
+    seed=ArtifactEntry(path="seed", sha256="b" * 64),
+)
+
+
+def spec(serving: dict[str, Any] | None = None) -> ElmForestSpec:
+    body: dict[str, Any] = {
+        "storage": {"uri": "s3://bkt/f", "credentialsSecret": "keys"},
+        "trainer": {"image": IMAGE},
+        "tokenizer": {"from": "s3://bkt/tok"},
+        "seed": {"data": ["s3://bkt/mix.txt"]},
+    }
+    if serving is not None:
+        body["serving"] = serving
+    return ElmForestSpec.model_validate(body)
+
+
+def plan(
+    forest_spec: ElmForestSpec,
+    observed: dict[str, OwnedObject] | None = None,
+    records: list[ServingRecord] | None = None,
+    manifest: Manifest = READY,
+) -> tuple[list[Any], ElmForestStatus]:
+    result = plan_forest(
+        ForestInput(
+            name="books",
+            namespace="ns",
+            uid="uid-1",
+            generation=1,
+            spec=forest_spec,
+            status=ElmForestStatus(),
+            storage=StorageView(manifest=manifest),
+            serving=observed or {},
+            serving_records=records or [],
+        )
+    )
+    patches = [a.status for a in result.actions if isinstance(a, PatchStatus)]
+    status = ElmForestStatus.model_validate(patches[-1]) if patches else ElmForestStatus()
+    return result.actions, status
+
+
+def applied(actions: list[Any]) -> dict[str, dict[str, Any]]:
+    return {a.body["kind"]: a.body for a in actions if isinstance(a, ApplyObject)}
+
+
+def test_unserved_forests_get_no_servers() -> None:
+    actions, status = plan(spec())
+    assert not applied(actions) and status.serving is None
+
+
+def test_a_ready_forest_gets_a_restricted_deployment_and_a_service() -> None:
+    actions, status = plan(spec({"replicas": 2, "topK": 3, "port": 9000}))
+    bodies = applied(actions)
+    deployment, service = bodies["Deployment"], bodies["Service"]
+    pod = deployment["spec"]["template"]["spec"]
+    assert restricted_violations(pod) == []
+    (container,) = pod["containers"]
+    assert container["image"] == IMAGE and container["command"] == ["elmtrain"]
+    args = container["args"]
+    assert args[:3] == ["serve", "--forest", "s3://bkt/f"]
+    assert args[args.index("--top-k") + 1] == "3" and args[args.index("--port") + 1] == "9000"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "keys"
+    assert env["ELMTRAIN_REPLICA"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert deployment["spec"]["replicas"] == 2
+    for body in (deployment, service):
+        (owner,) = body["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["name"], owner["uid"]) == ("ElmForest", "books", "uid-1")
+    # The Service selects exactly the Deployment's pods.
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert deployment["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    assert service["spec"]["ports"][0]["port"] == 9000
+    assert status.serving is not None
+    assert status.serving.endpoint == "http://books-serve.ns.svc:9000/v1"
+    assert status.serving.model == "books" and status.serving.revision is None
+
+
+def test_a_steady_forest_writes_nothing_and_an_edit_reapplies_what_changed() -> None:
+    first = applied(plan(spec({"topK": 2}))[0])
+    observed = {
+        kind: OwnedObject(
+            kind, body["metadata"]["name"], body["metadata"]["annotations"][SPEC_HASH]
+        )
+        for kind, body in first.items()
+    }
+    assert applied(plan(spec({"topK": 2}), observed)[0]) == {}
+    assert set(applied(plan(spec({"topK": 4}), observed)[0])) == {"Deployment"}
+
+
+def test_unset_serving_deletes_the_servers() -> None:
+    observed = {k: OwnedObject(k, "books-serve", "h") for k in ("Deployment", "Service")}
+    actions, status = plan(spec(), observed)
+    deleted = {(a.kind, a.name) for a in actions if isinstance(a, DeleteObject)}
+    assert deleted == {("Deployment", "books-serve"), ("Service", "books-serve")}
+    assert status.serving is None
+
+
+def test_no_servers_before_the_seed_exists() -> None:
+    actions, _ = plan(spec({}), manifest=Manifest())
+    assert not applied(actions)
+
+
+def test_status_reports_the_oldest_revision_live_replicas_serve() -> None:
+    now = datetime.now(UTC)
+
+    def record(name: str, revision: int | None, age: float, message: str = "") -> ServingRecord:
+        at = (now - timedelta(seconds=age)).isoformat(timespec="seconds")
+        return ServingRecord(replica=name, revision=revision, message=message, updated_at=at)
+
+    records = [
+        record("a", 7, 10),
+        record("b", 6, 30),
+        record("gone", 2, 3600),  # a pod that went away long ago
+        record("c", None, 5, "loading"),
+    ]
+    observed = {"Deployment": OwnedObject("Deployment", "books-serve", "x", ready_replicas=2)}
+    _, status = plan(spec({}), observed, records)
+    assert status.serving is not None
+    assert status.serving.revision == 6 and status.serving.replicas == 2
+    assert status.serving.message == "loading"
+
+
+@pytest.mark.parametrize("forest", ["9lives", "a.b.c", "x" * 253])
+def test_names_are_valid_service_names(forest: str) -> None:
+    name = serving_name(forest)
+    assert len(name) <= 63 and name[0].isalpha() and "." not in name
+    assert name == serving_name(forest)

@@ -1,0 +1,83 @@
+"""``elmtrain serve``: the forest behind OpenAI's completions API (elmtrain/serving/)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+
+import structlog
+import torch
+from aiohttp import web
+
+from elmcore.errors import BadInputError
+from elmcore.uris import StorageURI
+from elmtrain.commands.common import add_forest_args, open_forest
+from elmtrain.runtime import setup_runtime
+from elmtrain.serving.app import Server, ServingState
+from elmtrain.serving.engine import Engine
+from elmtrain.serving.follow import Follower
+from elmtrain.serving.metrics import ServeMetrics
+
+log = structlog.get_logger(__name__)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser("serve", help="serve the forest (OpenAI-compatible completions)")
+    add_forest_args(parser)
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--name", help="the ensemble's model name (default: the forest's)")
+    parser.add_argument("--top-k", type=int, default=2, help="experts that generate per request")
+    parser.add_argument("--max-batch", type=int, default=64, help="sequences decoding at once")
+    parser.add_argument("--max-waiting", type=int, default=256, help="queued requests, then 503")
+    parser.add_argument("--poll-seconds", type=float, default=10.0, help="manifest checks")
+    parser.add_argument(
+        "--prior-data", nargs="*", default=[], help="text like the expected traffic: the prior"
+    )
+    parser.add_argument(
+        "--report-as",
+        default=os.environ.get("ELMTRAIN_REPLICA"),
+        help="write serving/<name>.json to the forest (the operator reads it)",
+    )
+    parser.add_argument("--grace-seconds", type=float, default=20.0, help="drain on SIGTERM")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.top_k < 1 or args.max_batch < 1 or args.max_waiting < 1 or args.poll_seconds <= 0:
+        raise BadInputError("serve: --top-k, --max-batch, --max-waiting and --poll-seconds >= 1")
+    forest = open_forest(args)
+    name = args.name or StorageURI.parse(args.forest).name or "forest"
+    runtime = setup_runtime()
+    torch.set_grad_enabled(False)
+    metrics = ServeMetrics()
+    state = ServingState()
+    engine = Engine(args.top_k, args.max_batch, args.max_waiting, metrics.engine_hook)
+    follower = Follower(
+        forest, name, runtime, state, metrics, args.poll_seconds, args.prior_data, args.report_as
+    )
+    engine.start()
+    follower.start()
+    try:
+        asyncio.run(
+            _serve(Server(engine, state, metrics), args.host, args.port, args.grace_seconds)
+        )
+    finally:
+        follower.stop()
+        engine.stop()
+
+
+async def _serve(server: Server, host: str, port: int, grace: float) -> None:
+    runner = web.AppRunner(server.app(), shutdown_timeout=grace)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    log.info("serve.listening", host=host, port=port)
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopped.set)
+    await stopped.wait()
+    log.info("serve.stopping", grace_seconds=grace)
+    await runner.cleanup()  # stops accepting, lets in-flight requests finish (up to grace)

@@ -1,0 +1,156 @@
+"""One revision of a forest, loaded for serving: tokenizer, experts, seed, prior, and the names
+clients ask for.
+
+Model names (``GET /v1/models``), for a server named N:
+    N                  the routed ensemble: the prompt's posterior picks the top-k experts
+    N/average          one model: the posterior-weighted parameter average for the prompt
+    N/expert/<domain>  one expert alone
+    N/seed             the seed alone
+A forest without experts yet serves its seed as the ensemble's only member.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from elmcore.btm import top_k
+from elmtrain.averaging import average_models
+from elmtrain.cache import cache_dir
+from elmtrain.data import load_sequences, sample_sequences
+from elmtrain.evaluation import domain_prior
+from elmtrain.forest import Forest
+from elmtrain.models import context_length, load_model
+from elmtrain.runtime import Runtime
+
+log = structlog.get_logger(__name__)
+AVERAGE, EXPERT, SEED = "average", "expert", "seed"
+AVERAGE_GRID = 20  # average weights are rounded to 1/20: nearby prompts share one model
+AVERAGES_KEPT = 4
+
+
+@dataclass
+class Member:
+    """A model that decodes: an expert, the seed, or an average of experts."""
+
+    key: str  # unique within the set: "expert/<domain>", "seed", "average/<weights>"
+    domain: str | None
+    version: int | None
+    model: PreTrainedModel
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request's model name asks for."""
+
+    kind: str  # "ensemble", AVERAGE, EXPERT or SEED
+    member: int | None = None  # EXPERT: index into ``experts``
+
+
+@dataclass
+class ModelSet:
+    name: str
+    revision: int
+    tokenizer: PreTrainedTokenizerFast
+    experts: list[Member]
+    seed: Member
+    log_prior: torch.Tensor  # [K] over ``experts``
+    expert_dirs: list[Path]
+    runtime: Runtime
+    averages: OrderedDict[tuple[float, ...], Member] = field(default_factory=OrderedDict)
+
+    @property
+    def eos(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    @property
+    def context_length(self) -> int:
+        return context_length(self.seed.model)
+
+    def model_names(self) -> list[str]:
+        names = [self.name, f"{self.name}/{SEED}"]
+        if self.expert_dirs:
+            names.insert(1, f"{self.name}/{AVERAGE}")
+        return names + [f"{self.name}/{EXPERT}/{m.domain}" for m in self.experts if m.domain]
+
+    def resolve(self, model: str) -> Target | None:
+        if model == self.name:
+            return Target("ensemble")
+        if model == f"{self.name}/{SEED}":
+            return Target(SEED)
+        if model == f"{self.name}/{AVERAGE}" and self.expert_dirs:
+            return Target(AVERAGE)
+        prefix = f"{self.name}/{EXPERT}/"
+        for i, member in enumerate(self.experts):
+            if member.domain and model == prefix + member.domain:
+                return Target(EXPERT, i)
+        return None
+
+    def average_weights(self, log_posterior: torch.Tensor, k: int) -> dict[int, float]:
+        """The prompt's posterior, top-k, rounded to the grid (experts by index)."""
+        kept = top_k(log_posterior.exp().tolist(), k)
+        grid = [round(w * AVERAGE_GRID) / AVERAGE_GRID for w in kept]
+        if not any(grid):  # every weight rounded away: the most probable expert alone
+            grid[max(range(len(kept)), key=kept.__getitem__)] = 1.0
+        total = sum(grid)
+        return {i: w / total for i, w in enumerate(grid) if w > 0}
+
+    def average(self, weights: dict[int, float]) -> Member:
+        """The parameter average with these weights, built once and kept (a few, LRU)."""
+        key = tuple(round(weights.get(i, 0.0), 6) for i in range(len(self.experts)))
+        if key in self.averages:
+            self.averages.move_to_end(key)
+            return self.averages[key]
+        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+            out = Path(tmp) / "average"
+            average_models([self.expert_dirs[i] for i in weights], list(weights.values()), out)
+            model = load_model(out, self.runtime.device)
+        label = ",".join(f"{self.experts[i].domain}={w:.2f}" for i, w in weights.items())
+        member = Member(f"{AVERAGE}/{label}", None, None, model)
+        self.averages[key] = member
+        while len(self.averages) > AVERAGES_KEPT:
+            self.averages.popitem(last=False)
+        log.info("serve.average_built", weights=label, revision=self.revision)
+        return member
+
+
+def load_model_set(
+    forest: Forest,
+    name: str,
+    runtime: Runtime,
+    prior_data: Sequence[str] = (),
+    prior_sequences: int = 64,
+) -> ModelSet:
+    """Every expert of the forest's current manifest, verified and loaded; the cached prior
+    from ``prior_data`` (a sample of the traffic to expect) or uniform."""
+    manifest = forest.manifest()
+    tokenizer = forest.tokenizer()
+    seed = Member(SEED, None, None, load_model(forest.seed_dir(), runtime.device))
+    entries = manifest.sorted_experts()
+    dirs = [forest.fetch(e) for e in entries]
+    experts = [
+        Member(f"{EXPERT}/{e.domain}", e.domain, e.version, load_model(d, runtime.device))
+        for e, d in zip(entries, dirs, strict=True)
+    ]
+    if not experts:
+        experts = [seed]
+    prior = [1.0 / len(experts)] * len(experts)
+    if prior_data and dirs:
+        sample = sample_sequences(
+            load_sequences(
+                list(prior_data), tokenizer, min(128, context_length(seed.model)), forest.endpoint
+            ),
+            prior_sequences,
+            0,
+        )
+        prior = domain_prior(dirs, sample, runtime)
+    log_prior = torch.tensor([math.log(max(p, 1e-300)) for p in prior], dtype=torch.float64)
+    return ModelSet(name, manifest.revision, tokenizer, experts, seed, log_prior, dirs, runtime)

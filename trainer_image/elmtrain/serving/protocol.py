@@ -1,0 +1,152 @@
+"""OpenAI's completions API as pydantic models: what a request may say, what answers look like.
+
+Parameters OpenAI defines but this server does not implement are accepted only at their neutral
+value (``n=1``, ``echo=false``, ``logprobs=null``, penalties 0), so a client that asks for more is
+told so with a 400 instead of being answered as if it had not asked.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MAX_STOP_SEQUENCES = 4  # as OpenAI
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=256)
+    prompt: str | list[str] = ""
+    max_tokens: int | None = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: Literal[1] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    echo: Literal[False] = False
+    logprobs: None = None
+    best_of: Literal[1] | None = None
+    presence_penalty: Literal[0] = 0
+    frequency_penalty: Literal[0] = 0
+    logit_bias: dict[str, float] | None = Field(None, max_length=0)
+    suffix: None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _some_prompts(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not 1 <= len(value) <= 32:
+            raise ValueError("a list prompt needs 1 to 32 strings")
+        return value
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    @property
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ApiError(Exception):
+    """An answer with OpenAI's error body: ``{"error": {message, type, param, code}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = (
+            status,
+            message,
+            kind,
+            param,
+            code,
+        )
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def parse_request(data: object) -> CompletionRequest:
+    """A validated request, or an ApiError naming the first offending parameter."""
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        return CompletionRequest.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        if first["type"] == "extra_forbidden":
+            message = f"Unrecognized request argument supplied: {param}"
+            raise ApiError(400, message, param=param) from None
+        if first["type"] == "missing":
+            raise ApiError(400, f"you must provide a {param} parameter", param=param) from None
+        message = f"{param}: {first['msg']}" if param else first["msg"]
+        raise ApiError(400, message, param=param) from None
+
+
+def completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex[:24]}"
+
+
+def completion_body(
+    ident: str,
+    model: str,
+    choices: list[dict[str, Any]],
+    usage: dict[str, int] | None,
+    routing: list[dict[str, Any]],
+    revision: int | None = None,
+) -> dict[str, Any]:
+    """A completion (or, streaming, one chunk of it). ``elmforest`` is ours: the manifest
+    revision that served it, and which experts served each choice with what weight; OpenAI's
+    clients keep unknown fields as extras."""
+    body: dict[str, Any] = {
+        "id": ident,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+    }
+    if usage is not None:
+        body["usage"] = usage
+    if routing:
+        body["elmforest"] = {"revision": revision, "routing": routing}
+    return body
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
