@@ -56,12 +56,13 @@ class Evaluator:
 
     def text(self, domain: str, split: str) -> torch.Tensor:
         """The test sequences, or the validation sample that estimates the cached prior."""
-        from elmtrain.data import load_sequences, sample_sequences
+        from elmtrain.data import cache_store, load_sequences, sample_sequences
 
         key = (domain, split)
         if key not in self._text:
             path = self.corpus / domain / f"{split}.txt"
-            sequences = load_sequences([str(path)], self.tokenizer, self.scale.seq_len)
+            store = cache_store(self.tokenizer)
+            sequences = load_sequences([str(path)], store, self.scale.seq_len)
             self._text[key] = (
                 sequences[: self.scale.eval_sequences]
                 if split == "test"

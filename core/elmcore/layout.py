@@ -1,5 +1,11 @@
 """Every key a forest owns, built in one place from validated names (DESIGN §3)."""
 
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+
+from elmcore.errors import BadInputError
 from elmcore.names import validate_label, validate_run_id, version_dir
 
 MANIFEST = "manifest.json"
@@ -51,3 +57,35 @@ SERVING = "serving"
 def serving(replica: str) -> str:
     """Where a serving replica (``elmtrain serve --report-as``) says what it serves."""
     return f"{SERVING}/{validate_run_id(replica)}.json"
+
+
+TOKENS = "tokens"
+TOKENS_FORMAT = 3  # 3: shards of raw uint16/uint32 (2 was the trainer's own .npy cache)
+_HEX = re.compile(r"^[0-9a-f]{16,64}$")
+
+
+def _hex(value: str, what: str) -> str:
+    if not _HEX.fullmatch(value):
+        raise BadInputError(f"{what} {value[:80]!r} is not a hex digest")
+    return value
+
+
+def token_shards(tokenizer: str, content_sha256: str) -> str:
+    """One text file's tokens under one tokenizer, keyed by the file's content: every run,
+    attempt and branch that reads the same bytes with the same tokenizer shares them."""
+    return (
+        f"{TOKENS}/{_hex(tokenizer, 'tokenizer id')[:16]}/"
+        f"{_hex(content_sha256, 'content sha256')}-v{TOKENS_FORMAT}"
+    )
+
+
+def dataset_key(tokenizer: str, locations: Sequence[str]) -> str:
+    """The id of a list of text locations read with a tokenizer (the operator computes it from
+    a spec and the manifest's tokenizer sha256, the trainer from the same)."""
+    text = json.dumps({"tokenizer": tokenizer, "locations": list(locations), "v": TOKENS_FORMAT})
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def dataset_record(tokenizer: str, locations: Sequence[str]) -> str:
+    """Where ``elmtrain prepare`` records which shards make up those locations."""
+    return f"{TOKENS}/sets/{dataset_key(tokenizer, locations)}.json"

@@ -35,9 +35,9 @@ class Progress(Record):
     """Where a training run stands; written to ``runs/<id>/progress.json`` at intervals."""
 
     run_id: str
-    phase: Literal["initializing", "training", "evaluating", "done", "failed"]
-    step: int = 0
-    total_steps: int = 0
+    phase: Literal["preparing", "initializing", "training", "evaluating", "done", "failed"]
+    step: int = 0  # preparing: bytes of text read
+    total_steps: int = 0  # preparing: bytes of text in all
     tokens_per_second: float = 0.0
     loss: float | None = None
     eta_seconds: float | None = None

@@ -161,14 +161,35 @@ def test_serve(tmp_path: Path) -> None:
     for domain in ("cooking", "sailing"):
         (corpus / domain / "test.txt").write_text(domain_text(domain, 12, seed=2))
     results = quick("serve", tmp_path, "--corpus", str(corpus), "--domains", "cooking,sailing")
-    assert set(results["rows"]) == {
-        "elmforest routed top-2",
-        "elmforest one expert",
-        "plain generate loop",
+    (results,) = results["sizes"].values()
+    endpoints = ("elmforest routed top-2", "elmforest one expert", "plain generate loop")
+    assert set(results["rows"]) >= {
+        f"{endpoint} ({dtype})" for endpoint in endpoints for dtype in results["dtypes"]
     }
+    assert "float32" in results["dtypes"]
     for levels in results["rows"].values():
         assert [level["clients"] for level in levels] == [1, 4]
         for level in levels:
             assert level["failures"] == 0 and level["requests"] > 0
             assert level["tokens_per_second"] > 0 and level["p99_seconds"] >= level["p50_seconds"]
     assert results["ratio_routed_vs_plain"] > 0
+
+
+def test_data(tmp_path: Path) -> None:
+    """Three tokenizers measured on the same text; training from shards and from memory."""
+    corpus = write_domains(tmp_path / "corpus", ["cooking", "sailing"])
+    results = quick("data", tmp_path, "--corpus", str(corpus))
+    tokenization = results["tokenization"]
+    for tool in ("elmtrain", "datasets", "before"):
+        row = tokenization[tool]
+        assert row["mb_per_second"] == pytest.approx(row["text_mb"] / row["seconds"], rel=0.05)
+        assert row["peak_rss_mb"] > 5
+    assert tokenization["ratio_vs_before"] == pytest.approx(
+        tokenization["elmtrain"]["mb_per_second"] / tokenization["before"]["mb_per_second"],
+        rel=0.01,
+    )
+    rows = results["training"]["rows"]
+    assert rows["sharded corpus"]["sequences"] > rows["small in-memory corpus"]["sequences"]
+    for row in rows.values():
+        assert row["tokens_per_second"] > 0 and row["first_step_seconds"] > 0
+        assert math.isfinite(row["loss"])

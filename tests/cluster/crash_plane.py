@@ -151,10 +151,11 @@ class PlaneCluster:
         return PATHS[kind].format(ns=self.namespace)
 
     def create(self, body: dict[str, Any]) -> Any:
-        if body["kind"] == "ElmForest":  # its Jobs go to the stand-in's node
-            trainer = body["spec"].setdefault("trainer", {})
-            trainer["nodeSelector"] = {"kubernetes.io/hostname": self.node.name}
-            trainer["tolerations"] = [{**STANDIN_TAINT, "operator": "Equal"}]
+        if body["kind"] == "ElmForest":  # its Jobs (training and prepare) go to the stand-in's
+            for step in ("trainer", "prepare"):
+                placed = body["spec"].setdefault(step, {})
+                placed["nodeSelector"] = {"kubernetes.io/hostname": self.node.name}
+                placed["tolerations"] = [{**STANDIN_TAINT, "operator": "Equal"}]
         return self._request("POST", self._path(body["kind"]), body)
 
     def get(self, kind: str, name: str) -> Any:

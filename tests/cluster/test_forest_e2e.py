@@ -182,7 +182,7 @@ def test_quickstart_forest_on_a_real_control_plane(
     assert first.revision == 2 + len(DOMAINS)  # tokenizer, seed, one merge per branch
     for domain in DOMAINS:
         jobs = [j["metadata"]["name"] for j in _jobs(kube, ns, f"{GROUP_LABEL}/branch={domain}")]
-        assert jobs == [f"{domain}-v1-a1"], jobs
+        assert sorted(jobs) == [f"{domain}-v1-a1", f"{domain}-v1-prep"], jobs  # prepare, train
     assert node.started_pods[0].startswith(f"{release.namespace}/e2e-elmforest-")  # the operator
 
     # Serving: the forest's Deployment runs `elmtrain serve` in a pod on the node, behind a
@@ -221,10 +221,12 @@ def test_quickstart_forest_on_a_real_control_plane(
         "apply", "--server-side", "--field-manager=argocd-controller", "-f", str(folder), "-n", ns
     )
     wait("extra merged", lambda: all_merged(kube, ns, ("extra",)), timeout=300)
-    trainer_jobs = kube.json("get", "jobs", "-n", ns, "-l", f"{GROUP_LABEL}/branch")["items"]
-    assert sorted(j["metadata"]["name"] for j in trainer_jobs) == sorted(
-        [f"{d}-v1-a1" for d in (*DOMAINS, "extra")]
-    )
+    branch_jobs = kube.json("get", "jobs", "-n", ns, "-l", f"{GROUP_LABEL}/branch")["items"]
+    names = sorted(j["metadata"]["name"] for j in branch_jobs)
+    domains = (*DOMAINS, "extra")
+    assert [n for n in names if not n.endswith("-prep")] == sorted(f"{d}-v1-a1" for d in domains)
+    # extra's text is quotes' validation text, prepared already: it gets no prepare Job.
+    assert {n for n in names if n.endswith("-prep")} == {f"{d}-v1-prep" for d in DOMAINS}
     assert manifest().revision == first.revision + 1
     first = manifest()
 
@@ -351,7 +353,7 @@ def test_quickstart_forest_on_a_real_control_plane(
     entry = manifest().experts["code"]
     assert entry.version == 2, entry
     jobs = [j["metadata"]["name"] for j in _jobs(kube, ns, f"{GROUP_LABEL}/branch=code")]
-    assert jobs == ["code-v2-a1"], jobs
+    assert jobs == ["code-v2-a1"], jobs  # legal's text is prepared already: no prepare Job
     assert any(p.startswith(f"{ns}/code-v2-a1-") for p in node.started_pods)
 
     # 5. A branch whose data holds no text fails at once: no retry, Ready=False, an Event.
@@ -380,8 +382,9 @@ def test_quickstart_forest_on_a_real_control_plane(
     ready = {c["type"]: c for c in failed["conditions"]}["Ready"]
     assert ready["status"] == "False" and ready["reason"] == "BadInput", ready
     assert "train.txt" in ready["message"], ready
+    # Its prepare Job found the text empty: no retry, and no training Job (no GPU spent).
     jobs = _jobs(kube, ns, f"{GROUP_LABEL}/branch=broken")
-    assert [j["metadata"]["name"] for j in jobs] == ["broken-v1-a1"]
+    assert [j["metadata"]["name"] for j in jobs] == ["broken-v1-prep"]
     assert jobs[0]["status"].get("failed") == 1, jobs[0]["status"]  # FailJob: no retry
     events = kube.json("get", "events", "-n", ns, "--field-selector", "involvedObject.name=broken")[
         "items"

@@ -163,7 +163,8 @@ def test_a_forest_is_admitted_two_gpus_at_a_time_by_kueue(
 
     jobs = kube.json("get", "jobs", "-n", ns)["items"]
     trainer_jobs = [j for j in jobs if j["metadata"]["labels"].get("kueue.x-k8s.io/queue-name")]
-    # The tokenizer's, the seed's and one per branch: all of them went through the queue.
+    # The tokenizer's, the seed's and one per branch: all of them went through the queue
+    # (the prepare Jobs, CPU only, have spec.prepare.queueName, unset here).
     assert len(trainer_jobs) == 2 + len(quickstart.DOMAINS), [j["metadata"]["name"] for j in jobs]
 
     def finished_workloads() -> list[dict[str, Any]] | None:
@@ -194,8 +195,10 @@ def test_a_forest_is_admitted_two_gpus_at_a_time_by_kueue(
     # Never more than the quota's GPUs running at once, and the quota reached: the node has 4
     # GPUs, so the queue (not the node) held the other branches back. Lifetimes are the
     # node's own (process start to exit), every trainer pod asking for one GPU.
-    pods = {k: v for k, v in kueue_node.lifetimes.items() if k.startswith(f"{ns}/")}
-    assert len(pods) == len(trainer_jobs), sorted(pods)
+    # (The prepare Jobs ask for no GPU and no queue: their pods are not counted.)
+    queued_jobs = tuple(f"{ns}/{j['metadata']['name']}-" for j in trainer_jobs)
+    pods = {k: v for k, v in kueue_node.lifetimes.items() if k.startswith(queued_jobs)}
+    assert len(pods) == len(trainer_jobs), sorted(kueue_node.lifetimes)
     spans = [(start, end) for start, end in pods.values() if end is not None]
     assert len(spans) == len(pods), pods
     running = [sum(1 for s, e in spans if s <= start < e) for start, _ in spans]
@@ -205,13 +208,15 @@ def test_a_forest_is_admitted_two_gpus_at_a_time_by_kueue(
         name = job["metadata"]["name"]
         start = _time(job["status"]["startTime"])
         assert start >= _condition(by_job[name], "Admitted"), name  # type: ignore[operator]
-    # Branches held by the queue said so (the operator's status and Event), then merged.
+    # Branches held by the queue said so (the operator's status and Event), then merged. Their
+    # prepare Jobs end at different times, so they reach the queue staggered: at least one
+    # waits (the quota was reached, above), not necessarily all but two.
     events = kube.json("get", "events", "-n", ns)["items"]
     queued = {
         e["involvedObject"]["name"]
         for e in events
         if e["reason"] == "Waiting" and f"admission by queue {QUEUE}" in e["message"]
     }
-    assert len(queued) >= len(quickstart.DOMAINS) - GPU_QUOTA, queued
+    assert len(queued) >= 1, queued
     manifest_experts = kube.json("get", "ef", quickstart.FOREST, "-n", ns)["status"]["expertCount"]
     assert manifest_experts == len(quickstart.DOMAINS)

@@ -162,14 +162,15 @@ def test_operator_as_its_service_account_is_least_privilege(
     assert [s["metadata"]["name"] for s in services] == ["seeded-serve"]
     kube.apply(branch, "-n", ns)
     selector = "btm.elmforest.io/branch=seeded-code"
-    assert wait("the branch's Job", lambda: _jobs(kube, ns, selector)) == ["seeded-code-v1-a1"]
+    # Its first Job is the prepare step's (it never ends here: no node runs its pod).
+    assert wait("the branch's Job", lambda: _jobs(kube, ns, selector)) == ["seeded-code-v1-prep"]
     # The Job controller made its pod (Pending: no node), admitted under restricted.
     wait("the Job's pod", lambda: kube.json("get", "pods", "-n", ns, "-l", selector)["items"])
 
     # A new spec supersedes the running Job: the operator deletes it and starts version 2.
     branch["spec"]["training"]["steps"] = 12
     kube.apply(branch, "-n", ns)
-    wait("version 2's Job alone", lambda: _jobs(kube, ns, selector) == ["seeded-code-v2-a1"])
+    wait("version 2's Job alone", lambda: _jobs(kube, ns, selector) == ["seeded-code-v2-prep"])
 
     # Serving unset: the operator deletes its Deployment and Service.
     kube.kubectl(

@@ -35,13 +35,14 @@ TOKENIZER_RUN_ID = "tokenizer"
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="standin")
-    parser.add_argument("command", choices=("tokenizer", "seed", "branch"))
+    parser.add_argument("command", choices=("tokenizer", "prepare", "seed", "branch"))
     parser.add_argument("--forest", required=True)
     parser.add_argument("--s3-endpoint")
     parser.add_argument("--s3-region")
     parser.add_argument("--domain")
     parser.add_argument("--version", type=int)
     parser.add_argument("--training", default="{}")
+    parser.add_argument("--run-id")
     args, _ = parser.parse_known_args(argv)  # data, init, model, ...: not needed to commit
     return args
 
@@ -66,10 +67,21 @@ def _finished(storage: Storage, run_id: str) -> bool:
     return True
 
 
+def _prepare(storage: Storage, run_id: str) -> int:
+    """A prepare Job: progress, then success. It records no shards, so the operator's next
+    look plans the training Job from the succeeded prepare Job, as after a real one."""
+    done = Progress(run_id=run_id, phase="done", step=1, total_steps=1)
+    time.sleep(float(os.environ.get("STANDIN_SECONDS", "0.5")) / 5)
+    storage.write_bytes(layout.run_progress(run_id), done.model_dump_json().encode())
+    return 0
+
+
 def run(argv: list[str]) -> int:
     args = _parse(argv)
     endpoint = os.environ.get("STANDIN_S3_ENDPOINT") or args.s3_endpoint
     storage = open_storage(args.forest, endpoint=endpoint, region=args.s3_region)
+    if args.command == "prepare":
+        return _prepare(storage, args.run_id)
     run_id, key, template = _target(args)
     if _finished(storage, run_id):
         return 0

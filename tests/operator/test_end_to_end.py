@@ -62,8 +62,14 @@ def test_forest_with_three_branches(cluster: Cluster, s3_data: str, s3_endpoint:
         assert row["Progress"].startswith("20/20")
         assert math.isfinite(row["Perplexity"]) and row["Perplexity"] > 1
     jobs = [j["metadata"]["name"] for j in cluster.list("Job")]
+    assert cluster.kubelet is not None
+    started = cluster.kubelet.started
     for name in names:
-        assert [j for j in jobs if j.startswith(name)] == [f"{name}-v1-a1"], jobs
+        # The text was tokenized by its own CPU-only Job, before the training Job ran.
+        assert sorted(j for j in jobs if j.startswith(name)) == [f"{name}-v1-a1", f"{name}-v1-prep"]
+        prep = cluster.get("Job", f"{name}-v1-prep")["spec"]["template"]["spec"]["containers"][0]
+        assert prep["args"][0] == "prepare" and "gpu" not in str(prep.get("resources"))
+        assert started.index(f"{name}-v1-prep") < started.index(f"{name}-v1-a1")
         status = cluster.get("ElmBranch", name)["status"]
         assert status["observedGeneration"] == 1 and status["conditions"][0]["status"] == "True"
 
@@ -93,6 +99,8 @@ def test_forest_with_three_branches(cluster: Cluster, s3_data: str, s3_endpoint:
     )
     status = cluster.get("ElmBranch", "demo-sailing")["status"]
     assert status["version"] == 2 and status["progress"]["summary"].startswith("24/24")
+    # Same text, same tokenizer: version 2 reads the shards version 1's prepare step made.
+    assert "demo-sailing-v2-prep" not in [j["metadata"]["name"] for j in cluster.list("Job")]
     assert status["observedGeneration"] == 2
     assert sorted(read_manifest(s3_endpoint, s3_data, "demo").experts) == ["cooking", "sailing"]
 
@@ -202,7 +210,10 @@ def test_operator_restart_and_preemption(cluster: Cluster, s3_data: str, s3_endp
     # tokenizer, seed, poetry: each merge is one revision, so a repeated merge would show here.
     assert manifest.revision == 3
     jobs = [j["metadata"]["name"] for j in cluster.list("Job")]
-    assert [j for j in jobs if j.startswith("restart-poetry")] == [job]
+    assert sorted(j for j in jobs if j.startswith("restart-poetry")) == [
+        job,
+        "restart-poetry-v1-prep",
+    ]
     # Three pods of one Job, and the evictions used none of its failure budget.
     assert kubelet.started.count(job) == 3 and kubelet.evictions == 2
     assert (cluster.get("Job", job)["status"].get("failed") or 0) == 0

@@ -66,7 +66,9 @@ def test_32_branches_finishing_together(standin: StandinForest, tmp_path: Path) 
         assert (entry.version, entry.path, entry.sha256) == (1, result.path, result.sha256)
     assert cluster.emulator is not None
     jobs = {name: n for (plural, name), n in cluster.emulator.created.items() if plural == "jobs"}
-    assert all(n == 1 for n in jobs.values()) and len(jobs) == BRANCHES + 2
+    # Each created once: tokenizer, the seed's prepare and training, each branch's prepare and
+    # training.
+    assert all(n == 1 for n in jobs.values()) and len(jobs) == 3 + 2 * BRANCHES
     cluster.wait_for(
         "the forest to count 32 experts",
         lambda: cluster.get("ElmForest", "bulk")["status"].get("expertCount") == BRANCHES,

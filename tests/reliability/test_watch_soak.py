@@ -61,5 +61,6 @@ def test_watch_streams_that_keep_disconnecting(standin: StandinForest) -> None:
     assert max(latencies) < 10.0  # responsive: a Job within a few resyncs (1 s here)
     assert cluster.operator_alive()
     jobs = {n: c for (plural, n), c in cluster.emulator.created.items() if plural == "jobs"}
-    assert all(c == 1 for c in jobs.values()) and len(jobs) == BRANCHES + 2
+    # Each once: tokenizer, the seed's prepare and training, each branch's prepare and training.
+    assert all(c == 1 for c in jobs.values()) and len(jobs) == 3 + 2 * BRANCHES
     assert growth_mb < 50  # no leak per reconnect (each one re-lists every object)

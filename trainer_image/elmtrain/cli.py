@@ -22,6 +22,7 @@ from elmtrain.progress import write_termination_message
 # pays for torch or transformers, and every command starts faster.
 COMMANDS = {
     "tokenizer": "tokenizer",
+    "prepare": "prepare",
     "seed": "seed",
     "branch": "branch",
     "merge": "merge",

@@ -19,6 +19,8 @@ from elmtrain.cache import cache_dir
 if TYPE_CHECKING:  # transformers is imported only by commands that tokenize
     from transformers import PreTrainedTokenizerFast
 
+    from elmtrain.data import TokenStore
+
 
 @dataclass
 class Forest:
@@ -46,6 +48,16 @@ class Forest:
         if entry is None:
             raise BadInputError(f"forest {self.storage.root} has no tokenizer yet")
         return load_tokenizer(self.fetch(entry))
+
+    def token_store(self) -> TokenStore:
+        """Token shards of text read with this forest's tokenizer, in the forest's storage
+        (``tokens/``), keyed by the tokenizer's commit sha256 (what the operator sees)."""
+        from elmtrain.data import TokenStore
+
+        entry = self.manifest().tokenizer
+        if entry is None:
+            raise BadInputError(f"forest {self.storage.root} has no tokenizer yet")
+        return TokenStore(self.storage, self.tokenizer(), entry.sha256, self.endpoint)
 
     def seed_dir(self) -> Path:
         entry = self.manifest().seed

@@ -27,7 +27,7 @@ from elmcore.storage.manifest_store import merge_verified
 from elmtrain.cache import cache_dir
 from elmtrain.checkpoint import Checkpointer
 from elmtrain.config import TrainingConfig
-from elmtrain.data import load_sequences
+from elmtrain.data import TokenSequences, load_sequences
 from elmtrain.forest import Forest
 from elmtrain.models import save_model
 from elmtrain.progress import ProgressReporter
@@ -143,16 +143,17 @@ def run_training_job(
         forest.storage if runtime.is_main else None, spec.run_id, cfg.progress_interval_seconds
     )
     reporter.report(Progress(run_id=spec.run_id, phase="initializing"), force=True)
-    tokenizer = forest.tokenizer()
-    sequences = (
-        load_sequences(spec.train_data, tokenizer, cfg.seq_len, forest.endpoint)
+    store = forest.token_store()
+    # Training reads its windows lazily from the token shards (prepared here if the prepare
+    # step has not); validation is a few batches, read into memory.
+    sequences: TokenSequences | torch.Tensor = (
+        store.sequences(spec.train_data, cfg.seq_len)
         if spec.train_data
         else torch.empty(0, cfg.seq_len, dtype=torch.long)  # importing weights: nothing to train
     )
     val = None
     if spec.val_data:
-        val_all = load_sequences(spec.val_data, tokenizer, cfg.seq_len, forest.endpoint)
-        val = val_all[: cfg.eval_batches * cfg.batch_size]
+        val = load_sequences(spec.val_data, store, cfg.seq_len, cfg.eval_batches * cfg.batch_size)
     log.info(
         "job.data",
         run_id=spec.run_id,

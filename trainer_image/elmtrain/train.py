@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from types import FrameType
@@ -25,7 +26,7 @@ from elmcore.errors import BadInputError, TransientError
 from elmcore.records import CurvePoint, Progress
 from elmtrain.checkpoint import Checkpointer
 from elmtrain.config import TrainingConfig
-from elmtrain.data import batch_indices
+from elmtrain.data import TokenSequences, batch_indices
 from elmtrain.fused_loss import CausalLMLoss
 from elmtrain.progress import ProgressReporter
 from elmtrain.runtime import Runtime
@@ -112,7 +113,7 @@ def _validate(model: PreTrainedModel, val: torch.Tensor, step: int, runtime: Run
 
 def train(
     model: PreTrainedModel,
-    sequences: torch.Tensor,
+    sequences: torch.Tensor | TokenSequences,
     cfg: TrainingConfig,
     runtime: Runtime,
     checkpointer: Checkpointer,
@@ -122,10 +123,20 @@ def train(
     # 1. Resume from the last committed checkpoint, if this run has one.
     start_step = 0
     curve: list[CurvePoint] = []
+    # Where the data stands is the step (the order is a pure function of step and seed) over
+    # these sequences; a checkpoint says which, so a resume never continues on other data.
+    data = {"sequences": len(sequences), "seq_len": int(sequences.shape[1])}
     resumed = checkpointer.latest(runtime.device)
     if resumed is not None:
         model, start_step = resumed.model, resumed.step
         curve = [CurvePoint.model_validate(p) for p in resumed.state.get("curve", [])]
+        recorded = resumed.state.get("data", data)  # checkpoints before shards: not recorded
+        if recorded != data:
+            raise BadInputError(
+                f"the training data changed since the checkpoint of step {start_step} "
+                f"({recorded['sequences']} sequences then, {data['sequences']} now): restore it, "
+                f"or delete runs/{checkpointer.run_id}/checkpoints to start over"
+            )
     model.to(runtime.device).train()
     optimizer = _optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
@@ -151,6 +162,7 @@ def train(
                 "rng": torch.get_rng_state(),
                 "step": step,
                 "curve": [p.model_dump() for p in curve],
+                "data": data,
             }
             checkpointer.save(step, model, state)
         runtime.barrier()
@@ -169,14 +181,24 @@ def train(
         dynamic_ncols=True,
         mininterval=2.0,
     )
-    with _Preemption() as preemption:
+
+    def read_step(step: int) -> list[torch.Tensor]:
+        """This rank's micro-batches of ``step``, read from the sequences (shards: by range)."""
+        indices = batch_indices(step, cfg.batch_size, len(sequences), cfg.seed)
+        return [sequences[micro] for micro in _micro_batches(indices, runtime, cfg)]
+
+    # The next step's data is read while this one computes.
+    reader = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
+    upcoming = reader.submit(read_step, start_step) if start_step < cfg.steps else None
+    with _Preemption() as preemption, reader:
         for step in range(start_step, cfg.steps):
-            micro_batches = _micro_batches(
-                batch_indices(step, cfg.batch_size, len(sequences), cfg.seed), runtime, cfg
-            )
+            assert upcoming is not None
+            micro_batches = upcoming.result()
+            if step + 1 < cfg.steps:
+                upcoming = reader.submit(read_step, step + 1)
             step_loss = 0.0
-            for i, micro in enumerate(micro_batches):
-                batch = sequences[micro].to(runtime.device, non_blocking=True)
+            for i, rows in enumerate(micro_batches):
+                batch = rows.to(runtime.device, non_blocking=True)
                 last = i == len(micro_batches) - 1
                 sync = engine.no_sync() if runtime.distributed and not last else nullcontext()  # type: ignore[operator]
                 with sync, runtime.autocast():

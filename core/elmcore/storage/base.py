@@ -26,6 +26,15 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a listing says of an object: enough to tell that it changed."""
+
+    key: str
+    size: int
+    etag: str  # S3's ETag; locally, size and modification time
+
+
 @dataclass(frozen=True, repr=False)
 class S3Credentials:
     """Static S3 keys (from a Secret); repr hides them so logs never carry a key."""
@@ -86,6 +95,18 @@ class Storage(ABC):
     @abstractmethod
     def delete(self, key: str) -> None:
         """Delete one object; deleting a missing object is not an error."""
+
+    @abstractmethod
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of the object from ``offset`` (a ranged GET on S3)."""
+
+    @abstractmethod
+    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+        """Like ``list_keys``, with each object's size and entity tag (one listing on S3)."""
+
+    def local_path(self, key: str) -> Path | None:
+        """The object as a file on this machine, where it is one (local storage)."""
+        return None
 
     def list_children(self, prefix: str) -> list[str]:
         """Names of the immediate children (objects or folders) below ``prefix``."""

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from elmcore.errors import ConflictError, NotFoundError
-from elmcore.storage.base import Storage, sha256_bytes
+from elmcore.storage.base import ObjectInfo, Storage, sha256_bytes
 from elmcore.uris import StorageURI, check_key
 
 
@@ -119,6 +119,27 @@ class LocalStorage(Storage):
             ):
                 keys.append(path.relative_to(self.base).as_posix())
         return sorted(keys)
+
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        try:
+            with self._path(key).open("rb") as handle:
+                data = os.pread(handle.fileno(), length, offset)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFoundError(f"{self.uri(key)} does not exist") from None
+        if len(data) != length:
+            raise NotFoundError(f"{self.uri(key)}: {offset}+{length} is past its end")
+        return data
+
+    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+        infos = []
+        for key in self.list_keys(prefix):
+            stat = self._path(key).stat()
+            infos.append(ObjectInfo(key, stat.st_size, f"{stat.st_size}-{stat.st_mtime_ns}"))
+        return infos
+
+    def local_path(self, key: str) -> Path | None:
+        path = self._path(key)
+        return path if path.is_file() else None
 
     def delete(self, key: str) -> None:
         path = self._path(key)

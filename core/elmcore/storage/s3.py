@@ -26,7 +26,7 @@ from elmcore.errors import (
     NotFoundError,
     TransientError,
 )
-from elmcore.storage.base import S3Credentials, Storage
+from elmcore.storage.base import ObjectInfo, S3Credentials, Storage
 from elmcore.uris import StorageURI, check_key
 
 T = TypeVar("T")
@@ -194,21 +194,46 @@ class S3Storage(Storage):
         return int(self._head(key)["ContentLength"])
 
     def list_keys(self, prefix: str = "") -> list[str]:
+        return [info.key for info in self.list_info(prefix)]
+
+    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
         prefix = prefix.strip("/")  # "experts/gamma/" names the folder, like the local adapter
         full = self._key(prefix)
-        if full and self.exists(prefix):  # the location is one object, not a folder
-            return [prefix.strip("/")]
+        if full:  # the location may be one object, not a folder
+            try:
+                head = self._head(prefix)
+            except NotFoundError:
+                pass
+            else:
+                return [ObjectInfo(prefix, int(head["ContentLength"]), str(head["ETag"]))]
 
-        def collect() -> list[str]:
+        def collect() -> list[ObjectInfo]:
             paginator = self.client.get_paginator("list_objects_v2")
-            keys: list[str] = []
+            infos: list[ObjectInfo] = []
             listing_prefix = f"{full}/" if full else ""
             strip = len(self.root.prefix) + 1 if self.root.prefix else 0
             for page in paginator.paginate(Bucket=self.root.bucket, Prefix=listing_prefix):
-                keys.extend(item["Key"][strip:] for item in page.get("Contents", []))
-            return sorted(keys)
+                infos.extend(
+                    ObjectInfo(item["Key"][strip:], int(item["Size"]), str(item["ETag"]))
+                    for item in page.get("Contents", [])
+                )
+            return sorted(infos, key=lambda info: info.key)
 
         return self._call("list", prefix, collect)
+
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        def get() -> bytes:
+            response = self.client.get_object(
+                Bucket=self.root.bucket,
+                Key=self._key(key),
+                Range=f"bytes={offset}-{offset + length - 1}",
+            )
+            return bytes(response["Body"].read())
+
+        data = self._call("read", key, get)
+        if len(data) != length:
+            raise NotFoundError(f"{self.uri(key)}: {offset}+{length} is past its end")
+        return data
 
     def delete(self, key: str) -> None:
         self._call(

@@ -19,7 +19,8 @@ from elmcore.storage import S3Credentials, Storage, open_storage
 from elmcore.storage.manifest_store import load_manifest, merge_verified, update_manifest
 from elmforest.api.forest import StorageSpec
 from elmforest.planner.actions import Action, DeleteExpertFiles, MergeResult, RemoveExpert
-from elmforest.planner.observed import RunRecords, StorageView
+from elmforest.planner.observed import JobState, RunRecords, StorageView
+from elmforest.planner.prepare import Preparation
 
 FOREST_ROLES = ("tokenizer", "seed")  # built in this order before any branch
 
@@ -54,6 +55,32 @@ class ForestStorage:
             if missing:
                 records[missing[0]] = self.records(missing[0])
         return view, records
+
+    def prepared(self, tokenizer_sha256: str, datasets: list[list[str]]) -> bool:
+        """Whether ``elmtrain prepare`` recorded the shards of each (non-empty) location list
+        under this tokenizer (the trainer re-checks the files themselves)."""
+        return all(
+            self.storage.exists(layout.dataset_record(tokenizer_sha256, locations))
+            for locations in datasets
+            if locations
+        )
+
+    def preparation(
+        self,
+        manifest: Manifest | None,
+        datasets: list[list[str]],
+        job: JobState | None,
+        run_id: str | None,
+    ) -> Preparation | None:
+        """A prepare step's state: not needed once its datasets are recorded; else its Job
+        (as watched) and, once that runs, its progress. None before there is a tokenizer."""
+        if manifest is None or manifest.tokenizer is None:
+            return None
+        if self.prepared(manifest.tokenizer.sha256, datasets):
+            return Preparation(needed=False)
+        # A failed Job's pods are gone, but its progress says why (bad input names the file).
+        ran = job is not None and (job.started or job.phase == "Failed")
+        return Preparation(True, job, self.records(run_id) if ran and run_id else RunRecords())
 
     def serving_records(self) -> list[ServingRecord]:
         """What each serving replica last said it serves (``serving/<replica>.json``)."""

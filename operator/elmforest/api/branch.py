@@ -102,6 +102,7 @@ class ElmBranchSpec(SpecModel):
 BranchPhase = Literal[
     "Pending",
     "Waiting",
+    "Preparing",
     "Initializing",
     "Training",
     "Evaluating",

@@ -183,6 +183,22 @@ class TrainerSpec(SpecModel):
     ttl_seconds_after_finished: int = Field(3600, ge=0, description="keep finished Jobs this long")
 
 
+class PrepareSpec(SpecModel):
+    """The prepare step: a CPU-only Job (the trainer image, no GPUs) that tokenizes a branch's
+    or the seed's text into token shards before its training Job, skipped when the shards
+    exist; the training Job then reads them."""
+
+    enabled: bool = Field(True, description="false: the training Job tokenizes the text itself")
+    resources: Resources = Field(default_factory=Resources)
+    node_selector: dict[str, str] = Field(default_factory=dict, max_length=32)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    priority_class_name: str | None = Field(None, max_length=253, pattern=DNS1123_SUBDOMAIN)
+    queue_name: str | None = Field(
+        None, max_length=63, pattern=DNS1123_LABEL, description="Kueue LocalQueue name"
+    )
+    backoff_limit: int = Field(3, ge=0, le=100, description="pod failures per prepare Job")
+
+
 class ServingSpec(SpecModel):
     """An OpenAI-compatible endpoint for the forest (``elmtrain serve``): a Deployment and a
     Service owned by the forest, from the trainer image, following the manifest as experts
@@ -244,6 +260,9 @@ class ElmForestSpec(SpecModel):
         max_length=64,
         description="report columns beside the branches' own domains (out-of-domain text)",
     )
+    prepare: PrepareSpec = Field(
+        default_factory=PrepareSpec, description="the CPU Jobs that tokenize text into shards"
+    )
     serving: ServingSpec | None = Field(
         None, description="serve the forest (OpenAI completions API); unset: not served"
     )
@@ -251,7 +270,7 @@ class ElmForestSpec(SpecModel):
 
 # ---- status -------------------------------------------------------------------------------
 
-ForestPhase = Literal["Pending", "Tokenizing", "Seeding", "Ready", "Failed"]
+ForestPhase = Literal["Pending", "Tokenizing", "Preparing", "Seeding", "Ready", "Failed"]
 
 
 class ArtifactStatus(StatusModel):

@@ -30,9 +30,23 @@ from elmforest.planner.actions import (
     Plan,
     RemoveExpert,
 )
-from elmforest.planner.branch import ACTIVE, BranchInput, plan_branch, plan_deletion
-from elmforest.planner.forest import ForestInput, plan_forest
+from elmforest.planner.branch import (
+    ACTIVE,
+    BranchInput,
+    plan_branch,
+    plan_deletion,
+    prepare_job_name,
+    prepare_run_id,
+    spec_fingerprint,
+)
+from elmforest.planner.forest import (
+    SEED_PREPARE_RUN,
+    ForestInput,
+    plan_forest,
+    seed_prepare_job_name,
+)
 from elmforest.planner.observed import RunRecords
+from elmforest.planner.prepare import Preparation
 from elmforest.planner.siblings import (
     domain_owner,
     forest_view,
@@ -172,6 +186,15 @@ class Engine:
         jobs = {n: self.runner.job_state(j) for n, j in self.state.jobs.items() if j.owner == owner}
         siblings = [sibling(b.body()) for b in self.branches_of(record.name)]
         self._remember_progress(record.name, records)
+        preparation = None
+        if view.manifest is not None and view.manifest.seed is None:
+            seed_job = self.state.jobs.get(seed_prepare_job_name(record.name, spec))
+            preparation = storage.preparation(
+                view.manifest,
+                [spec.seed.data, spec.seed.val_data],
+                self.runner.job_state(seed_job) if seed_job is not None else None,
+                SEED_PREPARE_RUN,
+            )
         inp = ForestInput(
             name=record.name,
             namespace="local",
@@ -185,6 +208,7 @@ class Engine:
             records=records,
             branches_by_domain=owners_by_domain(siblings),
             require_image=False,
+            preparation=preparation,
         )
         self._apply(record, plan_forest(inp), storage)
 
@@ -225,6 +249,13 @@ class Engine:
             used = storage.used_versions() if status.version is None else None
             records, merged = storage.observe_branch(spec.domain, status.version, manifest, used)
         job = self.state.jobs.get(status.job_name) if status.job_name else None
+        preparation = None
+        if (
+            view is not None
+            and not deleting
+            and (job is None or self.runner.job_state(job).phase == "Failed")
+        ):
+            preparation = self._branch_preparation(record.name, spec, status, view.spec)
         active = [s for s in siblings if s.name != record.name and s.phase in ACTIVE]
         return BranchInput(
             name=record.name,
@@ -243,6 +274,19 @@ class Engine:
             job=self.runner.job_state(job) if job is not None else None,
             records=records,
             merged=merged,
+            preparation=preparation,
+        )
+
+    def _branch_preparation(
+        self, name: str, spec: ElmBranchSpec, status: ElmBranchStatus, forest: ElmForestSpec
+    ) -> Preparation | None:
+        version = status.version if status.spec_hash == spec_fingerprint(spec) else None
+        job = self.state.jobs.get(prepare_job_name(name, version)) if version else None
+        return self.storage(forest.storage).preparation(
+            self.manifests.get(spec.forest),
+            [spec.data.train, spec.data.validation],
+            self.runner.job_state(job) if job is not None else None,
+            prepare_run_id(spec.domain, version) if version else None,
         )
 
     def _reconcile_branch(self, record: ObjectRecord) -> None:

@@ -36,13 +36,15 @@ from elmforest.planner.actions import (
 from elmforest.planner.conditions import READY, set_condition
 from elmforest.planner.forest import artifact_uri
 from elmforest.planner.jobs import JobRequest, Owner, build_job, merge_trainer
-from elmforest.planner.naming import branch_job_name, digest
+from elmforest.planner.naming import branch_job_name, child_name, digest
 from elmforest.planner.observed import JobState, RunRecords
+from elmforest.planner.prepare import Preparation, prepare_job, progress_summary
 from elmforest.planner.trainer_args import branch_argv, overrides
 
 POLL_SECONDS = 5.0
 ACTIVE: frozenset[str] = frozenset({"Initializing", "Training", "Evaluating", "Merging"})
 _PROGRESS_PHASE: dict[str, BranchPhase] = {
+    "preparing": "Initializing",
     "initializing": "Initializing",
     "training": "Training",
     "evaluating": "Evaluating",
@@ -74,6 +76,10 @@ class BranchInput:
     job: JobState | None = None  # the Job of status.jobName, if it exists
     records: RunRecords = field(default_factory=RunRecords)  # of the current version's run
     merged: ExpertEntry | None = None  # the manifest's entry for this domain
+    # The version's prepare step; None: not observed (its text counts as prepared).
+    preparation: Preparation | None = None
+    # While the spec changes: the prepare Job of the version it supersedes, if it exists.
+    superseded_prepare: JobState | None = None
 
 
 def spec_fingerprint(spec: ElmBranchSpec) -> str:
@@ -86,6 +92,14 @@ def spec_fingerprint(spec: ElmBranchSpec) -> str:
         },
         12,
     )
+
+
+def prepare_job_name(branch: str, version: int) -> str:
+    return child_name(branch, f"v{version}-prep")
+
+
+def prepare_run_id(domain: str, version: int) -> str:
+    return branch_run_id(domain, version).replace("branch.", "prepare.", 1)
 
 
 def _set_phase(
@@ -150,7 +164,8 @@ def plan_branch(inp: BranchInput) -> Plan:
 def _new_version(inp: BranchInput, status: ElmBranchStatus, fingerprint: str) -> Plan:
     plan = Plan(requeue_after=0.0)
     previous = status.version or 0
-    if status.attempt == 0 and previous and status.merged_version != previous:
+    ran = status.attempt > 0 or inp.superseded_prepare is not None  # its Jobs own the number
+    if not ran and previous and status.merged_version != previous:
         version = previous  # that version never ran: reuse its number
     else:
         version = previous + 1
@@ -161,10 +176,12 @@ def _new_version(inp: BranchInput, status: ElmBranchStatus, fingerprint: str) ->
     status.job_name = None
     status.progress = status.checkpoint = status.init = None
     status.metrics = None
-    if inp.job is None or inp.job.phase != "Running":
+    running = [j for j in (inp.job, inp.superseded_prepare) if j and j.phase == "Running"]
+    if not running:
         # Nothing to stop first: start the new version in this same pass (one status write).
         return _start(inp, status, attempt=1)
-    plan.add(DeleteJob(inp.job.name, "superseded by a newer spec"))
+    for job in running:
+        plan.add(DeleteJob(job.name, "superseded by a newer spec"))
     message = f"version {version}" + (" (spec changed)" if previous else "")
     _set_phase(inp, status, "Pending", "NewVersion", message)
     return _finish(plan, inp, status)
@@ -283,6 +300,12 @@ def _start(inp: BranchInput, status: ElmBranchStatus, attempt: int) -> Plan:
     if not inp.forest.ready:
         _set_phase(inp, status, "Waiting", "ForestNotReady", f"forest {inp.forest.name} not ready")
         return _finish(plan, inp, status)
+    # Tokenizing takes no training slot: a branch waiting for one may prepare meanwhile.
+    preparation = inp.preparation
+    if preparation is not None and preparation.needed and inp.forest.spec.prepare.enabled:
+        preparing = _prepare(inp, status, preparation)
+        if preparing is not None:
+            return preparing
     limit = inp.forest.spec.max_concurrent_branches
     if inp.active_elsewhere >= limit:
         _set_phase(inp, status, "Waiting", "ConcurrencyLimit", f"{limit} branches are training")
@@ -306,6 +329,43 @@ def _start(inp: BranchInput, status: ElmBranchStatus, attempt: int) -> Plan:
     # Status first: a crash after it re-creates the same Job name (409, a no-op).
     _finish(plan, inp, status)
     return plan.add(CreateJob(build_job(request)))
+
+
+def _prepare(inp: BranchInput, status: ElmBranchStatus, preparation: Preparation) -> Plan | None:
+    """Run or watch the version's prepare Job; None once it is done (train next)."""
+    assert inp.forest is not None and status.version is not None
+    name = prepare_job_name(inp.name, status.version)
+    job = preparation.job
+    plan = Plan(requeue_after=POLL_SECONDS)
+    if job is None:
+        status.progress = None
+        _set_phase(inp, status, "Preparing", "Preparing", f"Job {name} tokenizes the text")
+        _finish(plan, inp, status)
+        body = prepare_job(
+            name,
+            inp.namespace,
+            Owner(BRANCH.kind, inp.name, inp.uid),
+            inp.forest.name,
+            inp.forest.spec,
+            prepare_run_id(inp.spec.domain, status.version),
+            (inp.spec.data.train, inp.spec.data.validation),
+            branch=inp.name,
+        )
+        return plan.add(CreateJob(body))
+    if job.phase == "Running":
+        summary = progress_summary(preparation.records)
+        message = f"Job {name} tokenizes the text" + (f": {summary}" if summary else "")
+        if not job.started:
+            plan.requeue_after = None  # its pod's start wakes us
+        _set_phase(inp, status, "Preparing", "Preparing", message)
+        return _finish(plan, inp, status)
+    if job.phase == "Failed":
+        progress = preparation.records.progress
+        why = progress.message if progress and progress.phase == "failed" else job.message
+        reason = "BadInput" if job.permanent else "PrepareFailed"
+        _set_phase(inp, status, "Failed", reason, f"Job {name}: {why}")
+        return _finish(Plan(), inp, status)
+    return None  # Succeeded: the shards are there
 
 
 def plan_deletion(inp: BranchInput) -> Plan:

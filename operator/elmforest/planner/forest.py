@@ -23,6 +23,7 @@ from elmforest.planner.conditions import READY, set_condition
 from elmforest.planner.jobs import JobRequest, Owner, build_job
 from elmforest.planner.naming import digest, forest_job_name
 from elmforest.planner.observed import JobState, OwnedObject, RunRecords, StorageView
+from elmforest.planner.prepare import Preparation, prepare_job, progress_summary
 from elmforest.planner.serving import serving_actions, serving_status
 from elmforest.planner.trainer_args import seed_argv, tokenizer_argv
 
@@ -42,6 +43,7 @@ class ForestInput:
     records: dict[str, RunRecords] = field(default_factory=dict)  # "tokenizer" / "seed"
     branches_by_domain: dict[str, str] = field(default_factory=dict)
     require_image: bool = True  # a cluster needs an image; local mode runs processes
+    preparation: Preparation | None = None  # of the seed's text; None: not observed
     serving: dict[str, OwnedObject] = field(default_factory=dict)  # by kind, as watched
     serving_records: list[ServingRecord] = field(default_factory=list)  # storage's serving/
 
@@ -144,11 +146,53 @@ def plan_forest(inp: ForestInput, spec_error: str | None = None) -> Plan:
     return plan.add(*serving_actions(inp.name, inp.namespace, owner, spec, inp.serving))
 
 
+SEED_PREPARE_RUN = "prepare.seed"
+
+
+def seed_prepare_job_name(forest: str, spec: ElmForestSpec) -> str:
+    return forest_job_name(forest, "prepare", digest([spec.seed.data, spec.seed.val_data]))
+
+
+def _prepare_seed(inp: ForestInput, spec: ElmForestSpec, status: ElmForestStatus) -> Plan | None:
+    """Tokenize the seed's text in its own CPU Job first; None once done (or not needed)."""
+    preparation = inp.preparation
+    if preparation is None or not preparation.needed or not spec.prepare.enabled:
+        return None
+    if not spec.seed.data or inp.records.get("seed", RunRecords()).result is not None:
+        return None
+    name = seed_prepare_job_name(inp.name, spec)
+    job = preparation.job
+    plan = Plan(requeue_after=POLL_SECONDS)
+    if job is not None and job.phase == "Succeeded":
+        return None
+    if job is not None and job.phase == "Failed":
+        progress = preparation.records.progress
+        why = progress.message if progress and progress.phase == "failed" else job.message
+        reason = "BadInput" if job.permanent else "PrepareFailed"
+        return _failed(inp, status, reason, f"{name}: {why}")
+    if job is None:
+        owner = Owner(FOREST.kind, inp.name, inp.uid)
+        data = (spec.seed.data, spec.seed.val_data)
+        body = prepare_job(name, inp.namespace, owner, inp.name, spec, SEED_PREPARE_RUN, data)
+        plan.add(CreateJob(body))
+    summary = progress_summary(preparation.records)
+    status.phase = "Preparing"
+    status.message = f"seed text: Job {name}" + (f" ({summary})" if summary else "")
+    status.conditions = set_condition(
+        status.conditions, READY, "False", "Preparing", status.message, inp.generation
+    )
+    return _finish(plan, inp.status, status)
+
+
 def _build_step(inp: ForestInput, spec: ElmForestSpec, status: ElmForestStatus, role: str) -> Plan:
     """Produce the tokenizer or the seed: merge a finished result, else run (or watch) its Job."""
     phase: ForestPhase = "Tokenizing" if role == "tokenizer" else "Seeding"
     argv = tokenizer_argv(spec) if role == "tokenizer" else seed_argv(spec)
     name = forest_job_name(inp.name, role, digest(argv))
+    if role == "seed" and name not in inp.jobs:  # a running seed Job tokenizes for itself
+        preparing = _prepare_seed(inp, spec, status)
+        if preparing is not None:
+            return preparing
     records = inp.records.get(role, RunRecords())
     plan = Plan(requeue_after=POLL_SECONDS)
     if records.result is not None:

@@ -21,7 +21,7 @@ def effective_training(defaults: SpecModel | None, own: SpecModel | None) -> Tra
     return TrainingConfig.model_validate({**overrides(defaults), **overrides(own)})
 
 
-def _forest_args(spec: ElmForestSpec) -> list[str]:
+def forest_args(spec: ElmForestSpec) -> list[str]:
     args = ["--forest", spec.storage.uri]
     if spec.storage.endpoint:
         args += ["--s3-endpoint", spec.storage.endpoint]
@@ -35,7 +35,7 @@ def _compact(model: TrainingConfig | ModelConfig) -> str:
 
 
 def tokenizer_argv(spec: ElmForestSpec) -> list[str]:
-    argv = ["tokenizer", *_forest_args(spec)]
+    argv = ["tokenizer", *forest_args(spec)]
     if spec.tokenizer.from_:
         return [*argv, "--from", spec.tokenizer.from_]
     data = spec.tokenizer.data or spec.seed.data
@@ -43,7 +43,7 @@ def tokenizer_argv(spec: ElmForestSpec) -> list[str]:
 
 
 def seed_argv(spec: ElmForestSpec) -> list[str]:
-    argv = ["seed", *_forest_args(spec)]
+    argv = ["seed", *forest_args(spec)]
     if spec.seed.data:
         argv += ["--data", *spec.seed.data]
     if spec.seed.val_data:
@@ -59,7 +59,7 @@ def seed_argv(spec: ElmForestSpec) -> list[str]:
 
 
 def branch_argv(forest: ElmForestSpec, branch: ElmBranchSpec, version: int) -> list[str]:
-    argv = ["branch", *_forest_args(forest), "--domain", branch.domain, "--version", str(version)]
+    argv = ["branch", *forest_args(forest), "--domain", branch.domain, "--version", str(version)]
     argv += ["--data", *branch.data.train]
     if branch.data.validation:
         argv += ["--val-data", *branch.data.validation]

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from elmcore.manifest import Manifest
 from elmforest.adapters.forest_storage import ForestStorage
 from elmforest.adapters.kube import SecretNotFoundError
 from elmforest.api import BRANCH, FOREST
@@ -31,11 +32,14 @@ from elmforest.planner.branch import (
     BranchInput,
     plan_branch,
     plan_deletion,
+    prepare_job_name,
+    prepare_run_id,
     spec_fingerprint,
 )
 from elmforest.planner.conditions import READY, set_condition
 from elmforest.planner.naming import BRANCH_FINALIZER
 from elmforest.planner.observed import JobState, RunRecords
+from elmforest.planner.prepare import Preparation
 from elmforest.planner.siblings import (
     ForestBranches,
     Sibling,
@@ -149,6 +153,7 @@ async def reconcile_branch(
         job = JobState(status.job_name, "Running")  # just created; the watch has not shown it
     storage: ForestStorage | None = None
     records, merged = RunRecords(), None
+    preparation: Preparation | None = None
     steady = status.phase == "Merged" and status.merged_version == status.version
     if view is not None and not steady:
         try:
@@ -166,6 +171,8 @@ async def reconcile_branch(
         if status.version is None:  # a new (or re-created) branch picks its first version
             used = await (batch.used_versions(storage) if batch else ctx.io(storage.used_versions))
         records, merged = await ctx.io(storage.observe_branch, spec.domain, version, manifest, used)
+        if job is None or job.phase == "Failed":  # the planner may start a Job: prepare first?
+            preparation = await _preparation(ctx, storage, spec, status, manifest, jobs, name)
     # Slots are counted and taken under the forest's lock, so two branches never race for one.
     async with ctx.forest_lock(namespace, spec.forest):
         others = (branches.active | ctx.reserved(namespace, spec.forest)) - {name}
@@ -182,6 +189,8 @@ async def reconcile_branch(
             job=job,
             records=records,
             merged=merged,
+            preparation=preparation,
+            superseded_prepare=_superseded_prepare(spec, status, jobs, name),
         )
         plan = plan_branch(inp)
         if any(isinstance(a, CreateJob) for a in plan.actions):
@@ -204,6 +213,32 @@ async def reconcile_branch(
         ctx.release(namespace, spec.forest, name)
     ctx.metrics.phase(BRANCH.kind, namespace, name, phase or None)
     return Outcome(plan.requeue_after, before, phase or None)
+
+
+def _superseded_prepare(
+    spec: ElmBranchSpec, status: ElmBranchStatus, jobs: Mapping[str, JobState], name: str
+) -> JobState | None:
+    """The current version's prepare Job when the spec has moved on (it is stopped)."""
+    if status.version is None or status.spec_hash == spec_fingerprint(spec):
+        return None
+    return jobs.get(prepare_job_name(name, status.version))
+
+
+async def _preparation(
+    ctx: OperatorContext,
+    storage: ForestStorage,
+    spec: ElmBranchSpec,
+    status: ElmBranchStatus,
+    manifest: Manifest | None,
+    jobs: Mapping[str, JobState],
+    name: str,
+) -> Preparation | None:
+    """The prepare step of the branch's current version, as far as the planner needs it."""
+    version = status.version if status.spec_hash == spec_fingerprint(spec) else None
+    job = jobs.get(prepare_job_name(name, version)) if version else None
+    run_id = prepare_run_id(spec.domain, version) if version else None
+    datasets = [spec.data.train, spec.data.validation]
+    return await ctx.io(storage.preparation, manifest, datasets, job, run_id)
 
 
 async def _apply(

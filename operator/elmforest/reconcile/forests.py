@@ -13,8 +13,14 @@ from elmforest.adapters.forest_storage import ForestStorage
 from elmforest.adapters.kube import SecretNotFoundError
 from elmforest.api import FOREST
 from elmforest.api.forest import ElmForestSpec, ElmForestStatus
-from elmforest.planner.forest import ForestInput, plan_forest
+from elmforest.planner.forest import (
+    SEED_PREPARE_RUN,
+    ForestInput,
+    plan_forest,
+    seed_prepare_job_name,
+)
 from elmforest.planner.observed import JobState, OwnedObject, RunRecords, StorageView
+from elmforest.planner.prepare import Preparation
 from elmforest.reconcile.apply import apply_plan
 from elmforest.reconcile.context import OperatorContext
 
@@ -43,6 +49,22 @@ def _serving_records(storage: ForestStorage) -> list[ServingRecord]:
         return []  # unreadable now: the status shows no served revision until next time
 
 
+async def _seed_preparation(
+    ctx: OperatorContext,
+    storage: ForestStorage,
+    spec: ElmForestSpec,
+    view: StorageView,
+    jobs: Mapping[str, JobState],
+    name: str,
+) -> Preparation | None:
+    """The seed text's prepare step, while the seed is still to be trained."""
+    if view.manifest is None or view.manifest.seed is not None:
+        return None
+    job = jobs.get(seed_prepare_job_name(name, spec))
+    datasets = [spec.seed.data, spec.seed.val_data]
+    return await ctx.io(storage.preparation, view.manifest, datasets, job, SEED_PREPARE_RUN)
+
+
 async def _reconcile_forest(
     ctx: OperatorContext,
     body: Mapping[str, Any],
@@ -63,10 +85,12 @@ async def _reconcile_forest(
     view, storage = StorageView(), None
     records: dict[str, RunRecords] = {}
     serving_records: list[ServingRecord] = []
+    preparation: Preparation | None = None
     if spec is not None:
         try:
             storage = await ctx.storage(namespace, spec.storage)
             view, records = await ctx.io(storage.observe_forest)
+            preparation = await _seed_preparation(ctx, storage, spec, view, jobs, name)
             if spec.serving is not None:
                 serving_records = await ctx.io(_serving_records, storage)
         except SecretNotFoundError as error:
@@ -82,6 +106,7 @@ async def _reconcile_forest(
         jobs=dict(jobs),
         records=records,
         branches_by_domain=branches_by_domain,
+        preparation=preparation,
         serving=dict(serving),
         serving_records=serving_records,
     )

@@ -20,7 +20,7 @@ from elmtrain.commands.common import (
     open_forest,
     training_config,
 )
-from elmtrain.data import load_sequences, sample_sequences
+from elmtrain.data import sample_sequences
 from elmtrain.forest import Forest
 from elmtrain.jobs import JobSpec, failure_recorded, finish_if_done, run_training_job
 from elmtrain.models import check_vocab, load_model
@@ -89,9 +89,7 @@ def _train(args: argparse.Namespace, forest: Forest, domain: str, run_id: str) -
         spec.parents = recorded.parents
         return run_training_job(forest, spec, load_model(forest.seed_dir()), runtime)
     sample = sample_sequences(
-        load_sequences(args.data, tokenizer, cfg.seq_len, forest.endpoint),
-        args.init_sample,
-        cfg.seed,
+        forest.token_store().sequences(args.data, cfg.seq_len), args.init_sample, cfg.seed
     )
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         init = branch_init.initialize(

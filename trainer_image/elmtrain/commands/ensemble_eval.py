@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise BadInputError("the forest has no experts yet")
     names = [e.domain for e in experts]
     dirs = [forest.fetch(e) for e in experts]
-    tokenizer = forest.tokenizer()
+    store = forest.token_store()
     prior_data = domain_locations(args.prior_data)
     report: dict[str, Any] = {"experts": names, "domains": {}}
     for domain, location in domain_locations(args.data).items():
@@ -52,8 +52,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             prior = [prior_map[n] for n in names]
         else:
             prior = [1.0 / len(names)] * len(names)
-        sequences = load_sequences([location], tokenizer, args.seq_len, forest.endpoint)
-        logprobs = expert_logprobs(dirs, sequences[: args.max_sequences], runtime)
+        sequences = load_sequences([location], store, args.seq_len, args.max_sequences)
+        logprobs = expert_logprobs(dirs, sequences, runtime)
         prior_t = torch.tensor(prior, dtype=torch.float64)
         entry: dict[str, Any] = {"prior": dict(zip(names, prior, strict=True))}
         rows = {"full": ensemble_logprobs(logprobs, prior_t)}

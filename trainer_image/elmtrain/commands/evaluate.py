@@ -30,14 +30,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     forest = open_forest(args)
     runtime = setup_runtime()
-    tokenizer = forest.tokenizer()
+    store = forest.token_store()
     model_dir = forest.model_dir(args.model)
     report: dict[str, Any] = {"model": args.model, "domains": {}}
     for domain, location in domain_locations(args.data).items():
-        sequences = load_sequences([location], tokenizer, args.seq_len, forest.endpoint)
-        loss, ppl, tokens = perplexity(
-            model_logprobs(model_dir, sequences[: args.max_sequences], runtime)
-        )
+        sequences = load_sequences([location], store, args.seq_len, args.max_sequences)
+        loss, ppl, tokens = perplexity(model_logprobs(model_dir, sequences, runtime))
         report["domains"][domain] = {"loss": loss, "perplexity": ppl, "tokens": tokens}
     write_output(report, args.out, forest.endpoint)
     return report

@@ -6,7 +6,7 @@ import argparse
 
 from elmcore.errors import BadInputError
 from elmtrain.commands.common import add_forest_args, open_forest, write_output
-from elmtrain.data import load_sequences, sample_sequences
+from elmtrain.data import sample_sequences
 from elmtrain.evaluation import domain_prior
 from elmtrain.forest import Forest
 from elmtrain.runtime import Runtime, setup_runtime
@@ -29,9 +29,7 @@ def prior_for(
     experts = forest.manifest().sorted_experts()
     if not experts:
         raise BadInputError("the forest has no experts yet")
-    sequences = sample_sequences(
-        load_sequences(data, forest.tokenizer(), seq_len, forest.endpoint), sample, seed
-    )
+    sequences = sample_sequences(forest.token_store().sequences(data, seq_len), sample, seed)
     weights = domain_prior([forest.fetch(e) for e in experts], sequences, runtime)
     return {e.domain: w for e, w in zip(experts, weights, strict=True)}
 

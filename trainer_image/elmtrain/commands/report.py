@@ -62,9 +62,7 @@ def _prior(
 ) -> tuple[list[float], str]:
     if not eval_set.prior_data:
         return [1.0 / len(dirs)] * len(dirs), "uniform"
-    sequences = load_sequences(
-        eval_set.prior_data, forest.tokenizer(), request.seq_len, forest.endpoint
-    )
+    sequences = forest.token_store().sequences(eval_set.prior_data, request.seq_len)
     sample = sample_sequences(sequences, request.prior_sample, 0)
     return domain_prior(dirs, sample, runtime), "held-out"
 
@@ -80,7 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise BadInputError("the forest has no experts yet: nothing to report")
     names = [e.domain for e in experts]
     dirs = [forest.fetch(e) for e in experts]
-    seed_dir, tokenizer = forest.seed_dir(), forest.tokenizer()
+    seed_dir, store = forest.seed_dir(), forest.token_store()
     k = request.top_k if request.top_k is not None and request.top_k < len(names) else None
     order = [SEED, *map(expert_row, names), ENSEMBLE, *([top_k_row(k)] if k else [])]
     rows: dict[str, dict[str, Score]] = {row: {} for row in [*order, AVERAGE_POSTERIOR]}
@@ -92,8 +90,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         average_models(dirs, [1.0] * len(dirs), uniform_dir)
         for eval_set in tqdm(request.sets, desc="report", unit="domain"):
             domain = eval_set.domain
-            sequences = load_sequences(eval_set.data, tokenizer, request.seq_len, forest.endpoint)
-            sequences = sequences[: request.max_sequences]
+            sequences = load_sequences(eval_set.data, store, request.seq_len, request.max_sequences)
             per_expert = expert_logprobs(dirs, sequences, runtime)  # [K, N, T-1]
             for name, logprobs in zip(names, per_expert, strict=True):
                 rows[expert_row(name)][domain] = _score(logprobs)

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from elmcore.btm import top_k
 from elmtrain.averaging import average_models
 from elmtrain.cache import cache_dir
-from elmtrain.data import load_sequences, sample_sequences
+from elmtrain.data import sample_sequences
 from elmtrain.evaluation import domain_prior
 from elmtrain.forest import Forest
 from elmtrain.models import context_length, load_model
@@ -55,6 +55,21 @@ class Target:
     member: int | None = None  # EXPERT: index into ``experts``
 
 
+def serving_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on a GPU that has it, else float32 (on CPUs bfloat16 halves memory but
+    did not decode faster, even with AVX512-BF16: docs/benchmarks.md); or what was asked for."""
+    if choice == "float32":
+        return torch.float32
+    if choice == "bfloat16":
+        return torch.bfloat16
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if cuda_bf16 else torch.float32
+
+
+def _load(directory: Path, runtime: Runtime, dtype: torch.dtype) -> PreTrainedModel:
+    return load_model(directory, runtime.device).to(dtype)
+
+
 @dataclass
 class ModelSet:
     name: str
@@ -65,6 +80,7 @@ class ModelSet:
     log_prior: torch.Tensor  # [K] over ``experts``
     expert_dirs: list[Path]
     runtime: Runtime
+    dtype: torch.dtype = torch.float32  # the weights' (and the caches') dtype
     averages: OrderedDict[tuple[float, ...], Member] = field(default_factory=OrderedDict)
 
     @property
@@ -112,7 +128,7 @@ class ModelSet:
         with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
             out = Path(tmp) / "average"
             average_models([self.expert_dirs[i] for i in weights], list(weights.values()), out)
-            model = load_model(out, self.runtime.device)
+            model = _load(out, self.runtime, self.dtype)
         label = ",".join(f"{self.experts[i].domain}={w:.2f}" for i, w in weights.items())
         member = Member(f"{AVERAGE}/{label}", None, None, model)
         self.averages[key] = member
@@ -128,29 +144,29 @@ def load_model_set(
     runtime: Runtime,
     prior_data: Sequence[str] = (),
     prior_sequences: int = 64,
+    dtype: torch.dtype = torch.float32,
 ) -> ModelSet:
     """Every expert of the forest's current manifest, verified and loaded; the cached prior
     from ``prior_data`` (a sample of the traffic to expect) or uniform."""
     manifest = forest.manifest()
     tokenizer = forest.tokenizer()
-    seed = Member(SEED, None, None, load_model(forest.seed_dir(), runtime.device))
+    seed = Member(SEED, None, None, _load(forest.seed_dir(), runtime, dtype))
     entries = manifest.sorted_experts()
     dirs = [forest.fetch(e) for e in entries]
     experts = [
-        Member(f"{EXPERT}/{e.domain}", e.domain, e.version, load_model(d, runtime.device))
+        Member(f"{EXPERT}/{e.domain}", e.domain, e.version, _load(d, runtime, dtype))
         for e, d in zip(entries, dirs, strict=True)
     ]
     if not experts:
         experts = [seed]
     prior = [1.0 / len(experts)] * len(experts)
     if prior_data and dirs:
+        length = min(128, context_length(seed.model))
         sample = sample_sequences(
-            load_sequences(
-                list(prior_data), tokenizer, min(128, context_length(seed.model)), forest.endpoint
-            ),
-            prior_sequences,
-            0,
+            forest.token_store().sequences(list(prior_data), length), prior_sequences, 0
         )
         prior = domain_prior(dirs, sample, runtime)
     log_prior = torch.tensor([math.log(max(p, 1e-300)) for p in prior], dtype=torch.float64)
-    return ModelSet(name, manifest.revision, tokenizer, experts, seed, log_prior, dirs, runtime)
+    return ModelSet(
+        name, manifest.revision, tokenizer, experts, seed, log_prior, dirs, runtime, dtype
+    )

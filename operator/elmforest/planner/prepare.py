@@ -1,0 +1,82 @@
+"""The prepare step, planned purely: a CPU-only Job of ``elmtrain prepare`` that turns a branch's
+(or the seed's) text into token shards before its training Job, unless the shards exist.
+
+Whether they exist is one record per list of locations (``tokens/sets/<key>.json``, keyed by
+the manifest's tokenizer and the locations), which the reconciler looks up; the trainer checks
+the record against the files themselves, so text changed in place is tokenized again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from elmforest.api.forest import ElmForestSpec, TrainerSpec
+from elmforest.planner.jobs import JobRequest, Owner, build_job
+from elmforest.planner.observed import JobState, RunRecords
+from elmforest.planner.trainer_args import forest_args
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """What the planners know of one prepare step."""
+
+    needed: bool  # the shards of this step's text are not recorded as prepared yet
+    job: JobState | None = None  # the step's prepare Job, as watched
+    records: RunRecords = field(default_factory=RunRecords)  # its progress (bytes of text read)
+
+
+def prepare_argv(
+    forest: ElmForestSpec, data: list[str], val_data: list[str], run_id: str
+) -> list[str]:
+    argv = ["prepare", *forest_args(forest), "--run-id", run_id, "--data", *data]
+    return [*argv, "--val-data", *val_data] if val_data else argv
+
+
+def prepare_trainer(forest: ElmForestSpec) -> TrainerSpec:
+    """The forest's trainer settings for a prepare Job: its image and account, the prepare
+    step's own resources and placement, no GPUs."""
+    prepare = forest.prepare
+    return forest.trainer.model_copy(
+        update={
+            "gpus": 0,
+            "resources": prepare.resources,
+            "node_selector": prepare.node_selector,
+            "tolerations": prepare.tolerations,
+            "priority_class_name": prepare.priority_class_name,
+            "queue_name": prepare.queue_name,
+            "backoff_limit": prepare.backoff_limit,
+        }
+    )
+
+
+def prepare_job(
+    name: str,
+    namespace: str,
+    owner: Owner,
+    forest_name: str,
+    forest: ElmForestSpec,
+    run_id: str,
+    data: tuple[list[str], list[str]],
+    branch: str | None = None,
+) -> dict[str, object]:
+    request = JobRequest(
+        name=name,
+        namespace=namespace,
+        owner=owner,
+        forest=forest_name,
+        role="prepare",
+        run_id=run_id,
+        argv=prepare_argv(forest, data[0], data[1], run_id),
+        trainer=prepare_trainer(forest),
+        storage=forest.storage,
+        branch=branch,
+    )
+    return build_job(request)
+
+
+def progress_summary(records: RunRecords) -> str:
+    progress = records.progress
+    if progress is None or not progress.total_steps:
+        return ""
+    percent = 100 * progress.step // progress.total_steps
+    return f"{percent}% of {progress.total_steps / 1e6:.1f} MB of text"

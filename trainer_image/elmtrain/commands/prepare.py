@@ -1,0 +1,51 @@
+"""``elmtrain prepare``: tokenize text locations once into token shards in the forest's storage.
+
+Every file is read as a stream and tokenized on every core; its shards are keyed by its
+content and the forest's tokenizer, so every Job, attempt and branch that reads the same bytes
+reuses them (the seed's mixture reuses its domains'). Training prepares what is missing itself;
+on a cluster this runs first, as its own CPU-only Job, so GPU time never goes to tokenizing.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from elmcore.names import validate_run_id
+from elmcore.records import Progress
+from elmtrain.commands.common import add_forest_args, open_forest
+from elmtrain.data.store import DatasetRecord
+from elmtrain.jobs import failure_recorded
+from elmtrain.progress import ProgressReporter
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser("prepare", help="tokenize text into token shards (once)")
+    add_forest_args(parser)
+    parser.add_argument("--data", nargs="+", required=True, help="text locations (one dataset)")
+    parser.add_argument(
+        "--val-data", nargs="*", default=[], help="another dataset (validation text)"
+    )
+    parser.add_argument("--run-id", default="prepare", help="where progress is reported")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> list[DatasetRecord]:
+    forest = open_forest(args)
+    run_id = validate_run_id(args.run_id)
+    with failure_recorded(forest, run_id):
+        store = forest.token_store()
+        reporter = ProgressReporter(forest.storage, run_id, interval=5.0)
+
+        def progress(done: int, total: int) -> None:
+            reporter.report(
+                Progress(run_id=run_id, phase="preparing", step=done, total_steps=total)
+            )
+
+        datasets = [store.prepare(args.data, progress)]
+        if args.val_data:
+            datasets.append(store.prepare(args.val_data, progress))
+        total = sum(d.tokens for d in datasets)
+        reporter.report(
+            Progress(run_id=run_id, phase="done", step=total, total_steps=total), force=True
+        )
+        return datasets

@@ -1,0 +1,88 @@
+"""Documents to tokens on every core: batches of documents go to worker processes, each with
+its own copy of the fast tokenizer, and come back as token arrays in order.
+
+At most ``2 * workers`` batches are in flight, so memory stays bounded however long the input
+is. Each document's tokens are followed by the end-of-text token, as training expects.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from multiprocessing import get_context
+
+import numpy as np
+
+BATCH_CHARS = 1 << 20  # characters of text per batch handed to a worker
+
+_WORKER: dict[str, object] = {}  # the worker process's tokenizer
+
+
+def _start_worker(tokenizer_json: str) -> None:
+    # One worker, one core: the tokenizer's own thread pool would only oversubscribe.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer
+
+    _WORKER["tokenizer"] = Tokenizer.from_str(tokenizer_json)
+
+
+def encode_batch(tokenizer: object, docs: list[str], eos: int, dtype: str) -> np.ndarray:
+    """One array: each document's ids, then end-of-text."""
+    encoded = tokenizer.encode_batch_fast(docs, add_special_tokens=False)  # type: ignore[attr-defined]
+    lengths = [len(e.ids) + 1 for e in encoded]
+    out = np.empty(sum(lengths), dtype=dtype)
+    at = 0
+    for encoding, length in zip(encoded, lengths, strict=True):
+        out[at : at + length - 1] = encoding.ids
+        out[at + length - 1] = eos
+        at += length
+    return out
+
+
+def _encode_in_worker(docs: list[str], eos: int, dtype: str) -> np.ndarray:
+    return encode_batch(_WORKER["tokenizer"], docs, eos, dtype)
+
+
+def batches(docs: Iterable[str], chars: int = BATCH_CHARS) -> Iterator[list[str]]:
+    batch: list[str] = []
+    size = 0
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc)
+        if size >= chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def encode_documents(
+    docs: Iterable[str], tokenizer_json: str, eos: int, dtype: str, workers: int
+) -> Iterator[tuple[np.ndarray, int]]:
+    """(tokens, characters read) per batch, in document order."""
+    if workers <= 1:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_str(tokenizer_json)
+        for batch in batches(docs):
+            yield encode_batch(tokenizer, batch, eos, dtype), sum(map(len, batch))
+        return
+    # spawn: workers never inherit this process's threads (torch, boto3) or its memory (and,
+    # unlike forkserver, need no socket under TMPDIR, whose path may be too long for one).
+    context = get_context("spawn")
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_start_worker, initargs=(tokenizer_json,)
+    ) as pool:
+        pending: deque[tuple[Future[np.ndarray], int]] = deque()
+        for batch in batches(docs):
+            pending.append(
+                (pool.submit(_encode_in_worker, batch, eos, dtype), sum(map(len, batch)))
+            )
+            if len(pending) >= 2 * workers:
+                future, chars = pending.popleft()
+                yield future.result(), chars
+        while pending:
+            future, chars = pending.popleft()
+            yield future.result(), chars

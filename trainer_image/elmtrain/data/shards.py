@@ -1,0 +1,154 @@
+"""Token shards: one text file's tokens as raw little-endian uint16 (or uint32) files of at
+most ``SHARD_TOKENS`` each, with an index; and reading windows of a sequence of such files by
+byte ranges (``pread`` on local storage, ranged GETs on S3), never the whole corpus at once.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from elmcore.errors import BadInputError
+from elmcore.storage import Storage
+
+SHARD_TOKENS = 1 << 26  # 64 Mi tokens: 128 MiB of uint16 per shard file
+INDEX = "index.json"
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= np.iinfo(np.uint16).max + 1 else "uint32"
+
+
+class ShardIndex(BaseModel):
+    """``index.json`` of one file's shard folder (committed with it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str  # the text file's name
+    source_sha256: str
+    source_bytes: int = Field(ge=0)
+    documents: int = Field(ge=0)
+    dtype: str
+    shards: list[int]  # tokens per shard file, in order (tokens-00000.bin, ...)
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.shards)
+
+
+def shard_name(number: int) -> str:
+    return f"tokens-{number:05d}.bin"
+
+
+class ShardWriter:
+    """Appends token arrays to shard files in a local folder, starting a new file at the cap."""
+
+    def __init__(self, folder: Path, dtype: str, cap: int = SHARD_TOKENS) -> None:
+        self.folder, self.dtype, self.cap = folder, np.dtype(dtype), cap
+        self.shards: list[int] = []
+        self._handle: BinaryIO | None = None
+
+    def write(self, tokens: np.ndarray) -> None:
+        at = 0
+        while at < len(tokens):
+            if self._handle is None or self.shards[-1] >= self.cap:
+                self._open_next()
+            room = self.cap - self.shards[-1]
+            piece = tokens[at : at + room].astype(self.dtype.newbyteorder("<"), copy=False)
+            assert self._handle is not None
+            self._handle.write(piece.tobytes())
+            self.shards[-1] += len(piece)
+            at += len(piece)
+
+    def _open_next(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        self._handle = (self.folder / shard_name(len(self.shards))).open("wb")
+        self.shards.append(0)
+
+    def close(self) -> list[int]:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        return self.shards
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    key: str  # the shard file's key in storage
+    tokens: int
+
+
+class TokenStream:
+    """The concatenated tokens of shard files, read by position."""
+
+    def __init__(self, storage: Storage, files: Sequence[ShardFile], dtype: str) -> None:
+        self.storage, self.files = storage, list(files)
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.starts = [0]
+        for shard in self.files:
+            self.starts.append(self.starts[-1] + shard.tokens)
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def read(self, position: int, count: int) -> np.ndarray:
+        """``count`` tokens from ``position``, across shard files where a window spans them."""
+        out = np.empty(count, dtype=self.dtype)
+        filled = 0
+        while filled < count:
+            at = position + filled
+            number = bisect.bisect_right(self.starts, at) - 1
+            offset = at - self.starts[number]
+            take = min(count - filled, self.files[number].tokens - offset)
+            size = self.dtype.itemsize
+            data = self.storage.read_range(self.files[number].key, offset * size, take * size)
+            out[filled : filled + take] = np.frombuffer(data, dtype=self.dtype)
+            filled += take
+        return out
+
+
+class TokenSequences:
+    """Non-overlapping ``seq_len`` windows of a token stream, as a lazy [N, seq_len] tensor:
+    ``len``, ``shape`` and indexing (an int, a slice, a list or a tensor of indices) read only
+    the windows asked for."""
+
+    def __init__(self, stream: TokenStream, seq_len: int, where: str) -> None:
+        self.stream, self.seq_len = stream, seq_len
+        self.count = len(stream) // seq_len
+        if self.count == 0:
+            raise BadInputError(
+                f"{where}: {len(stream)} tokens are fewer than one sequence of {seq_len}"
+            )
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.count, self.seq_len)
+
+    def rows(self, indices: Iterable[int]) -> torch.Tensor:
+        chosen = [int(i) for i in indices]
+        if any(not 0 <= i < self.count for i in chosen):
+            raise IndexError(f"sequence index out of range (0..{self.count - 1})")
+        windows = [self.stream.read(i * self.seq_len, self.seq_len) for i in chosen]
+        if not windows:
+            return torch.empty(0, self.seq_len, dtype=torch.long)
+        return torch.from_numpy(np.stack(windows).astype(np.int64))
+
+    def __getitem__(self, index: int | slice | Sequence[int] | torch.Tensor) -> torch.Tensor:
+        if isinstance(index, slice):
+            return self.rows(range(*index.indices(self.count)))
+        if isinstance(index, int):
+            return self.rows([index])[0]
+        if isinstance(index, torch.Tensor):
+            index = index.tolist()
+        return self.rows(index)

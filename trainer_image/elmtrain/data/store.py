@@ -1,0 +1,235 @@
+"""Text locations as token shards in a forest's storage: prepared once, read by every run.
+
+``prepare`` lists the locations, and for each text file whose content (sha256) has no shards
+under this tokenizer yet, tokenizes it on every core and commits its shards (a marker written
+last, as for every artifact). A dataset record (``tokens/sets/<key>.json``) remembers which
+files, of which size and entity tag, made up the locations; a later run whose listing matches
+it reads the shards without hashing a byte of text.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import structlog
+from pydantic import BaseModel, ConfigDict, ValidationError
+from transformers import PreTrainedTokenizerFast
+
+from elmcore import layout
+from elmcore.errors import BadInputError, NotFoundError
+from elmcore.records import utc_now
+from elmcore.storage import Storage, open_storage
+from elmcore.storage.base import sha256_file
+from elmcore.storage.commit import commit_dir, read_marker
+from elmcore.uris import StorageURI
+from elmtrain.cache import cache_dir
+from elmtrain.data.documents import TEXT_SUFFIXES, file_documents
+from elmtrain.data.encode import encode_documents
+from elmtrain.data.shards import (
+    INDEX,
+    ShardFile,
+    ShardIndex,
+    ShardWriter,
+    TokenSequences,
+    TokenStream,
+    shard_name,
+    token_dtype,
+)
+
+log = structlog.get_logger(__name__)
+Progress = Callable[[int, int], None]  # (source bytes done, source bytes in all)
+
+
+class FileRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    location: str
+    key: str  # within the location ("" when the location is the file)
+    size: int
+    etag: str
+    shards: str  # the key of its shard folder
+    tokens: int
+
+
+class DatasetRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    locations: list[str]
+    tokenizer: str
+    dtype: str
+    files: list[FileRecord]
+    prepared_at: str = ""
+
+    @property
+    def tokens(self) -> int:
+        return sum(f.tokens for f in self.files)
+
+
+def workers() -> int:
+    """Tokenizer processes: the cores this process may use (``ELMTRAIN_PREPARE_WORKERS``)."""
+    chosen = os.environ.get("ELMTRAIN_PREPARE_WORKERS")
+    return int(chosen) if chosen else max(1, len(os.sched_getaffinity(0)))
+
+
+class TokenStore:
+    """Shards and dataset records in ``storage`` (a forest's, or this machine's cache)."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        tokenizer: PreTrainedTokenizerFast,
+        tokenizer_id: str,
+        endpoint: str | None = None,
+    ) -> None:
+        self.storage, self.tokenizer, self.tokenizer_id = storage, tokenizer, tokenizer_id
+        self.endpoint = endpoint
+        self.dtype = token_dtype(len(tokenizer))
+
+    def _listing(self, locations: Sequence[str]) -> list[tuple[str, Storage, FileRecord]]:
+        """Every text file of the locations, in order, with its size and entity tag."""
+        files = []
+        for location in locations:
+            source = open_storage(location, endpoint=self.endpoint)
+            infos = source.list_info("")
+            if len(infos) == 1 and infos[0].key == "":
+                if not location.endswith(TEXT_SUFFIXES):
+                    raise BadInputError(f"{location}: not a text file ({', '.join(TEXT_SUFFIXES)})")
+            else:
+                infos = [i for i in infos if i.key.endswith(TEXT_SUFFIXES)]
+                if not infos:
+                    raise BadInputError(f"no text files ({', '.join(TEXT_SUFFIXES)}) at {location}")
+            for info in infos:
+                record = FileRecord(
+                    location=location,
+                    key=info.key,
+                    size=info.size,
+                    etag=info.etag,
+                    shards="",
+                    tokens=0,
+                )
+                files.append((location, source, record))
+        return files
+
+    def _recorded(self, key: str, listing: list[FileRecord]) -> DatasetRecord | None:
+        """The record at ``key`` if it describes exactly these files and its shards are there."""
+        found = self.storage.read_versioned(key)
+        if found is None:
+            return None
+        try:
+            record = DatasetRecord.model_validate_json(found[0])
+        except ValidationError:
+            return None
+        same = [(f.location, f.key, f.size, f.etag) for f in record.files] == [
+            (f.location, f.key, f.size, f.etag) for f in listing
+        ]
+        if not same:
+            log.warning("tokens.data_changed", record=key)
+            return None
+        if any(read_marker(self.storage, f.shards) is None for f in record.files):
+            return None
+        return record
+
+    def prepare(self, locations: Sequence[str], progress: Progress | None = None) -> DatasetRecord:
+        """The locations' shards, made where missing; the dataset record written."""
+        key = layout.dataset_record(self.tokenizer_id, locations)
+        listing = self._listing(locations)
+        recorded = self._recorded(key, [r for _, _, r in listing])
+        if recorded is not None:
+            return recorded
+        total = sum(r.size for _, _, r in listing) or 1
+        done = 0
+        files = []
+        for location, source, record in listing:
+            name = record.key or StorageURI.parse(location).name
+
+            def report(part: int, done: int = done) -> None:
+                if progress is not None:
+                    progress(done + part, total)
+
+            shards, tokens = self._shards(source, record.key, name, report)
+            files.append(record.model_copy(update={"shards": shards, "tokens": tokens}))
+            done += record.size
+            report(0, done)
+        dataset = DatasetRecord(
+            locations=list(locations),
+            tokenizer=self.tokenizer_id,
+            dtype=self.dtype,
+            files=files,
+            prepared_at=utc_now(),
+        )
+        self.storage.write_bytes(key, dataset.model_dump_json(indent=1).encode())
+        log.info("tokens.prepared", files=len(files), tokens=dataset.tokens, record=key)
+        return dataset
+
+    def _shards(
+        self, source: Storage, key: str, name: str, report: Callable[[int], None]
+    ) -> tuple[str, int]:
+        """The file's shard folder (tokenized and committed if new) and its token count."""
+        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+            local = source.local_path(key)
+            if local is None:
+                local = Path(tmp) / "source"
+                source.download_file(key, local)
+            sha = sha256_file(local)
+            shards = layout.token_shards(self.tokenizer_id, sha)
+            if read_marker(self.storage, shards) is not None:
+                index = self._index(shards)
+                return shards, index.tokens
+            folder = Path(tmp) / "shards"
+            folder.mkdir()
+            writer = ShardWriter(folder, self.dtype)
+            documents, read = 0, 0
+
+            def counted() -> object:
+                nonlocal documents
+                for doc in file_documents(local, name):
+                    documents += 1
+                    yield doc
+
+            for tokens, chars in encode_documents(
+                counted(),  # type: ignore[arg-type]
+                self.tokenizer.backend_tokenizer.to_str(),
+                int(self.tokenizer.eos_token_id),
+                self.dtype,
+                workers(),
+            ):
+                writer.write(tokens)
+                read += chars
+                report(min(read, local.stat().st_size))
+            index = ShardIndex(
+                source=name,
+                source_sha256=sha,
+                source_bytes=local.stat().st_size,
+                documents=documents,
+                dtype=self.dtype,
+                shards=writer.close(),
+            )
+            (folder / INDEX).write_text(index.model_dump_json(indent=1))
+            commit_dir(self.storage, folder, shards)
+            log.info("tokens.file", file=name, tokens=index.tokens, shards=len(index.shards))
+            return shards, index.tokens
+
+    def _index(self, shards: str) -> ShardIndex:
+        try:
+            return ShardIndex.model_validate_json(self.storage.read_bytes(f"{shards}/{INDEX}"))
+        except (NotFoundError, ValidationError) as error:
+            raise BadInputError(f"{shards}: unreadable shard index ({error})") from None
+
+    def stream(self, dataset: DatasetRecord) -> TokenStream:
+        files = []
+        for record in dataset.files:
+            index = self._index(record.shards)
+            files += [
+                ShardFile(f"{record.shards}/{shard_name(i)}", count)
+                for i, count in enumerate(index.shards)
+                if count
+            ]
+        return TokenStream(self.storage, files, dataset.dtype)
+
+    def sequences(self, locations: Sequence[str], seq_len: int) -> TokenSequences:
+        """The locations' windows of ``seq_len`` tokens, prepared first where needed."""
+        dataset = self.prepare(locations)
+        return TokenSequences(self.stream(dataset), seq_len, ", ".join(locations))
