@@ -15,14 +15,14 @@ from typing import Any
 from aiohttp import web
 
 
-def build_app(model_dir: Path, tokenizer_dir: Path) -> web.Application:
+def build_app(model_dir: Path, tokenizer_dir: Path, dtype: str) -> web.Application:
     import torch
     from transformers import AutoModelForCausalLM
 
     from elmtrain.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     eos = int(tokenizer.eos_token_id)
     lock = asyncio.Lock()
 
@@ -73,8 +73,15 @@ def main() -> None:
     cli.add_argument("--tokenizer", type=Path, required=True)
     cli.add_argument("--host", default="127.0.0.1")
     cli.add_argument("--port", type=int, required=True)
+    cli.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    cli.add_argument("--threads", type=int, help="torch's threads (default: torch's own)")
     args = cli.parse_args()
-    web.run_app(build_app(args.model, args.tokenizer), host=args.host, port=args.port)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    app = build_app(args.model, args.tokenizer, args.dtype)
+    web.run_app(app, host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

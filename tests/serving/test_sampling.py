@@ -7,25 +7,51 @@ import math
 import pytest
 import torch
 
-from elmtrain.serving.sampling import TextStream, next_token
+from elmtrain.serving.sampling import TextStream, sample
+
+
+def draw(logp: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """One row through the batched sampler, with this generator's uniform."""
+    (token,) = sample(
+        logp.float()[None],
+        torch.tensor([temperature]),
+        torch.tensor([top_p]),
+        torch.rand(1, generator=generator),
+    )
+    return token
 
 
 def test_greedy_temperature_and_nucleus() -> None:
     logp = torch.log(torch.tensor([0.05, 0.6, 0.3, 0.05], dtype=torch.float64))
     generator = torch.Generator().manual_seed(0)
-    assert next_token(logp, 0.0, 1.0, generator) == 1
+    assert draw(logp, 0.0, 1.0, generator) == 1
     # top_p 0.5: only the most probable token is left (its mass alone reaches 0.5).
-    assert {next_token(logp, 1.0, 0.5, generator) for _ in range(50)} == {1}
+    assert {draw(logp, 1.0, 0.5, generator) for _ in range(50)} == {1}
     # top_p 0.85: tokens 1 and 2 (0.6 + 0.3 >= 0.85), never the tails.
-    assert {next_token(logp, 1.0, 0.85, generator) for _ in range(200)} == {1, 2}
+    assert {draw(logp, 1.0, 0.85, generator) for _ in range(200)} == {1, 2}
     # A high temperature flattens the law: the tails appear.
-    assert len({next_token(logp, 2.0, 1.0, generator) for _ in range(400)}) == 4
+    assert len({draw(logp, 2.0, 1.0, generator) for _ in range(400)}) == 4
+
+
+def test_rows_are_drawn_with_their_own_settings_and_numbers() -> None:
+    """A row's token depends on its own law, settings and uniform, not on its neighbours."""
+    logp = torch.log_softmax(torch.randn(6, 50), -1)
+    temperatures = torch.tensor([0.0, 1.0, 0.7, 1.0, 1.3, 0.0])
+    top_ps = torch.tensor([1.0, 1.0, 0.9, 0.5, 1.0, 0.3])
+    uniforms = torch.rand(6)
+    together = sample(logp, temperatures, top_ps, uniforms)
+    alone = [
+        sample(logp[i : i + 1], temperatures[i : i + 1], top_ps[i : i + 1], uniforms[i : i + 1])[0]
+        for i in range(6)
+    ]
+    assert together == alone
+    assert together[0] == int(logp[0].argmax()) and together[5] == int(logp[5].argmax())
 
 
 def test_same_seed_same_tokens() -> None:
     logp = torch.log_softmax(torch.randn(50, dtype=torch.float64), -1)
     draws = [
-        [next_token(logp, 1.0, 1.0, g) for _ in range(20)]
+        [draw(logp, 1.0, 1.0, g) for _ in range(20)]
         for g in (torch.Generator().manual_seed(7), torch.Generator().manual_seed(7))
     ]
     assert draws[0] == draws[1]
@@ -69,7 +95,7 @@ def test_half_a_character_is_never_released() -> None:
 def test_nucleus_keeps_law_proportions(temperature: float) -> None:
     logp = torch.log(torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64))
     generator = torch.Generator().manual_seed(1)
-    draws = [next_token(logp, temperature, 0.7, generator) for _ in range(3000)]
+    draws = [draw(logp, temperature, 0.7, generator) for _ in range(3000)]
     # Kept: tokens 0 and 1, in proportion p**(1/T).
     ratio = (0.5 / 0.3) ** (1 / temperature)
     share = ratio / (1 + ratio)

@@ -19,6 +19,7 @@ from elmtrain.serving.app import Server, ServingState
 from elmtrain.serving.engine import Engine
 from elmtrain.serving.follow import Follower
 from elmtrain.serving.metrics import ServeMetrics
+from elmtrain.serving.modelset import serving_dtype
 
 log = structlog.get_logger(__name__)
 
@@ -32,6 +33,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--top-k", type=int, default=2, help="experts that generate per request")
     parser.add_argument("--max-batch", type=int, default=64, help="sequences decoding at once")
     parser.add_argument("--max-waiting", type=int, default=256, help="queued requests, then 503")
+    parser.add_argument("--lanes", type=int, default=None, help="models stepped at once (cores)")
     parser.add_argument("--poll-seconds", type=float, default=10.0, help="manifest checks")
     parser.add_argument(
         "--prior-data", nargs="*", default=[], help="text like the expected traffic: the prior"
@@ -42,6 +44,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="write serving/<name>.json to the forest (the operator reads it)",
     )
     parser.add_argument("--grace-seconds", type=float, default=20.0, help="drain on SIGTERM")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="weights: auto is bfloat16 on a GPU that has it, else float32",
+    )
     parser.set_defaults(func=run)
 
 
@@ -54,10 +62,20 @@ def run(args: argparse.Namespace) -> None:
     torch.set_grad_enabled(False)
     metrics = ServeMetrics()
     state = ServingState()
-    engine = Engine(args.top_k, args.max_batch, args.max_waiting, metrics.engine_hook)
+    engine = Engine(args.top_k, args.max_batch, args.max_waiting, metrics.engine_hook, args.lanes)
+    dtype = serving_dtype(args.dtype, runtime.device)
     follower = Follower(
-        forest, name, runtime, state, metrics, args.poll_seconds, args.prior_data, args.report_as
+        forest,
+        name,
+        runtime,
+        state,
+        metrics,
+        args.poll_seconds,
+        args.prior_data,
+        args.report_as,
+        dtype=dtype,
     )
+    log.info("serve.dtype", dtype=str(dtype).removeprefix("torch."))
     engine.start()
     follower.start()
     try:

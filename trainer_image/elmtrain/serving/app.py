@@ -165,6 +165,7 @@ class Server:
                 stop=request.stops,
                 seed=None if request.seed is None else request.seed + index,
                 emit=emit,
+                stream=request.stream,
             )
             try:
                 self.engine.submit(job)
@@ -181,7 +182,7 @@ class Server:
             index, event = await choices.events.get()
             if event.kind == "error":
                 raise ApiError(500, event.text, "server_error")
-            if event.kind == "text" and first:
+            if event.kind == "text" and first and choices.jobs[0].stream:
                 self.metrics.first_token.observe(time.monotonic() - started)
                 first = False
             if event.kind == "done":

@@ -11,10 +11,13 @@ set while running ones finish on theirs; an old set is dropped once nothing uses
 
 from __future__ import annotations
 
+import os
 import queue
 import random
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +27,7 @@ import torch
 from elmtrain.scoring import log_posterior, route
 from elmtrain.serving.kvbatch import DecodeBatch, Prefill, concat, prefill
 from elmtrain.serving.modelset import AVERAGE, EXPERT, SEED, Member, ModelSet, Target
-from elmtrain.serving.sampling import TextStream, next_token
+from elmtrain.serving.sampling import TextStream, sample
 
 log = structlog.get_logger(__name__)
 
@@ -52,6 +55,7 @@ class Job:
     stop: list[str]
     seed: int | None
     emit: Callable[[Event], None]  # called from the engine thread; must be thread-safe
+    stream: bool = True  # text as it comes; False: all of it with "done" (fewer wake-ups)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -70,16 +74,66 @@ class _Sequence:
     generator: torch.Generator
     generated: int = 0
     token: int | None = None  # sampled, not yet fed
+    slot: dict[str, int] = field(default_factory=dict)  # member key -> its row in next_logp
+
+    def __post_init__(self) -> None:
+        self.slot = {member.key: i for i, member in enumerate(self.members)}
 
 
 Hook = Callable[[str, Any], None]  # (what, value): the server's metrics
 
 
+def _step_batch(batch: DecodeBatch[_Sequence], tokens: list[int]) -> torch.Tensor:
+    return batch.step(tokens)
+
+
+INLINE, LANES = "inline", "lanes"
+
+
+class _ModeChooser:
+    """Which way to step several models is faster here, learnt as it serves: small models
+    gain from running side by side on a core each, large ones from every core in each matmul.
+    Mostly the faster mode (by the running mean of seconds per sequence), now and then the
+    other, in case the load changed."""
+
+    EXPLORE_EVERY = 32
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.steps = 0
+
+    def choose(self) -> str:
+        self.steps += 1
+        untried = [m for m in (LANES, INLINE) if m not in self.seconds]
+        if untried:
+            return untried[0]
+        best = min(self.seconds, key=self.seconds.__getitem__)
+        if self.steps % self.EXPLORE_EVERY == 0:
+            return LANES if best == INLINE else INLINE
+        return best
+
+    def observe(self, mode: str, seconds_per_row: float) -> None:
+        previous = self.seconds.get(mode)
+        self.seconds[mode] = (
+            seconds_per_row if previous is None else 0.8 * previous + 0.2 * seconds_per_row
+        )
+
+
 class Engine:
     def __init__(
-        self, top_k: int, max_active: int = 64, max_waiting: int = 256, hook: Hook | None = None
+        self,
+        top_k: int,
+        max_active: int = 64,
+        max_waiting: int = 256,
+        hook: Hook | None = None,
+        lanes: int | None = None,
     ) -> None:
         self.top_k, self.max_active = top_k, max_active
+        # Decode batches of different models run on this many threads (default: the cores).
+        self._cores = len(os.sched_getaffinity(0))
+        self._lanes = ThreadPoolExecutor(lanes or self._cores, thread_name_prefix="lane")
+        self._intra_op = torch.get_num_threads()
+        self._modes = _ModeChooser()
         self._inbox: queue.Queue[Job] = queue.Queue(maxsize=max_waiting)
         self._active: list[_Sequence] = []
         self._batches: dict[tuple[int, str], DecodeBatch[_Sequence]] = {}  # (set id, member)
@@ -96,6 +150,7 @@ class Engine:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+        self._lanes.shutdown(wait=False)
 
     @property
     def alive(self) -> bool:
@@ -109,11 +164,17 @@ class Engine:
 
     # ---- the engine thread ----------------------------------------------------------------
 
+    def _threads(self, count: int) -> None:
+        """torch's threads inside one operation (process-wide: changed only when it must)."""
+        if count != self._intra_op:
+            torch.set_num_threads(count)
+            self._intra_op = count
+
     def _run(self) -> None:
         while not self._stop.is_set():
             admitted = self._admit()
             try:
-                with torch.no_grad():
+                with torch.inference_mode():
                     if admitted:
                         self._start(admitted)
                     if self._active:
@@ -155,7 +216,8 @@ class Engine:
             model_set = group[0].model_set
             routed = [j for j in group if j.target.kind in ("ensemble", AVERAGE)]
             reads: dict[str, tuple[Member, list[Job], Prefill]] = {}
-            if routed:
+            if routed:  # every expert reads the prompts, to route them (many tokens: all cores)
+                self._threads(self._cores)
                 for member in model_set.experts:
                     reads[member.key] = (member, routed, self._prefill(model_set, member, routed))
             joins: dict[str, tuple[Member, list[_Sequence], list[Prefill]]] = {}
@@ -231,48 +293,82 @@ class Engine:
         return sequence, states
 
     def _step(self) -> None:
-        """Sample one token for every sequence, then feed them all, one forward per model."""
-        finished: list[_Sequence] = []
-        for sequence in self._active:
-            if sequence.job.cancelled.is_set():
-                finished.append(sequence)
+        """Draw one token for every sequence, then feed them all, one forward per model."""
+        finished = [s for s in self._active if s.job.cancelled.is_set()]
+        live = [s for s in self._active if not s.job.cancelled.is_set()]
+        for sequence, token in zip(live, self._draw(live), strict=True):
+            reason = self._advance(sequence, token)
+            if reason is None:
                 continue
-            reason = self._sample(sequence)
-            if reason is not None:
-                finished.append(sequence)
-                tail = sequence.text.finish()
-                if tail:
-                    sequence.job.emit(Event("text", text=tail))
-                sequence.job.emit(
-                    Event(
-                        "done",
-                        finish_reason=reason,
-                        prompt_tokens=len(sequence.job.prompt_ids) - 1,
-                        completion_tokens=sequence.generated,
-                    )
+            finished.append(sequence)
+            tail = sequence.text.finish()
+            if not sequence.job.stream:
+                tail = sequence.text.text  # the whole completion, in one event
+            if tail:
+                sequence.job.emit(Event("text", text=tail))
+            sequence.job.emit(
+                Event(
+                    "done",
+                    finish_reason=reason,
+                    prompt_tokens=len(sequence.job.prompt_ids) - 1,
+                    completion_tokens=sequence.generated,
                 )
+            )
         self._leave(finished)
-        for (_, member_key), batch in self._batches.items():
-            logp = batch.step([s.token or 0 for s in batch.members])
+        batches = list(self._batches.items())
+        feeds = [[s.token or 0 for s in batch.members] for _, batch in batches]
+        models = [b for _, b in batches]
+        mode = self._modes.choose() if len(batches) > 1 else INLINE
+        started = time.perf_counter()
+        if mode == INLINE:  # one model at a time, all cores inside its operations
+            self._threads(self._cores)
+            steps = [batch.step(feed) for batch, feed in zip(models, feeds, strict=True)]
+        else:  # models side by side, a core each: small operations spend less on threading,
+            # and one model's Python overhead overlaps another's arithmetic
+            self._threads(1)
+            steps = list(self._lanes.map(_step_batch, models, feeds))
+        if len(batches) > 1:
+            rows = sum(len(feed) for feed in feeds)
+            self._modes.observe(mode, (time.perf_counter() - started) / rows)
+        for ((_, member_key), batch), logp in zip(batches, steps, strict=True):
             self._hook("batch", len(batch))
             for row, sequence in enumerate(batch.members):
-                slot = [m.key for m in sequence.members].index(member_key)
-                sequence.next_logp[slot] = logp[row]
+                sequence.next_logp[sequence.slot[member_key]] = logp[row]
 
-    def _sample(self, sequence: _Sequence) -> str | None:
-        """The sequence's next token; a finish reason if it is done instead."""
+    def _draw(self, live: list[_Sequence]) -> list[int]:
+        """Every sequence's next token, the sequences with as many members drawn together:
+        each mixes its members' next-token laws by its posterior (Bayes rule over the context
+        so far), then samples with its own settings and its own generator."""
+        tokens: dict[int, int] = {}
+        groups: dict[int, list[int]] = {}
+        for i, sequence in enumerate(live):
+            groups.setdefault(len(sequence.members), []).append(i)
+        for rows in groups.values():
+            group = [live[i] for i in rows]
+            joint = torch.stack([s.log_prior + s.context_loglik for s in group])  # [S, k]
+            weights = (joint - torch.logsumexp(joint, dim=1, keepdim=True)).float()
+            laws = torch.stack([s.next_logp for s in group])  # [S, k, V]
+            mixture = torch.logsumexp(weights[:, :, None] + laws, dim=1)
+            drawn = sample(
+                mixture,
+                torch.tensor([s.job.temperature for s in group]),
+                torch.tensor([s.job.top_p for s in group]),
+                torch.cat([torch.rand(1, generator=s.generator) for s in group]),
+            )
+            tokens.update(zip(rows, drawn, strict=True))
+        return [tokens[i] for i in range(len(live))]
+
+    def _advance(self, sequence: _Sequence, token: int) -> str | None:
+        """Take the drawn token; a finish reason if the sequence is done instead."""
         job = sequence.job
-        log_post = log_posterior(sequence.context_loglik, sequence.log_prior.exp())
-        mixture = torch.logsumexp(log_post[:, None] + sequence.next_logp, dim=0)
-        token = next_token(mixture, job.temperature, job.top_p, sequence.generator)
         if token == job.model_set.eos:
             return "stop"
-        sequence.context_loglik = sequence.context_loglik + sequence.next_logp[:, token]
+        sequence.context_loglik = sequence.context_loglik + sequence.next_logp[:, token].double()
         sequence.generated += 1
         sequence.token = token
         self._hook("token", 1)
         piece = sequence.text.add(token)
-        if piece:
+        if piece and job.stream:
             job.emit(Event("text", text=piece))
         if sequence.text.stopped:
             return "stop"

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import structlog
+import torch
 
 from elmcore import layout
 from elmcore.errors import ElmError
@@ -39,10 +40,12 @@ class Follower:
         prior_data: Sequence[str] = (),
         report_as: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         self.forest, self.name, self.runtime = forest, name, runtime
         self.state, self.metrics, self.poll_seconds = state, metrics, poll_seconds
         self.prior_data, self.report_as, self.clock = list(prior_data), report_as, clock
+        self.dtype = dtype
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="follower", daemon=True)
         self._reported = -HEARTBEAT_SECONDS
@@ -78,7 +81,9 @@ class Follower:
 
     def _swap(self) -> None:
         started = self.clock()
-        loaded: ModelSet = load_model_set(self.forest, self.name, self.runtime, self.prior_data)
+        loaded: ModelSet = load_model_set(
+            self.forest, self.name, self.runtime, self.prior_data, dtype=self.dtype
+        )
         previous = self.state.current
         self.state.current, self.state.load_error = loaded, None  # the swap: one assignment
         self.metrics.reloads.labels("loaded").inc()

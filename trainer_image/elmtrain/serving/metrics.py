@@ -29,7 +29,7 @@ class ServeMetrics:
         )
         self.first_token = Histogram(
             "elmserve_time_to_first_token_seconds",
-            "Time from request to its first token",
+            "Time from a streamed request to its first token",
             buckets=LATENCY,
             registry=r,
         )

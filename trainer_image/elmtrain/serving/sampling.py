@@ -12,20 +12,32 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 
-def next_token(
-    logp: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
-) -> int:
-    """Sample from log-probabilities [V]: greedy at temperature 0, else scaled and cut to the
-    smallest set of tokens whose probability reaches ``top_p``."""
-    if temperature == 0:
-        return int(torch.argmax(logp))
-    probs = torch.softmax(logp / temperature, dim=-1)
-    if top_p < 1:
-        ordered, order = torch.sort(probs, descending=True)
+def sample(
+    logp: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.Tensor, uniforms: torch.Tensor
+) -> list[int]:
+    """One token per row of log-probabilities [S, V]: greedy where the temperature is 0, else
+    from the law scaled by the temperature and cut to the smallest set of tokens whose
+    probability reaches the row's ``top_p``, drawn by inverting its CDF at the row's own
+    uniform number (each request's own generator: batching never changes what it draws)."""
+    greedy = temperatures == 0
+    probs = torch.softmax(logp / torch.where(greedy, 1.0, temperatures)[:, None], dim=-1)
+    drawn = _inverse_cdf(probs, uniforms)
+    nucleus = (top_ps < 1).nonzero().squeeze(1)
+    if len(nucleus):  # only these rows need their tokens by probability (a sort)
+        ordered, order = torch.sort(probs[nucleus], dim=-1, descending=True)
         # Keep a token if the mass before it is below top_p (the first is always kept).
-        keep = (torch.cumsum(ordered, dim=-1) - ordered) < top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], ordered[keep])
-    return int(torch.multinomial(probs.float(), 1, generator=generator))
+        before = torch.cumsum(ordered, dim=-1) - ordered
+        ordered = torch.where(before < top_ps[nucleus, None], ordered, 0.0)
+        at = _inverse_cdf(ordered, uniforms[nucleus])
+        drawn[nucleus] = order.gather(1, at[:, None]).squeeze(1)
+    return torch.where(greedy, torch.argmax(logp, dim=-1), drawn).tolist()
+
+
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """The index where each row's cumulative mass passes its uniform number (scaled)."""
+    cdf = torch.cumsum(probs, dim=-1)
+    at = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None])
+    return at.squeeze(1).clamp(max=probs.shape[1] - 1)
 
 
 class TextStream:
