@@ -125,6 +125,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     figure, ((bars, curves), (sweep, counts)) = plt.subplots(2, 2, figsize=(15, 10))
     groups, spread = results["main"]["groups"], results["main"]["spread"]
     width = 0.8 / len(spread)
+    colors = plt.get_cmap("tab20").colors  # one colour per row (there are over ten)
     for i, (row, values) in enumerate(spread.items()):
         bars.bar(
             [x + i * width for x in range(len(groups))],
@@ -132,6 +133,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
             width,
             yerr=[values[g]["std"] for g in groups],
             label=row,
+            color=colors[i % len(colors)],
         )
     bars.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))], groups)
     bars.set_yscale("log")
