@@ -201,3 +201,44 @@ def test_gradient_accumulation_matches_one_big_batch(
         results.append(outcome.model.state_dict())
     for key, value in results[0].items():
         assert torch.allclose(value, results[1][key], atol=1e-5), key
+
+
+def test_tokenizing_workers_exit_with_a_killed_parent(
+    tmp_path: Path, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """A prepare killed outright (SIGKILL) leaves no worker processes behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = tmp_path / "encode.py"
+    script.write_text(
+        "import sys, time\n"
+        "from elmtrain.data.encode import encode_documents\n"
+        "docs = iter(lambda: 'text ' * 200, None)\n"  # endless: killed while it works
+        "for _ in encode_documents(docs, open(sys.argv[1]).read(), 0, 'uint16', 2):\n"
+        "    pass\n"
+    )
+    (tmp_path / "tokenizer.json").write_text(tokenizer.backend_tokenizer.to_str())
+    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path / "tokenizer.json")])
+    try:
+        deadline = time.monotonic() + 60
+        workers: list[psutil.Process] = []
+        while len(workers) < 2 and time.monotonic() < deadline:
+            workers = [
+                p
+                for p in psutil.Process(parent.pid).children(recursive=True)
+                if "spawn_main" in " ".join(p.cmdline())
+            ]
+            time.sleep(0.2)
+        assert len(workers) == 2, "the pool's workers never started"
+        time.sleep(1.0)  # at work
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        _gone, alive = psutil.wait_procs(workers, timeout=15)
+        assert alive == [], f"workers outlived their parent: {[p.pid for p in alive]}"
+    finally:
+        parent.kill()

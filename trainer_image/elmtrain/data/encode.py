@@ -7,7 +7,6 @@ is. Each document's tokens are followed by the end-of-text token, as training ex
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -15,34 +14,9 @@ from multiprocessing import get_context
 
 import numpy as np
 
+from elmtrain.tokenworker import encode_batch, encode_in_worker, start_worker
+
 BATCH_CHARS = 1 << 20  # characters of text per batch handed to a worker
-
-_WORKER: dict[str, object] = {}  # the worker process's tokenizer
-
-
-def _start_worker(tokenizer_json: str) -> None:
-    # One worker, one core: the tokenizer's own thread pool would only oversubscribe.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from tokenizers import Tokenizer
-
-    _WORKER["tokenizer"] = Tokenizer.from_str(tokenizer_json)
-
-
-def encode_batch(tokenizer: object, docs: list[str], eos: int, dtype: str) -> np.ndarray:
-    """One array: each document's ids, then end-of-text."""
-    encoded = tokenizer.encode_batch_fast(docs, add_special_tokens=False)  # type: ignore[attr-defined]
-    lengths = [len(e.ids) + 1 for e in encoded]
-    out = np.empty(sum(lengths), dtype=dtype)
-    at = 0
-    for encoding, length in zip(encoded, lengths, strict=True):
-        out[at : at + length - 1] = encoding.ids
-        out[at + length - 1] = eos
-        at += length
-    return out
-
-
-def _encode_in_worker(docs: list[str], eos: int, dtype: str) -> np.ndarray:
-    return encode_batch(_WORKER["tokenizer"], docs, eos, dtype)
 
 
 def batches(docs: Iterable[str], chars: int = BATCH_CHARS) -> Iterator[list[str]]:
@@ -73,13 +47,11 @@ def encode_documents(
     # unlike forkserver, need no socket under TMPDIR, whose path may be too long for one).
     context = get_context("spawn")
     with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_start_worker, initargs=(tokenizer_json,)
+        workers, mp_context=context, initializer=start_worker, initargs=(tokenizer_json,)
     ) as pool:
         pending: deque[tuple[Future[np.ndarray], int]] = deque()
         for batch in batches(docs):
-            pending.append(
-                (pool.submit(_encode_in_worker, batch, eos, dtype), sum(map(len, batch)))
-            )
+            pending.append((pool.submit(encode_in_worker, batch, eos, dtype), sum(map(len, batch))))
             if len(pending) >= 2 * workers:
                 future, chars = pending.popleft()
                 yield future.result(), chars
