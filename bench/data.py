@@ -116,6 +116,14 @@ def _forest(corpus: Path, scale: dict[str, Any], work: Path) -> Path:
     return forest
 
 
+def _prepare(forest: Path, text: Path) -> list[str]:
+    """``elmtrain prepare`` of one text file into the forest's shards, as a command line."""
+    return python_module(
+        "elmtrain", "--log-level", "warning", "prepare", "--forest", str(forest),
+        "--data", str(text), "--run-id", "bench-prepare",
+    )  # fmt: skip
+
+
 def tokenization(
     forest: Path, text: Path, size: int, before: tuple[Path, int], work: Path
 ) -> dict[str, Any]:
@@ -125,20 +133,7 @@ def tokenization(
     assert opened.manifest().tokenizer is not None
     tokenizer_dir = opened.fetch(opened.manifest().tokenizer)
     cores = len(os.sched_getaffinity(0))
-    ours = measured_tree(
-        python_module(
-            "elmtrain",
-            "--log-level",
-            "warning",
-            "prepare",
-            "--forest",
-            str(forest),
-            "--data",
-            str(text),
-            "--run-id",
-            "bench-prepare",
-        )
-    )
+    ours = measured_tree(_prepare(forest, text))
     theirs = measured_tree(
         python_module(
             "bench.data_baseline",
@@ -237,20 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         big = work / "train.jsonl"
         results["train_text_gb"] = round(make_corpus(args.corpus, scale["train_gb"], big) / 1e9, 2)
         # Prepared first (as the operator's prepare Job does): memory stays flat at 5 GB too.
-        results["train_prepare"] = measured_tree(
-            python_module(
-                "elmtrain",
-                "--log-level",
-                "warning",
-                "prepare",
-                "--forest",
-                str(forest),
-                "--data",
-                str(big),
-                "--run-id",
-                "bench-prepare",
-            )
-        )
+        results["train_prepare"] = measured_tree(_prepare(forest, big))
         small = work / "small.jsonl"
         make_corpus(args.corpus, 0.005, small)
         results["training"] = training(forest, big, small, scale)

@@ -33,11 +33,11 @@ from elmforest.planner.actions import (
 from elmforest.planner.branch import (
     ACTIVE,
     BranchInput,
+    current_prepare,
     plan_branch,
     plan_deletion,
-    prepare_job_name,
-    prepare_run_id,
-    spec_fingerprint,
+    prepare_datasets,
+    superseded_prepare_name,
 )
 from elmforest.planner.forest import (
     SEED_PREPARE_RUN,
@@ -45,7 +45,7 @@ from elmforest.planner.forest import (
     plan_forest,
     seed_prepare_job_name,
 )
-from elmforest.planner.observed import RunRecords
+from elmforest.planner.observed import JobState, RunRecords
 from elmforest.planner.prepare import Preparation
 from elmforest.planner.siblings import (
     domain_owner,
@@ -275,19 +275,21 @@ class Engine:
             records=records,
             merged=merged,
             preparation=preparation,
+            superseded_prepare=self._job_state(superseded_prepare_name(record.name, spec, status)),
         )
 
     def _branch_preparation(
         self, name: str, spec: ElmBranchSpec, status: ElmBranchStatus, forest: ElmForestSpec
     ) -> Preparation | None:
-        version = status.version if status.spec_hash == spec_fingerprint(spec) else None
-        job = self.state.jobs.get(prepare_job_name(name, version)) if version else None
+        step = current_prepare(name, spec, status)
+        job, run_id = (self._job_state(step[0]), step[1]) if step else (None, None)
         return self.storage(forest.storage).preparation(
-            self.manifests.get(spec.forest),
-            [spec.data.train, spec.data.validation],
-            self.runner.job_state(job) if job is not None else None,
-            prepare_run_id(spec.domain, version) if version else None,
+            self.manifests.get(spec.forest), prepare_datasets(spec), job, run_id
         )
+
+    def _job_state(self, name: str | None) -> JobState | None:
+        job = self.state.jobs.get(name) if name else None
+        return self.runner.job_state(job) if job is not None else None
 
     def _reconcile_branch(self, record: ObjectRecord) -> None:
         inp = self._branch_input(record)

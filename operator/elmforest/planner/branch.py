@@ -102,6 +102,28 @@ def prepare_run_id(domain: str, version: int) -> str:
     return branch_run_id(domain, version).replace("branch.", "prepare.", 1)
 
 
+def prepare_datasets(spec: ElmBranchSpec) -> list[list[str]]:
+    """The location lists a branch's prepare step turns into shards."""
+    return [spec.data.train, spec.data.validation]
+
+
+def current_prepare(
+    name: str, spec: ElmBranchSpec, status: ElmBranchStatus
+) -> tuple[str, str] | None:
+    """(Job name, run id) of the status' version's prepare step; None when the spec has moved
+    on (a new version comes first) or there is no version yet."""
+    if status.version is None or status.spec_hash != spec_fingerprint(spec):
+        return None
+    return prepare_job_name(name, status.version), prepare_run_id(spec.domain, status.version)
+
+
+def superseded_prepare_name(name: str, spec: ElmBranchSpec, status: ElmBranchStatus) -> str | None:
+    """The status' version's prepare Job once the spec has moved on (it is to be stopped)."""
+    if status.version is None or status.spec_hash == spec_fingerprint(spec):
+        return None
+    return prepare_job_name(name, status.version)
+
+
 def _set_phase(
     inp: BranchInput, status: ElmBranchStatus, phase: BranchPhase, reason: str, message: str
 ) -> None:

@@ -30,11 +30,12 @@ from elmforest.planner.actions import (
 from elmforest.planner.branch import (
     ACTIVE,
     BranchInput,
+    current_prepare,
     plan_branch,
     plan_deletion,
-    prepare_job_name,
-    prepare_run_id,
+    prepare_datasets,
     spec_fingerprint,
+    superseded_prepare_name,
 )
 from elmforest.planner.conditions import READY, set_condition
 from elmforest.planner.naming import BRANCH_FINALIZER
@@ -190,7 +191,7 @@ async def reconcile_branch(
             records=records,
             merged=merged,
             preparation=preparation,
-            superseded_prepare=_superseded_prepare(spec, status, jobs, name),
+            superseded_prepare=_job(jobs, superseded_prepare_name(name, spec, status)),
         )
         plan = plan_branch(inp)
         if any(isinstance(a, CreateJob) for a in plan.actions):
@@ -215,15 +216,6 @@ async def reconcile_branch(
     return Outcome(plan.requeue_after, before, phase or None)
 
 
-def _superseded_prepare(
-    spec: ElmBranchSpec, status: ElmBranchStatus, jobs: Mapping[str, JobState], name: str
-) -> JobState | None:
-    """The current version's prepare Job when the spec has moved on (it is stopped)."""
-    if status.version is None or status.spec_hash == spec_fingerprint(spec):
-        return None
-    return jobs.get(prepare_job_name(name, status.version))
-
-
 async def _preparation(
     ctx: OperatorContext,
     storage: ForestStorage,
@@ -234,11 +226,13 @@ async def _preparation(
     name: str,
 ) -> Preparation | None:
     """The prepare step of the branch's current version, as far as the planner needs it."""
-    version = status.version if status.spec_hash == spec_fingerprint(spec) else None
-    job = jobs.get(prepare_job_name(name, version)) if version else None
-    run_id = prepare_run_id(spec.domain, version) if version else None
-    datasets = [spec.data.train, spec.data.validation]
-    return await ctx.io(storage.preparation, manifest, datasets, job, run_id)
+    step = current_prepare(name, spec, status)
+    job, run_id = (jobs.get(step[0]), step[1]) if step else (None, None)
+    return await ctx.io(storage.preparation, manifest, prepare_datasets(spec), job, run_id)
+
+
+def _job(jobs: Mapping[str, JobState], name: str | None) -> JobState | None:
+    return jobs.get(name) if name else None
 
 
 async def _apply(
