@@ -10,7 +10,7 @@ from elmcore.records import Progress
 from elmforest.api.branch import ElmBranchStatus
 from elmforest.api.forest import ElmForestSpec, ElmForestStatus
 from elmforest.planner.actions import CreateJob, DeleteJob, PatchStatus
-from elmforest.planner.branch import plan_branch, spec_fingerprint
+from elmforest.planner.branch import ForestView, plan_branch, spec_fingerprint
 from elmforest.planner.forest import ForestInput, plan_forest, seed_prepare_job_name
 from elmforest.planner.observed import JobState, RunRecords, StorageView
 from elmforest.planner.prepare import Preparation
@@ -42,18 +42,15 @@ def test_a_branch_prepares_its_text_first_in_a_cpu_job() -> None:
 
 
 def test_prepared_or_disabled_text_goes_straight_to_training() -> None:
+    disabled = FOREST.model_copy(
+        update={"prepare": FOREST.prepare.model_copy(update={"enabled": False})}
+    )
     for given in (
         inp(preparation=Preparation(needed=False)),
-        inp(preparation=NEEDED, forest=inp().forest.__class__("f", _no_prepare(), True, "fu")),  # type: ignore[union-attr]
+        inp(preparation=NEEDED, forest=ForestView("f", disabled, ready=True, uid="fu")),
     ):
         (job,) = created(plan_branch(given).actions)
         assert job["metadata"]["name"] == "cook-v1-a1"
-
-
-def _no_prepare() -> ElmForestSpec:
-    return FOREST.model_copy(
-        update={"prepare": FOREST.prepare.model_copy(update={"enabled": False})}
-    )
 
 
 def test_a_running_prepare_job_shows_its_progress() -> None:
