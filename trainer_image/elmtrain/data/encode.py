@@ -14,7 +14,7 @@ from multiprocessing import get_context
 
 import numpy as np
 
-from elmtrain.tokenworker import encode_batch, encode_in_worker, start_worker
+from elmtrain.tokenworker import DocumentEncoder, encode_in_worker, start_worker
 
 BATCH_CHARS = 1 << 20  # characters of text per batch handed to a worker
 
@@ -37,11 +37,9 @@ def encode_documents(
 ) -> Iterator[tuple[np.ndarray, int]]:
     """(tokens, characters read) per batch, in document order."""
     if workers <= 1:
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_str(tokenizer_json)
+        encoder = DocumentEncoder(tokenizer_json)
         for batch in batches(docs):
-            yield encode_batch(tokenizer, batch, eos, dtype), sum(map(len, batch))
+            yield encoder.encode(batch, eos, dtype), sum(map(len, batch))
         return
     # spawn: workers never inherit this process's threads (torch, boto3) or its memory (and,
     # unlike forkserver, need no socket under TMPDIR, whose path may be too long for one).
