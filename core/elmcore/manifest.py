@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from elmcore.errors import BadInputError, NotFoundError
 from elmcore.names import Domain
-from elmcore.records import Metrics, Parent, Result, utc_now
+from elmcore.records import Lineage, Metrics, Parent, Result, utc_now
 
 SCHEMA_VERSION = 1
 
@@ -21,6 +21,7 @@ class ArtifactEntry(BaseModel):
     path: str  # relative to the forest root
     sha256: str  # sha256 of the artifact's commit marker
     run_id: str | None = None
+    lineage: Lineage | None = None  # what made it (None: merged before lineage was recorded)
 
 
 class ExpertEntry(ArtifactEntry):
@@ -60,7 +61,9 @@ def _bumped(manifest: Manifest, **changes: object) -> Manifest:
 
 def merge_result(manifest: Manifest, result: Result) -> Manifest:
     """Merge a finished run. Idempotent; an older version never replaces a newer one."""
-    entry = ArtifactEntry(path=result.path, sha256=result.sha256, run_id=result.run_id)
+    entry = ArtifactEntry(
+        path=result.path, sha256=result.sha256, run_id=result.run_id, lineage=result.lineage
+    )
     if result.kind == "tokenizer":
         if manifest.tokenizer is not None and manifest.tokenizer.sha256 == entry.sha256:
             return manifest
@@ -93,6 +96,7 @@ def merge_result(manifest: Manifest, result: Result) -> Manifest:
         init_strategy=result.init_strategy,
         parents=result.parents,
         metrics=result.metrics,
+        lineage=result.lineage,
     )
     return _bumped(manifest, experts={**manifest.experts, result.domain: expert})
 

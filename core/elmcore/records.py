@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -77,6 +78,38 @@ class Metrics(Record):
     curve: list[CurvePoint] = Field(default_factory=list)
 
 
+class SourceFile(Record):
+    """One text file a run read, as it was then."""
+
+    location: str  # the location as given (a file, or the folder the file was found in)
+    key: str = ""  # the file within the folder ("" when the location is the file)
+    size: int = Field(ge=0)
+    sha256: str
+
+
+class Lineage(Record):
+    data: list[SourceFile] = Field(default_factory=list)  # training text
+    val_data: list[SourceFile] = Field(default_factory=list)  # validation text
+    training: dict[str, Any] = Field(default_factory=dict)  # the effective TrainingConfig
+    pretrained: str | None = None  # the seed's imported weights, when not trained from scratch
+    tokenizer_sha256: str | None = None
+    seed_sha256: str | None = None  # experts: the forest's seed when this one was trained
+    image: str | None = None  # the trainer image, by digest (ELMTRAIN_IMAGE)
+    elmtrain_version: str = "unknown"
+
+    @property
+    def data_sha256(self) -> str:
+        """One digest of every training file's content: equal iff the same text was read."""
+        return files_digest(self.data)
+
+
+def files_digest(files: list[SourceFile]) -> str:
+    digest = hashlib.sha256()
+    for f in sorted(files, key=lambda f: (f.location, f.key)):
+        digest.update(f"{f.location}\0{f.key}\0{f.sha256}\n".encode())
+    return digest.hexdigest()
+
+
 class Result(Record):
     """The outcome of a run: what the operator verifies and merges into the manifest."""
 
@@ -89,6 +122,7 @@ class Result(Record):
     init_strategy: str | None = None
     parents: list[Parent] = Field(default_factory=list)
     metrics: Metrics = Field(default_factory=Metrics)
+    lineage: Lineage | None = None  # None: written before lineage was recorded
     finished_at: str = Field(default_factory=utc_now)
 
 

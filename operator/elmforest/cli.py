@@ -81,6 +81,10 @@ def _local(args: argparse.Namespace) -> int:
             lambda o, out: commands.serve(o, out, args.forest, args.host, args.port),
             options,
         )
+    if args.command == "report" and args.lineage:
+        return _run_local(
+            "report", lambda o, out: commands.lineage(o, args.forest, args.lineage), options
+        )
     run = {"up": commands.up, "down": commands.down, "report": commands.report}[args.command]
     # The screen shows the progress table; this process's own log goes to a file beside it.
     options.state_dir.mkdir(parents=True, exist_ok=True)
@@ -122,7 +126,11 @@ def _add_local(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     for parser in (up, report, serve):
         parser.add_argument("--top-k", type=int, default=2, help="the sparse ensemble's k")
     report.add_argument("--force", action="store_true", help="recompute even if up to date")
-    serve.add_argument("--forest", help="which forest (default: the files' only one)")
+    report.add_argument(
+        "--lineage", metavar="EXPERT", help="print what made EXPERT (a domain, or 'seed') instead"
+    )
+    for parser in (report, serve):
+        parser.add_argument("--forest", help="which forest (default: the files' only one)")
     serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
     serve.add_argument("--port", type=int, default=8000)
 

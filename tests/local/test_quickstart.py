@@ -156,6 +156,16 @@ def test_quickstart_up_resume_idempotent_prune_down(tmp_path: Path) -> None:
     assert "scoring" not in again.stdout
     shown = elmforest("report", "-f", str(folder))  # on demand: the stored report, reused
     assert shown.returncode == 0 and markdown in shown.stdout, shown.stdout + shown.stderr
+    # What made the last expert, down to the seed (its data with content hashes).
+    tree = elmforest("report", "-f", str(folder), "--lineage", DOMAINS[-1])
+    assert tree.returncode == 0, tree.stdout + tree.stderr
+    entry = manifest["experts"][DOMAINS[-1]]
+    assert tree.stdout.startswith(
+        f"{DOMAINS[-1]} v{entry['version']}  sha256 {entry['sha256'][:12]}"
+    )
+    for source in entry["lineage"]["data"]:
+        assert f"sha256 {source['sha256'][:12]}" in tree.stdout
+    assert "parent" in tree.stdout and "seed  sha256" in tree.stdout
 
     # 3b. Serve what `up` trained (README): a raw HTTP request and the official client.
     port = free_port()

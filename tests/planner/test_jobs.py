@@ -71,7 +71,10 @@ def test_gpus_placement_and_queue() -> None:
     pod = body["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
-    assert container["command"][0] == "torchrun" and "--nproc-per-node=4" in container["command"]
+    assert (
+        container["command"][0] == "elmtrain-torchrun"
+        and "--nproc-per-node=4" in container["command"]
+    )
     assert pod["nodeSelector"] == {"gpu": "h100"} and pod["priorityClassName"] == "batch-low"
     assert body["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "research"
     assert body["spec"]["suspend"] is True  # Kueue's admission unsuspends it

@@ -163,3 +163,57 @@ def test_averaging_imports_neither_torch_nor_transformers() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     )
     assert completed.stdout.strip() == "[]"
+
+
+def test_sharded_folders_average_into_shards_that_transformers_loads(tmp_path: Path) -> None:
+    """Inputs sharded (as large models come) or not; the output is sharded like the first,
+    with its index and tokenizer files, and equals the weighted sum."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from elmtrain.model_files import INDEX_FILE, WEIGHTS_FILE
+
+    config = ModelConfig.model_validate(
+        {"family": "llama", "d_model": 32, "n_layers": 2, "n_heads": 2, "context_length": 32}
+    )
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["salt pepper onion garlic"] * 20, vocab_size=300)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    dirs, models = [], []
+    for seed in range(3):
+        model = build_model(config, vocab_size=len(tokenizer), eos_id=0, seed=seed)
+        directory = tmp_path / f"m{seed}"
+        # Two sharded inputs and one single file.
+        model.save_pretrained(directory, max_shard_size="40KB" if seed < 2 else "1GB")
+        dirs.append(directory)
+        models.append(model.state_dict())
+    tokenizer.save_pretrained(dirs[0])
+    assert (dirs[0] / INDEX_FILE).is_file() and not (dirs[2] / INDEX_FILE).exists()
+    weights = [0.5, 0.3, 0.2]
+    average_models(dirs, weights, tmp_path / "avg")
+
+    out = tmp_path / "avg"
+    assert not (out / WEIGHTS_FILE).exists()
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(
+        p.name for p in dirs[0].glob("*.safetensors")
+    )
+    loaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    for name, tensor in loaded.items():
+        expected = sum(w * m[name] for w, m in zip(weights, models, strict=True))
+        assert torch.allclose(tensor, expected, atol=1e-6), name
+    assert (
+        AutoTokenizer.from_pretrained(out)("salt pepper")["input_ids"]
+        == tokenizer("salt pepper")["input_ids"]
+    )
+
+
+def test_an_index_naming_a_missing_shard_is_bad_input(tmp_path: Path) -> None:
+    config = ModelConfig.model_validate(
+        {"family": "gpt2", "d_model": 32, "n_layers": 2, "n_heads": 2, "context_length": 32}
+    )
+    build_model(config, vocab_size=64, eos_id=0, seed=0).save_pretrained(
+        tmp_path / "m", max_shard_size="40KB"
+    )
+    next((tmp_path / "m").glob("model-00001-*.safetensors")).unlink()
+    with pytest.raises(BadInputError, match="missing shard"):
+        average_models([tmp_path / "m", tmp_path / "m"], [0.5, 0.5], tmp_path / "avg")

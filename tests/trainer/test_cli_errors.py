@@ -243,3 +243,12 @@ def test_empty_validation_and_tokenizer_text_are_bad_input(
         "--vocab-size",
         "300",
     )
+
+
+def test_windows_longer_than_the_context_are_bad_input(seeded_forest: Path, corpus: Path) -> None:
+    # The tiny model reads 64 tokens; eval's default --seq-len is 128.
+    data = f"cooking={corpus / 'cooking' / 'valid.txt'}"
+    assert_fails(
+        ExitCode.BAD_INPUT, "exceed the model's context (64)",
+        "eval", "--forest", str(seeded_forest), "--data", data,
+    )  # fmt: skip

@@ -2,7 +2,8 @@
 
 Peak memory is a few fixed-size slices (``SLICE`` elements) per worker thread, whatever the
 number of inputs or the size of the largest tensor; no torch import, so a merge Job starts in
-well under a second.
+well under a second. Inputs may be single files or sharded; the output takes the first
+input's shard layout, and its tokenizer files.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import shutil
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,15 +21,18 @@ import numpy as np
 
 from elmcore.btm import normalize
 from elmcore.errors import BadInputError
+from elmtrain.model_files import WEIGHTS_FILE, copy_tokenizer, weight_shards, write_index
 from elmtrain.safetensors_io import (
     FLOATS,
     SafetensorsReader,
     SafetensorsWriter,
+    TensorInfo,
     from_float,
     to_float,
 )
 
-WEIGHTS_FILE = "model.safetensors"
+# Each input as tensor name -> the reader of the file holding it (one file, or its shards).
+Source = Mapping[str, SafetensorsReader]
 SLICE = 1 << 18  # elements per slice: 1 MB of float32
 # Config keys that may differ between experts of one architecture (bookkeeping, not shape).
 _IGNORED_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype"}
@@ -42,18 +46,25 @@ def _architecture(directory: Path) -> dict[str, object]:
     return {k: v for k, v in config.items() if k not in _IGNORED_CONFIG_KEYS}
 
 
-def _check_same_tensors(readers: Sequence[SafetensorsReader]) -> None:
-    first = readers[0]
-    for reader in readers[1:]:
+def _info(source: Source, name: str) -> TensorInfo:
+    return source[name].tensors[name]
+
+
+def _check_same_tensors(sources: Sequence[Source]) -> None:
+    first = sources[0]
+    for source in sources[1:]:
         mismatch = {
             n
-            for n, i in first.tensors.items()
-            if n not in reader.tensors
-            or (reader.tensors[n].dtype, reader.tensors[n].shape) != (i.dtype, i.shape)
-        } | (reader.tensors.keys() - first.tensors.keys())
+            for n in first
+            if n not in source
+            or (_info(source, n).dtype, _info(source, n).shape)
+            != (_info(first, n).dtype, _info(first, n).shape)
+        } | (source.keys() - first.keys())
         if mismatch:
+            where = next(iter(source.values())).path.parent
             raise BadInputError(
-                f"{reader.path} and {first.path} differ in tensors {sorted(mismatch)[:5]}"
+                f"{where} and {next(iter(first.values())).path.parent} differ in tensors "
+                f"{sorted(mismatch)[:5]}"
             )
 
 
@@ -67,21 +78,21 @@ class _Buffers(threading.local):
 
 
 def _average_slice(
-    readers: Sequence[SafetensorsReader],
+    sources: Sequence[Source],
     weights: Sequence[float],
     name: str,
     start: int,
     buffers: _Buffers,
 ) -> np.ndarray:
     """One slice of the output, as raw values of the tensor's own dtype (a fresh array)."""
-    info = readers[0].tensors[name]
+    info = _info(sources[0], name)
     count = min(SLICE, info.numel - start)
     if info.dtype not in FLOATS:  # integer buffers are copied from the first input
-        return readers[0].read(name, start, count, buffers.raw).copy()
+        return sources[0][name].read(name, start, count, buffers.raw).copy()
     accumulate = np.dtype(np.float64 if info.dtype == "F64" else np.float32)
     total, term = buffers.sums[accumulate][:count], buffers.terms[accumulate][:count]
-    for i, (reader, weight) in enumerate(zip(readers, weights, strict=True)):
-        values = to_float(reader.read(name, start, count, buffers.raw), info.dtype, term)
+    for i, (source, weight) in enumerate(zip(sources, weights, strict=True)):
+        values = to_float(source[name].read(name, start, count, buffers.raw), info.dtype, term)
         if i == 0:
             np.multiply(values, weight, out=total)
         else:
@@ -89,6 +100,37 @@ def _average_slice(
             np.add(total, term, out=total)
     result = from_float(total, info.dtype)
     return result.copy() if np.shares_memory(result, total) else result
+
+
+def _average_into(
+    sources: Sequence[Source],
+    weights: Sequence[float],
+    names: Sequence[str],
+    out: Path,
+    metadata: dict[str, str],
+    workers: int,
+) -> int:
+    """The weighted sum of tensors ``names`` as one safetensors file; its data bytes."""
+    first = sources[0]
+    # Write in file order so the output reads sequentially like the inputs.
+    order = sorted(names, key=lambda n: (str(first[n].path), _info(first, n).start))
+    layout = {n: (_info(first, n).dtype, _info(first, n).shape) for n in order}
+    writer = SafetensorsWriter(out, layout, {**metadata, "format": "pt"})
+    slices = [(n, s) for n in order for s in range(0, _info(first, n).numel, SLICE)]
+    buffers = _Buffers()
+    with ThreadPoolExecutor(workers, thread_name_prefix="average") as pool:
+        pending: deque[tuple[str, Future[np.ndarray]]] = deque()
+        for name, start in slices:
+            pending.append(
+                (name, pool.submit(_average_slice, sources, weights, name, start, buffers))
+            )
+            if len(pending) > 2 * workers:  # bounded: memory stays a few slices
+                done_name, done = pending.popleft()
+                writer.write(done_name, done.result())
+        for done_name, done in pending:
+            writer.write(done_name, done.result())
+    writer.close()
+    return sum(_info(first, n).end - _info(first, n).start for n in order)
 
 
 def average_files(
@@ -102,35 +144,41 @@ def average_files(
     """
     if len(paths) != len(weights) or not paths:
         raise BadInputError(f"{len(paths)} inputs but {len(weights)} weights")
-    workers = workers or min(4, os.cpu_count() or 1)
     readers = [SafetensorsReader(p) for p in paths]
     try:
-        _check_same_tensors(readers)
-        first = readers[0]
-        # Write in file order so the output reads sequentially like the inputs.
-        order = sorted(first.tensors, key=lambda n: first.tensors[n].start)
-        layout = {n: (first.tensors[n].dtype, first.tensors[n].shape) for n in order}
-        writer = SafetensorsWriter(out, layout, {**first.metadata, "format": "pt"})
-        slices = [(n, s) for n in order for s in range(0, first.tensors[n].numel, SLICE)]
-        buffers = _Buffers()
-        with ThreadPoolExecutor(workers, thread_name_prefix="average") as pool:
-            pending: deque[tuple[str, Future[np.ndarray]]] = deque()
-            for name, start in slices:
-                job = pool.submit(_average_slice, readers, weights, name, start, buffers)
-                pending.append((name, job))
-                if len(pending) > 2 * workers:  # bounded: memory stays a few slices
-                    done_name, done = pending.popleft()
-                    writer.write(done_name, done.result())
-            for done_name, done in pending:
-                writer.write(done_name, done.result())
-        writer.close()
+        sources = [dict.fromkeys(r.tensors, r) for r in readers]
+        _check_same_tensors(sources)
+        names = list(readers[0].tensors)
+        _average_into(sources, weights, names, out, readers[0].metadata, _workers(workers))
     finally:
         for reader in readers:
             reader.close()
 
 
-def average_models(dirs: Sequence[Path], weights: Sequence[float], out_dir: Path) -> None:
-    """Average HF model folders of one architecture into ``out_dir`` (weights normalised)."""
+def _workers(chosen: int | None) -> int:
+    return chosen or min(4, os.cpu_count() or 1)
+
+
+def _open_weights(
+    directory: Path, readers: list[SafetensorsReader]
+) -> dict[str, SafetensorsReader]:
+    """Tensor name -> reader over the folder's weights files (``readers`` collects them)."""
+    source: dict[str, SafetensorsReader] = {}
+    for file, names in weight_shards(directory).items():
+        reader = SafetensorsReader(directory / file)
+        readers.append(reader)
+        for name in names if names is not None else reader.tensors:
+            if name not in reader.tensors:
+                raise BadInputError(f"{directory}: the index puts {name} in {file}, which lacks it")
+            source[name] = reader
+    return source
+
+
+def average_models(
+    dirs: Sequence[Path], weights: Sequence[float], out_dir: Path, workers: int | None = None
+) -> None:
+    """Average HF model folders of one architecture into ``out_dir`` (weights normalised),
+    sharded as the first is; the first folder's tokenizer files come along."""
     if not dirs:
         raise BadInputError("nothing to average")
     reference = _architecture(dirs[0])
@@ -139,9 +187,29 @@ def average_models(dirs: Sequence[Path], weights: Sequence[float], out_dir: Path
             raise BadInputError(f"{directory} has another architecture than {dirs[0]}")
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(dirs[0] / "config.json", out_dir / "config.json")
-    for directory in dirs:
-        if not (directory / WEIGHTS_FILE).is_file():
-            raise BadInputError(
-                f"{directory} has no {WEIGHTS_FILE} (sharded checkpoints are not supported)"
+    copy_tokenizer(dirs[0], out_dir)
+    readers: list[SafetensorsReader] = []
+    try:
+        sources = [_open_weights(d, readers) for d in dirs]
+        _check_same_tensors(sources)
+        shards = weight_shards(dirs[0])
+        normalised = normalize(weights)
+        if list(shards) == [WEIGHTS_FILE]:
+            metadata = sources[0][next(iter(sources[0]))].metadata if sources[0] else {}
+            names = list(sources[0])
+            _average_into(
+                sources, normalised, names, out_dir / WEIGHTS_FILE, metadata, _workers(workers)
             )
-    average_files([d / WEIGHTS_FILE for d in dirs], normalize(weights), out_dir / WEIGHTS_FILE)
+            return
+        layout: dict[str, list[str]] = {}
+        total = 0
+        for file, names_in_file in shards.items():
+            assert names_in_file is not None
+            layout[file] = names_in_file
+            total += _average_into(
+                sources, normalised, names_in_file, out_dir / file, {}, _workers(workers)
+            )
+        write_index(out_dir, layout, total)
+    finally:
+        for reader in readers:
+            reader.close()

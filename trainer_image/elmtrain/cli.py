@@ -32,6 +32,7 @@ COMMANDS = {
     "average": "average",
     "generate": "generate",
     "report": "report",
+    "lineage": "lineage",
     "serve": "serve",
 }
 

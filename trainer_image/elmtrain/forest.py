@@ -41,13 +41,16 @@ class Forest:
             fetch_committed(self.storage, entry.path, target, entry.sha256)
         return target
 
-    def tokenizer(self) -> PreTrainedTokenizerFast:
-        from elmtrain.tokenizer import load_tokenizer
-
+    def tokenizer_dir(self) -> Path:
         entry = self.manifest().tokenizer
         if entry is None:
             raise BadInputError(f"forest {self.storage.root} has no tokenizer yet")
-        return load_tokenizer(self.fetch(entry))
+        return self.fetch(entry)
+
+    def tokenizer(self) -> PreTrainedTokenizerFast:
+        from elmtrain.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.tokenizer_dir())
 
     def token_store(self) -> TokenStore:
         """Token shards of text read with this forest's tokenizer, in the forest's storage

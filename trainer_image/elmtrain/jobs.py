@@ -29,6 +29,8 @@ from elmtrain.checkpoint import Checkpointer
 from elmtrain.config import TrainingConfig
 from elmtrain.data import TokenSequences, load_sequences
 from elmtrain.forest import Forest
+from elmtrain.lineage import run_lineage
+from elmtrain.model_files import copy_tokenizer
 from elmtrain.models import save_model
 from elmtrain.progress import ProgressReporter
 from elmtrain.runtime import Runtime
@@ -51,6 +53,7 @@ class JobSpec:
     init_strategy: str | None = None
     parents: list[Parent] = field(default_factory=list)
     merge: bool = False
+    pretrained: str | None = None  # the seed's imported weights
 
 
 def finished_result(forest: Forest, run_id: str) -> Result | None:
@@ -191,6 +194,7 @@ def run_training_job(
         init_strategy=spec.init_strategy,
         parents=spec.parents,
         metrics=metrics,
+        lineage=run_lineage(forest, store, spec) if runtime.is_main else None,
     )
     if runtime.is_main:
         result = publish(forest, spec, outcome.model, result)
@@ -204,6 +208,8 @@ def publish(forest: Forest, spec: JobSpec, model: PreTrainedModel, result: Resul
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         folder = Path(tmp)
         save_model(model.to("cpu"), folder)
+        # The forest's tokenizer beside the weights: the folder loads anywhere as it is.
+        copy_tokenizer(forest.tokenizer_dir(), folder)
         (folder / layout.METRICS).write_text(result.metrics.model_dump_json(indent=1))
         sha = commit_dir(forest.storage, folder, spec.out_key)
     result = result.model_copy(update={"sha256": sha})

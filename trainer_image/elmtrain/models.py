@@ -86,8 +86,51 @@ def context_length(model: PreTrainedModel) -> int:
 
 
 def check_vocab(model: PreTrainedModel, vocab_size: int, where: str) -> None:
-    if int(model.config.vocab_size) != vocab_size:
+    """The model has an embedding row for every token; more (a vocabulary padded to a
+    multiple of 64 or 128, as Pythia's is) is fine: those rows are never a target."""
+    if int(model.config.vocab_size) < vocab_size:
         raise BadInputError(
-            f"{where}: the model's vocabulary ({model.config.vocab_size}) does not match the "
-            f"forest tokenizer ({vocab_size})"
+            f"{where}: the model's vocabulary ({model.config.vocab_size}) is smaller than the "
+            f"forest tokenizer's ({vocab_size})"
+        )
+
+
+# Config fields that put something between the output projection and the softmax.
+_LOGIT_TRANSFORMS = {
+    "final_logit_softcapping": None,  # Gemma 2/3: tanh soft-capping
+    "logit_scale": 1.0,  # Cohere
+    "logits_scaling": 1.0,  # Granite: logits divided by it
+    "output_multiplier_scale": 1.0,
+}
+
+
+def check_trainable(model: PreTrainedModel, where: str) -> None:
+    """Refuse a model whose own loss is not the one elmtrain trains (the output layer as a
+    plain projection, fused with cross-entropy): by its config where it says so, else by
+    comparing both losses on a few random tokens."""
+    from elmtrain.fused_loss import CausalLMLoss
+
+    for field, plain in _LOGIT_TRANSFORMS.items():
+        value = getattr(model.config, field, plain)
+        if value is not None and value != plain:
+            raise BadInputError(
+                f"{where}: {model.config.model_type} transforms its logits ({field}={value}); "
+                "elmtrain's loss uses the output projection as it is and would train on "
+                "another objective, so it does not train this model"
+            )
+    if not isinstance(model.get_output_embeddings(), torch.nn.Linear):
+        raise BadInputError(f"{where}: the model's output layer is not a linear projection")
+    generator = torch.Generator().manual_seed(0)
+    length = min(16, context_length(model))
+    ids = torch.randint(0, int(model.config.vocab_size), (2, length), generator=generator)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        own = float(model(input_ids=ids, labels=ids).loss)
+        ours = float(CausalLMLoss(model)(ids))
+    model.train(was_training)
+    if abs(own - ours) > 1e-3 * max(1.0, abs(own)):
+        raise BadInputError(
+            f"{where}: the model's own loss ({own:.4f}) differs from a plain output "
+            f"projection's ({ours:.4f}) on the same tokens; elmtrain does not train it"
         )

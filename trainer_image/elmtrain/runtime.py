@@ -37,6 +37,14 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank; every rank must call it at the same point."""
+        if not self.distributed:
+            return flag
+        value = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
 
 def setup_runtime(training: TrainingConfig | None = None) -> Runtime:
     """Pick the device and join the process group when started by ``torchrun``."""

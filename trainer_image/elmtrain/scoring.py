@@ -15,6 +15,8 @@ import math
 import torch
 from transformers import PreTrainedModel
 
+from elmcore.errors import BadInputError
+from elmtrain.models import context_length
 from elmtrain.runtime import Runtime
 
 
@@ -22,6 +24,12 @@ from elmtrain.runtime import Runtime
 def token_logprobs(
     model: PreTrainedModel, sequences: torch.Tensor, runtime: Runtime, batch_size: int = 16
 ) -> torch.Tensor:
+    limit = context_length(model)
+    if sequences.shape[1] > limit:
+        raise BadInputError(
+            f"sequences of {sequences.shape[1]} tokens exceed the model's context ({limit}): "
+            f"use a --seq-len of at most {limit}"
+        )
     model.eval()
     rows = []
     for start in range(0, len(sequences), batch_size):

@@ -60,7 +60,10 @@ class _Preemption:
         self.requested = True
 
     def __exit__(self, *_: object) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        # Once asked, stay deaf: a second SIGTERM (torchrun passing the pod's on, a rank's
+        # own) must not kill the process while it exits 75 with its checkpoint committed.
+        if not self.requested:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def lr_factor(step: int, cfg: TrainingConfig) -> float:
@@ -240,10 +243,12 @@ def train(
             curve_point = cfg.eval_interval and done % cfg.eval_interval == 0 and done < cfg.steps
             if val is not None and curve_point:
                 curve.append(_validate(model, val, done, runtime))
-            if done % cfg.checkpoint_interval == 0 and done < cfg.steps:
-                save(done)
-            if preemption.requested and done < cfg.steps:
-                save(done)
+            # Ranks agree every step: SIGTERM may reach one rank only, or each at another
+            # step, and a rank saving alone would leave the others at the next all-reduce.
+            preempted = done < cfg.steps and runtime.any_rank(preemption.requested)
+            if preempted or (done % cfg.checkpoint_interval == 0 and done < cfg.steps):
+                save(done)  # once, also when preempted at a checkpoint step
+            if preempted:
                 bar.close()
                 raise TransientError(f"preempted (SIGTERM) at step {done}; checkpoint committed")
     bar.close()

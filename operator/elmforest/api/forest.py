@@ -285,6 +285,18 @@ class ParentStatus(StatusModel):
     weight: float
 
 
+class LineageStatus(StatusModel):
+    """What made the expert, in brief (the manifest entry lists every file)."""
+
+    data_sha256: str  # one digest of the content of every training file read
+    data_files: int
+    data_bytes: int
+    tokenizer_sha256: str | None = None
+    seed_sha256: str | None = None
+    image: str | None = None
+    elmtrain_version: str
+
+
 class ExpertStatus(StatusModel):
     domain: str
     branch: str | None = None
@@ -295,6 +307,7 @@ class ExpertStatus(StatusModel):
     parents: list[ParentStatus] = Field(default_factory=list)
     val_perplexity_before: float | None = None
     val_perplexity_after: float | None = None
+    lineage: LineageStatus | None = None
 
 
 class ManifestStatus(StatusModel):

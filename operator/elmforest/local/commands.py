@@ -225,11 +225,8 @@ def report(options: Options, out: TextIO) -> int:
     return 0 if any(written) else 1
 
 
-def serve(options: Options, out: TextIO, forest: str | None, host: str, port: int) -> int:
-    """Serve a forest of these files (what ``up`` trained) with ``elmtrain serve``, in this
-    process; it follows the forest as ``up`` merges more experts."""
-    from elmtrain.cli import main as elmtrain
-
+def _one_forest(options: Options, forest: str | None) -> tuple[str, ElmForestSpec]:
+    """The forest these files declare (``forest`` names it where they declare several)."""
     forests = load(options.paths).forests
     if forest is None and len(forests) != 1:
         raise BadInputError(f"these files declare {len(forests)} forests: name one (--forest)")
@@ -238,6 +235,23 @@ def serve(options: Options, out: TextIO, forest: str | None, host: str, port: in
         raise BadInputError(f"no ElmForest {name!r} in these files ({', '.join(forests)})")
     spec = forests[name].spec
     assert isinstance(spec, ElmForestSpec)
+    return name, spec
+
+
+def lineage(options: Options, forest: str | None, expert: str) -> int:
+    """Print what made one expert of a local forest (``elmtrain lineage``'s tree)."""
+    from elmtrain.cli import main as elmtrain
+
+    _, spec = _one_forest(options, forest)
+    return elmtrain(["--log-level", "warning", "lineage", "--forest", spec.storage.uri, expert])
+
+
+def serve(options: Options, out: TextIO, forest: str | None, host: str, port: int) -> int:
+    """Serve a forest of these files (what ``up`` trained) with ``elmtrain serve``, in this
+    process; it follows the forest as ``up`` merges more experts."""
+    from elmtrain.cli import main as elmtrain
+
+    name, spec = _one_forest(options, forest)
     out.write(f"serving forest {name!r} at http://{host}:{port}/v1 (model {name!r})\n")
     out.flush()
     argv = ["serve", "--forest", spec.storage.uri, "--name", name, "--host", host]

@@ -28,7 +28,7 @@ from elmforest.planner.observed import JobPhase, JobState
 
 PROGRAMS = {
     "elmtrain": [sys.executable, "-m", "elmtrain"],
-    "torchrun": [sys.executable, "-m", "torch.distributed.run"],
+    "elmtrain-torchrun": [sys.executable, "-m", "elmtrain.launch"],
 }
 # Container paths that mean nothing on this machine; the runner sets its own.
 _CONTAINER_ENV = {"ELMTRAIN_CACHE", "HF_HOME", "TMPDIR"}

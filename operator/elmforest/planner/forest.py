@@ -7,7 +7,7 @@ from typing import Literal
 
 from elmcore import layout
 from elmcore.manifest import Manifest
-from elmcore.records import ServingRecord
+from elmcore.records import Lineage, ServingRecord
 from elmforest.api import FOREST
 from elmforest.api.forest import (
     ArtifactStatus,
@@ -15,6 +15,7 @@ from elmforest.api.forest import (
     ElmForestStatus,
     ExpertStatus,
     ForestPhase,
+    LineageStatus,
     ManifestStatus,
     ParentStatus,
 )
@@ -78,9 +79,24 @@ def experts_status(
             parents=[ParentStatus.model_validate(p.model_dump()) for p in entry.parents],
             val_perplexity_before=entry.metrics.val_ppl_before,
             val_perplexity_after=entry.metrics.val_ppl_after,
+            lineage=lineage_status(entry.lineage),
         )
         for entry in manifest.sorted_experts()
     ]
+
+
+def lineage_status(lineage: Lineage | None) -> LineageStatus | None:
+    if lineage is None:
+        return None
+    return LineageStatus(
+        data_sha256=lineage.data_sha256,
+        data_files=len(lineage.data),
+        data_bytes=sum(f.size for f in lineage.data),
+        tokenizer_sha256=lineage.tokenizer_sha256,
+        seed_sha256=lineage.seed_sha256,
+        image=lineage.image,
+        elmtrain_version=lineage.elmtrain_version,
+    )
 
 
 def _finish(plan: Plan, old: ElmForestStatus, new: ElmForestStatus) -> Plan:

@@ -97,8 +97,15 @@ def container_resources(resources: Resources, gpus: int) -> dict[str, Any]:
 
 def _command(trainer: TrainerSpec) -> list[str]:
     if trainer.gpus > 1:
-        # One process per GPU; the trainer reads torchrun's environment for DDP.
-        return ["torchrun", "--standalone", f"--nproc-per-node={trainer.gpus}", "-m", "elmtrain"]
+        # One process per GPU; the trainer reads torchrun's environment for DDP. The wrapper
+        # exits with the ranks' code (65, 75), which torchrun itself turns into 1.
+        return [
+            "elmtrain-torchrun",
+            "--standalone",
+            f"--nproc-per-node={trainer.gpus}",
+            "-m",
+            "elmtrain",
+        ]
     return ["elmtrain"]
 
 
@@ -193,7 +200,8 @@ def build_job(request: JobRequest) -> dict[str, Any]:
         "imagePullPolicy": trainer.image_pull_policy,
         "command": _command(trainer),
         "args": request.argv,
-        "env": storage_env(request.storage),
+        # The image the trainer records in each expert's lineage (pinned by digest).
+        "env": [*storage_env(request.storage), {"name": "ELMTRAIN_IMAGE", "value": trainer.image}],
         "resources": container_resources(trainer.resources, trainer.gpus),
         "securityContext": container_security_context(),
         "volumeMounts": mounts,

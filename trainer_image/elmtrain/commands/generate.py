@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 from elmcore.errors import BadInputError
 from elmtrain.commands.common import add_forest_args, open_forest
 from elmtrain.models import context_length, load_model
+from elmtrain.priors import forest_prior
 from elmtrain.runtime import setup_runtime
 from elmtrain.scoring import log_posterior, route
 
@@ -39,6 +40,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--prior-data",
+        nargs="*",
+        default=[],
+        help="ensemble: text like the expected prompts for the cached prior (default: the "
+        "experts' validation text; stored per manifest revision)",
+    )
+    parser.add_argument("--prior-sample", type=int, default=64, help="sequences for the prior")
     parser.set_defaults(func=run)
 
 
@@ -92,15 +101,17 @@ def run(args: argparse.Namespace) -> str:
     limit = context_length(streams[0].model)
     if len(ids) + args.max_new_tokens > limit:
         raise BadInputError(f"generate: prompt + --max-new-tokens exceed the context ({limit})")
+    prior = torch.ones(len(streams), dtype=torch.float64)
+    if args.ensemble:
+        length = min(128, limit)
+        weights = forest_prior(forest, args.prior_data, args.prior_sample, length, runtime)
+        prior = torch.tensor([weights[n] for n in names], dtype=torch.float64)
     if routing:
         # The posterior after the prompt picks the experts; the rest are never run again.
         prompt_loglik = torch.tensor([s.context_loglik for s in streams])
-        keep = route(
-            log_posterior(prompt_loglik, torch.ones(len(streams))).exp(), args.top_k_experts
-        )
+        keep = route(log_posterior(prompt_loglik, prior).exp(), args.top_k_experts)
         log.info("generate.routed", experts=[names[i] for i in keep])
-        streams = [streams[i] for i in keep]
-    prior = torch.full((len(streams),), 1.0 / len(streams), dtype=torch.float64)
+        streams, prior = [streams[i] for i in keep], prior[keep]
     generator = torch.Generator().manual_seed(args.seed)
     for _ in range(args.max_new_tokens):
         # Posterior over experts from the context so far, then the mixture's next-token law.

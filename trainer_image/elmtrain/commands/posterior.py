@@ -1,4 +1,5 @@
-"""``elmtrain posterior``: the cached domain prior of a text sample over the forest's experts."""
+"""``elmtrain posterior``: the cached domain prior of a text sample over the forest's experts,
+stored with the forest for the manifest's revision (``elmtrain.priors``)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,8 @@ import argparse
 
 from elmcore.errors import BadInputError
 from elmtrain.commands.common import add_forest_args, open_forest, write_output
-from elmtrain.data import sample_sequences
-from elmtrain.evaluation import domain_prior
 from elmtrain.forest import Forest
+from elmtrain.priors import forest_prior
 from elmtrain.runtime import Runtime, setup_runtime
 
 
@@ -26,12 +26,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def prior_for(
     forest: Forest, data: list[str], sample: int, seq_len: int, seed: int, runtime: Runtime
 ) -> dict[str, float]:
-    experts = forest.manifest().sorted_experts()
-    if not experts:
-        raise BadInputError("the forest has no experts yet")
-    sequences = sample_sequences(forest.token_store().sequences(data, seq_len), sample, seed)
-    weights = domain_prior([forest.fetch(e) for e in experts], sequences, runtime)
-    return {e.domain: w for e, w in zip(experts, weights, strict=True)}
+    """The stored cached prior of this text for the current revision (computed if new)."""
+    if not data:
+        raise BadInputError("the prior needs text (--data)")
+    return forest_prior(forest, data, sample, seq_len, runtime, seed)
 
 
 def run(args: argparse.Namespace) -> dict[str, float]:

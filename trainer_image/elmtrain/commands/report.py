@@ -35,9 +35,10 @@ from elmtrain.averaging import average_models
 from elmtrain.cache import cache_dir
 from elmtrain.commands.common import add_forest_args, open_forest, write_output
 from elmtrain.config import load_json_arg, parse_config
-from elmtrain.data import load_sequences, sample_sequences
-from elmtrain.evaluation import domain_prior, expert_logprobs, model_logprobs
+from elmtrain.data import load_sequences
+from elmtrain.evaluation import expert_logprobs, model_logprobs
 from elmtrain.forest import Forest
+from elmtrain.priors import forest_prior
 from elmtrain.runtime import Runtime, setup_runtime
 from elmtrain.scoring import ensemble_logprobs, perplexity
 
@@ -58,13 +59,14 @@ def _score(logprobs: torch.Tensor) -> Score:
 
 
 def _prior(
-    forest: Forest, dirs: list[Path], eval_set: EvalSet, request: ReportRequest, runtime: Runtime
+    forest: Forest, names: list[str], eval_set: EvalSet, request: ReportRequest, runtime: Runtime
 ) -> tuple[list[float], str]:
     if not eval_set.prior_data:
-        return [1.0 / len(dirs)] * len(dirs), "uniform"
-    sequences = forest.token_store().sequences(eval_set.prior_data, request.seq_len)
-    sample = sample_sequences(sequences, request.prior_sample, 0)
-    return domain_prior(dirs, sample, runtime), "held-out"
+        return [1.0 / len(names)] * len(names), "uniform"
+    weights = forest_prior(
+        forest, eval_set.prior_data, request.prior_sample, request.seq_len, runtime
+    )  # stored: the next report of this revision reads it
+    return [weights[n] for n in names], "held-out"
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -95,7 +97,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for name, logprobs in zip(names, per_expert, strict=True):
                 rows[expert_row(name)][domain] = _score(logprobs)
             rows[SEED][domain] = _score(model_logprobs(seed_dir, sequences, runtime))
-            prior, sources[domain] = _prior(forest, dirs, eval_set, request, runtime)
+            prior, sources[domain] = _prior(forest, names, eval_set, request, runtime)
             weights[domain] = dict(zip(names, prior, strict=True))
             prior_t = torch.tensor(prior, dtype=torch.float64)
             rows[ENSEMBLE][domain] = _score(ensemble_logprobs(per_expert, prior_t))

@@ -17,7 +17,7 @@ from elmtrain.commands.common import (
 from elmtrain.config import ModelConfig, load_json_arg, parse_config
 from elmtrain.forest import Forest
 from elmtrain.jobs import JobSpec, failure_recorded, finish_if_done, run_training_job
-from elmtrain.models import build_model, check_vocab, load_model
+from elmtrain.models import build_model, check_trainable, check_vocab, load_model
 from elmtrain.runtime import setup_runtime
 
 
@@ -49,6 +49,7 @@ def _train(args: argparse.Namespace, forest: Forest) -> Result:
         val_data=args.val_data,
         training=cfg,
         merge=args.merge,
+        pretrained=args.pretrained,
     )
     previous = finish_if_done(forest, spec, runtime)
     if previous is not None:
@@ -57,6 +58,7 @@ def _train(args: argparse.Namespace, forest: Forest) -> Result:
     if args.pretrained:
         model = load_model(forest.model_dir(args.pretrained))
         check_vocab(model, len(tokenizer), f"--pretrained {args.pretrained}")
+        check_trainable(model, f"--pretrained {args.pretrained}")
     else:
         model_cfg = parse_config(ModelConfig, load_json_arg(args.model, "--model"), "--model")
         model = build_model(model_cfg, len(tokenizer), int(tokenizer.eos_token_id), cfg.seed)

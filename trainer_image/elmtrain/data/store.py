@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerFast
 
 from elmcore import layout
 from elmcore.errors import BadInputError, NotFoundError
-from elmcore.records import utc_now
+from elmcore.records import SourceFile, utc_now
 from elmcore.storage import Storage, open_storage
 from elmcore.storage.base import sha256_file
 from elmcore.storage.commit import commit_dir, read_marker
@@ -217,6 +217,18 @@ class TokenStore:
             return ShardIndex.model_validate_json(self.storage.read_bytes(f"{shards}/{INDEX}"))
         except (NotFoundError, ValidationError) as error:
             raise BadInputError(f"{shards}: unreadable shard index ({error})") from None
+
+    def sources(self, locations: Sequence[str]) -> list[SourceFile]:
+        """Each text file of the locations with the sha256 of the content tokenized (lineage)."""
+        return [
+            SourceFile(
+                location=f.location,
+                key=f.key,
+                size=f.size,
+                sha256=self._index(f.shards).source_sha256,
+            )
+            for f in self.prepare(locations).files
+        ]
 
     def stream(self, dataset: DatasetRecord) -> TokenStream:
         files = []

@@ -25,10 +25,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from elmcore.btm import top_k
 from elmtrain.averaging import average_models
 from elmtrain.cache import cache_dir
-from elmtrain.data import sample_sequences
-from elmtrain.evaluation import domain_prior
 from elmtrain.forest import Forest
 from elmtrain.models import context_length, load_model
+from elmtrain.priors import forest_prior
 from elmtrain.runtime import Runtime
 
 log = structlog.get_logger(__name__)
@@ -146,8 +145,9 @@ def load_model_set(
     prior_sequences: int = 64,
     dtype: torch.dtype = torch.float32,
 ) -> ModelSet:
-    """Every expert of the forest's current manifest, verified and loaded; the cached prior
-    from ``prior_data`` (a sample of the traffic to expect) or uniform."""
+    """Every expert of the forest's current manifest, verified and loaded; the stored cached
+    prior of ``prior_data`` (a sample of the traffic to expect), else of the experts'
+    validation text, else uniform."""
     manifest = forest.manifest()
     tokenizer = forest.tokenizer()
     seed = Member(SEED, None, None, _load(forest.seed_dir(), runtime, dtype))
@@ -160,12 +160,10 @@ def load_model_set(
     if not experts:
         experts = [seed]
     prior = [1.0 / len(experts)] * len(experts)
-    if prior_data and dirs:
+    if dirs:  # the stored prior of this revision (the experts' validation text by default)
         length = min(128, context_length(seed.model))
-        sample = sample_sequences(
-            forest.token_store().sequences(list(prior_data), length), prior_sequences, 0
-        )
-        prior = domain_prior(dirs, sample, runtime)
+        weights = forest_prior(forest, prior_data, prior_sequences, length, runtime)
+        prior = [weights[e.domain] for e in entries]
     log_prior = torch.tensor([math.log(max(p, 1e-300)) for p in prior], dtype=torch.float64)
     return ModelSet(
         name, manifest.revision, tokenizer, experts, seed, log_prior, dirs, runtime, dtype
