@@ -14,6 +14,8 @@ PURE = [
     "elmcore.records",
     "elmcore.errors",
     "elmcore.config",
+    "elmcore.lineage",
+    "elmcore.priors",
     "elmforest.planner.branch",
     "elmforest.planner.forest",
     "elmforest.api.crds",
