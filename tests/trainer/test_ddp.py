@@ -156,3 +156,15 @@ def test_sigterm_to_some_ranks_checkpoints_once_and_exits_75(
         f"step-{first:08d}",
         f"step-{second:08d}",
     ]
+
+
+def test_the_launcher_exits_with_what_the_ranks_said() -> None:
+    from elmtrain.launch import exit_code
+
+    sigterm, sigkill = -signal.SIGTERM, -signal.SIGKILL
+    assert exit_code([65, sigterm]) == 65  # bad input on one rank: never retried
+    assert exit_code([2]) == 2
+    assert exit_code([75, sigterm]) == 75  # preempted; torchrun stopped the other rank
+    assert exit_code([sigterm, sigterm]) == 75  # the pod's SIGTERM, passed on
+    assert exit_code([1, sigterm]) == 1  # a bug on one rank
+    assert exit_code([sigkill]) == 1  # killed outright (OOM): not a preemption it saved from

@@ -2,9 +2,9 @@
 
 torchrun exits 1 whenever a worker fails, so a multi-GPU Job would retry bad input (65) and
 count a preemption (75) as a crash. This runs torchrun's own launcher with the same arguments
-and exits with what the workers said: 2/65 if any rank had bad input, else 75 if any rank was
-preempted or stopped by SIGTERM (torchrun stops the other ranks with it when one exits, and
-passes the pod's own on), else 1.
+and exits with what the workers said: 2/65 if any rank had bad input, else 1 if any rank failed
+otherwise, else 75 if a rank was preempted or stopped by SIGTERM (torchrun stops the other
+ranks with it when one exits, and passes the pod's own on).
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ def exit_code(worker_codes: list[int]) -> int:
     for code in PERMANENT:
         if code in worker_codes:
             return code
+    if any(code > 0 and code != ExitCode.TRANSIENT for code in worker_codes):
+        return int(ExitCode.INTERNAL)  # a rank's bug; the others were stopped because of it
     stopped = {int(ExitCode.TRANSIENT), -int(signal.SIGTERM)}
-    return int(ExitCode.TRANSIENT) if stopped & set(worker_codes) else 1
+    return int(ExitCode.TRANSIENT) if stopped & set(worker_codes) else int(ExitCode.INTERNAL)
 
 
 def main(argv: list[str] | None = None) -> int:
