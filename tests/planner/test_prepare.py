@@ -11,7 +11,12 @@ from elmforest.api.branch import ElmBranchStatus
 from elmforest.api.forest import ElmForestSpec, ElmForestStatus
 from elmforest.planner.actions import CreateJob, DeleteJob, PatchStatus
 from elmforest.planner.branch import ForestView, plan_branch, spec_fingerprint
-from elmforest.planner.forest import ForestInput, plan_forest, seed_prepare_job_name
+from elmforest.planner.forest import (
+    ForestInput,
+    plan_forest,
+    seed_prepare,
+    seed_prepare_job_name,
+)
 from elmforest.planner.observed import JobState, RunRecords, StorageView
 from elmforest.planner.prepare import Preparation
 from tests.planner.test_branch_planner import FOREST, SPEC, inp, status_of
@@ -143,6 +148,14 @@ def test_the_seed_prepares_the_mixture_before_its_gpu_job() -> None:
     assert container(job)["args"][0] == "prepare"
     assert "nvidia.com/gpu" not in container(job).get("resources", {}).get("limits", {})
     assert forest_status(plan).phase == "Preparing"
+    # What the cluster and local adapters observe for it: that Job and the seed's two lists.
+    step = seed_prepare("books", SEEDED, READY_TOKENIZER)
+    assert step == (job["metadata"]["name"], (SEEDED.seed.data, SEEDED.seed.val_data))
+    seeded = READY_TOKENIZER.model_copy(
+        update={"seed": ArtifactEntry(path="seed", sha256="0" * 64)}
+    )
+    assert seed_prepare("books", SEEDED, seeded) is None  # the seed trained: nothing to prepare
+    assert seed_prepare("books", SEEDED, None) is None
 
 
 def test_the_seed_trains_once_its_text_is_prepared() -> None:

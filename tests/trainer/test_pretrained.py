@@ -59,27 +59,12 @@ def config_for(family: str, vocab: int, eos: int) -> PretrainedConfig:
         return GPTNeoXConfig(
             vocab_size=padded, intermediate_size=64, max_position_embeddings=64, **WIDTH, **ids
         )
+    shared = {"vocab_size": vocab, "intermediate_size": 64, "num_key_value_heads": 1, **WIDTH}
     if family == "llama":
-        return LlamaConfig(
-            vocab_size=vocab,
-            intermediate_size=64,
-            max_position_embeddings=64,
-            num_key_value_heads=1,
-            **WIDTH,
-            **ids,
-        )
+        return LlamaConfig(max_position_embeddings=64, **shared, **ids)
     if family == "gemma2":
-        return Gemma2Config(
-            vocab_size=vocab,
-            intermediate_size=64,
-            head_dim=16,
-            num_key_value_heads=1,
-            **WIDTH,
-            **ids,
-        )
-    return CohereConfig(
-        vocab_size=vocab, intermediate_size=64, num_key_value_heads=1, **WIDTH, **ids
-    )
+        return Gemma2Config(head_dim=16, **shared, **ids)
+    return CohereConfig(**shared, **ids)
 
 
 def hf_folders(root: Path, family: str, dtype: torch.dtype, style: str) -> None:

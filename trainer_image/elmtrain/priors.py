@@ -10,6 +10,7 @@ import structlog
 from pydantic import ValidationError
 
 from elmcore.errors import BadInputError, ElmError, NotFoundError
+from elmcore.manifest import Manifest
 from elmcore.priors import (
     PriorQuestion,
     StoredPrior,
@@ -41,13 +42,13 @@ def forest_prior(
         raise BadInputError("the forest has no experts yet")
     uniform = {e.domain: 1.0 / len(experts) for e in experts}
     if data:
-        return _stored_or_computed(forest, list(data), sample, seq_len, runtime, seed)
+        return _stored_or_computed(forest, manifest, list(data), sample, seq_len, runtime, seed)
     locations = default_prior_locations(manifest)
     if not locations:
         log.info("prior.uniform", reason="no prior data given and no validation text recorded")
         return uniform
     try:
-        return _stored_or_computed(forest, locations, sample, seq_len, runtime, seed)
+        return _stored_or_computed(forest, manifest, locations, sample, seq_len, runtime, seed)
     except ElmError as error:
         # The experts' validation text as their Jobs read it may not be readable here (a
         # serving pod's credentials, a training machine's path): not a reason to stop.
@@ -56,15 +57,20 @@ def forest_prior(
 
 
 def _stored_or_computed(
-    forest: Forest, locations: list[str], sample: int, seq_len: int, runtime: Runtime, seed: int
+    forest: Forest,
+    manifest: Manifest,
+    locations: list[str],
+    sample: int,
+    seq_len: int,
+    runtime: Runtime,
+    seed: int,
 ) -> dict[str, float]:
     from elmtrain.evaluation import domain_prior
 
-    manifest = forest.manifest()
     experts = manifest.sorted_experts()
-    dirs = [forest.fetch(e) for e in experts]
-    # Windows no longer than the experts read (a default of 128 on a 64-token model).
-    seq_len = min(seq_len, context_length_of(dirs[0]) or seq_len)
+    # Windows no longer than the experts read (a default of 128 on a 64-token model); one
+    # expert's config says it, and a stored prior needs no other expert fetched.
+    seq_len = min(seq_len, context_length_of(forest.fetch(experts[0])) or seq_len)
     store = forest.token_store()
     question = PriorQuestion(
         data=store.sources(locations), sample=sample, seq_len=seq_len, seed=seed
@@ -78,7 +84,7 @@ def _stored_or_computed(
     except (NotFoundError, ValidationError):
         pass
     sequences = sample_sequences(store.sequences(locations, seq_len), sample, seed)
-    weights = domain_prior(dirs, sequences, runtime)
+    weights = domain_prior([forest.fetch(e) for e in experts], sequences, runtime)
     prior = StoredPrior(
         revision=manifest.revision,
         experts=experts_of(manifest),

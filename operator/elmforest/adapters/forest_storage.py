@@ -6,7 +6,7 @@ Blocking (boto3); the reconcilers call it from worker threads.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from pydantic import ValidationError
 
@@ -56,7 +56,7 @@ class ForestStorage:
                 records[missing[0]] = self.records(missing[0])
         return view, records
 
-    def prepared(self, tokenizer_sha256: str, datasets: list[list[str]]) -> bool:
+    def prepared(self, tokenizer_sha256: str, datasets: Sequence[list[str]]) -> bool:
         """Whether ``elmtrain prepare`` recorded the shards of each (non-empty) location list
         under this tokenizer (the trainer re-checks the files themselves)."""
         return all(
@@ -68,7 +68,7 @@ class ForestStorage:
     def preparation(
         self,
         manifest: Manifest | None,
-        datasets: list[list[str]],
+        datasets: Sequence[list[str]],
         job: JobState | None,
         run_id: str | None,
     ) -> Preparation | None:

@@ -167,7 +167,9 @@ class TrainerSpec(SpecModel):
         description="trainer image pinned by digest (repo@sha256:...); required on a cluster",
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    gpus: int = Field(0, ge=0, le=64, description="nvidia.com/gpu per Job; >1 runs torchrun")
+    gpus: int = Field(
+        0, ge=0, le=64, description="nvidia.com/gpu per Job; >1 runs elmtrain-torchrun"
+    )
     resources: Resources = Field(default_factory=Resources)
     node_selector: dict[str, str] = Field(default_factory=dict, max_length=32)
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)

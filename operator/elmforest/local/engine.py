@@ -43,7 +43,7 @@ from elmforest.planner.forest import (
     SEED_PREPARE_RUN,
     ForestInput,
     plan_forest,
-    seed_prepare_job_name,
+    seed_prepare,
 )
 from elmforest.planner.observed import JobState, RunRecords
 from elmforest.planner.prepare import Preparation
@@ -187,13 +187,11 @@ class Engine:
         siblings = [sibling(b.body()) for b in self.branches_of(record.name)]
         self._remember_progress(record.name, records)
         preparation = None
-        if view.manifest is not None and view.manifest.seed is None:
-            seed_job = self.state.jobs.get(seed_prepare_job_name(record.name, spec))
+        step = seed_prepare(record.name, spec, view.manifest)
+        if step is not None and view.manifest is not None:
+            job_name, datasets = step
             preparation = storage.preparation(
-                view.manifest,
-                [spec.seed.data, spec.seed.val_data],
-                self.runner.job_state(seed_job) if seed_job is not None else None,
-                SEED_PREPARE_RUN,
+                view.manifest, datasets, self._job_state(job_name), SEED_PREPARE_RUN
             )
         inp = ForestInput(
             name=record.name,

@@ -102,9 +102,9 @@ def prepare_run_id(domain: str, version: int) -> str:
     return branch_run_id(domain, version).replace("branch.", "prepare.", 1)
 
 
-def prepare_datasets(spec: ElmBranchSpec) -> list[list[str]]:
-    """The location lists a branch's prepare step turns into shards."""
-    return [spec.data.train, spec.data.validation]
+def prepare_datasets(spec: ElmBranchSpec) -> tuple[list[str], list[str]]:
+    """The location lists (training, validation) a branch's prepare step turns into shards."""
+    return spec.data.train, spec.data.validation
 
 
 def current_prepare(
@@ -370,7 +370,7 @@ def _prepare(inp: BranchInput, status: ElmBranchStatus, preparation: Preparation
             inp.forest.name,
             inp.forest.spec,
             prepare_run_id(inp.spec.domain, status.version),
-            (inp.spec.data.train, inp.spec.data.validation),
+            prepare_datasets(inp.spec),
             branch=inp.name,
         )
         return plan.add(CreateJob(body))

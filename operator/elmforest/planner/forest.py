@@ -165,8 +165,23 @@ def plan_forest(inp: ForestInput, spec_error: str | None = None) -> Plan:
 SEED_PREPARE_RUN = "prepare.seed"
 
 
+def seed_prepare_datasets(spec: ElmForestSpec) -> tuple[list[str], list[str]]:
+    """The location lists (training, validation) the seed's prepare step turns into shards."""
+    return spec.seed.data, spec.seed.val_data
+
+
 def seed_prepare_job_name(forest: str, spec: ElmForestSpec) -> str:
-    return forest_job_name(forest, "prepare", digest([spec.seed.data, spec.seed.val_data]))
+    return forest_job_name(forest, "prepare", digest(list(seed_prepare_datasets(spec))))
+
+
+def seed_prepare(
+    forest: str, spec: ElmForestSpec, manifest: Manifest | None
+) -> tuple[str, tuple[list[str], list[str]]] | None:
+    """(Job name, location lists) of the seed's prepare step while the seed is still to be
+    trained; None once it is (or while the manifest is unread)."""
+    if manifest is None or manifest.seed is not None:
+        return None
+    return seed_prepare_job_name(forest, spec), seed_prepare_datasets(spec)
 
 
 def _prepare_seed(inp: ForestInput, spec: ElmForestSpec, status: ElmForestStatus) -> Plan | None:
@@ -188,7 +203,7 @@ def _prepare_seed(inp: ForestInput, spec: ElmForestSpec, status: ElmForestStatus
         return _failed(inp, status, reason, f"{name}: {why}")
     if job is None:
         owner = Owner(FOREST.kind, inp.name, inp.uid)
-        data = (spec.seed.data, spec.seed.val_data)
+        data = seed_prepare_datasets(spec)
         body = prepare_job(name, inp.namespace, owner, inp.name, spec, SEED_PREPARE_RUN, data)
         plan.add(CreateJob(body))
     summary = progress_summary(preparation.records)

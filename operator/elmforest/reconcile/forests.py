@@ -17,7 +17,7 @@ from elmforest.planner.forest import (
     SEED_PREPARE_RUN,
     ForestInput,
     plan_forest,
-    seed_prepare_job_name,
+    seed_prepare,
 )
 from elmforest.planner.observed import JobState, OwnedObject, RunRecords, StorageView
 from elmforest.planner.prepare import Preparation
@@ -58,10 +58,11 @@ async def _seed_preparation(
     name: str,
 ) -> Preparation | None:
     """The seed text's prepare step, while the seed is still to be trained."""
-    if view.manifest is None or view.manifest.seed is not None:
+    step = seed_prepare(name, spec, view.manifest)
+    if step is None:
         return None
-    job = jobs.get(seed_prepare_job_name(name, spec))
-    datasets = [spec.seed.data, spec.seed.val_data]
+    job_name, datasets = step
+    job = jobs.get(job_name)
     return await ctx.io(storage.preparation, view.manifest, datasets, job, SEED_PREPARE_RUN)
 
 

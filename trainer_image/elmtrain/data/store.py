@@ -87,6 +87,9 @@ class TokenStore:
         self.storage, self.tokenizer, self.tokenizer_id = storage, tokenizer, tokenizer_id
         self.endpoint = endpoint
         self.dtype = token_dtype(len(tokenizer))
+        # Shard indexes are content-addressed (they never change): read once per store,
+        # though streaming and lineage both ask.
+        self._indexes: dict[str, ShardIndex] = {}
 
     def _listing(self, locations: Sequence[str]) -> list[tuple[str, Storage, FileRecord]]:
         """Every text file of the locations, in order, with its size and entity tag."""
@@ -213,10 +216,13 @@ class TokenStore:
             return shards, index.tokens
 
     def _index(self, shards: str) -> ShardIndex:
-        try:
-            return ShardIndex.model_validate_json(self.storage.read_bytes(f"{shards}/{INDEX}"))
-        except (NotFoundError, ValidationError) as error:
-            raise BadInputError(f"{shards}: unreadable shard index ({error})") from None
+        if shards not in self._indexes:
+            try:
+                raw = self.storage.read_bytes(f"{shards}/{INDEX}")
+                self._indexes[shards] = ShardIndex.model_validate_json(raw)
+            except (NotFoundError, ValidationError) as error:
+                raise BadInputError(f"{shards}: unreadable shard index ({error})") from None
+        return self._indexes[shards]
 
     def sources(self, locations: Sequence[str]) -> list[SourceFile]:
         """Each text file of the locations with the sha256 of the content tokenized (lineage)."""
