@@ -23,13 +23,13 @@ def main() -> None:
     args = cli.parse_args()
 
     from elmcore.records import Progress
-    from elmtrain.checkpoint import Checkpointer
     from elmtrain.config import ModelConfig, TrainingConfig
     from elmtrain.forest import Forest
-    from elmtrain.models import build_model
-    from elmtrain.progress import ProgressReporter
+    from elmtrain.model.families import build_model
+    from elmtrain.run.checkpoint import Checkpointer
+    from elmtrain.run.progress import ProgressReporter
+    from elmtrain.run.train import train
     from elmtrain.runtime import setup_runtime
-    from elmtrain.train import train
 
     forest = Forest.open(args.forest)
     store = forest.token_store()

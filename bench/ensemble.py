@@ -56,9 +56,9 @@ def measure(scale: dict[str, Any]) -> dict[str, Any]:
 
     from elmtrain.commands.generate import _Stream
     from elmtrain.config import ModelConfig
-    from elmtrain.models import build_model
+    from elmtrain.model.families import build_model
     from elmtrain.runtime import setup_runtime
-    from elmtrain.scoring import ensemble_logprobs, log_posterior, route, token_logprobs
+    from elmtrain.scoring.logprobs import ensemble_logprobs, log_posterior, route, token_logprobs
 
     runtime = setup_runtime()
     config = ModelConfig(

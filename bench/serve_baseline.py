@@ -19,7 +19,7 @@ def build_app(model_dir: Path, tokenizer_dir: Path, dtype: str) -> web.Applicati
     import torch
     from transformers import AutoModelForCausalLM
 
-    from elmtrain.tokenizer import load_tokenizer
+    from elmtrain.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()

@@ -42,7 +42,7 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
 
 def _model(scale: dict[str, Any]) -> Any:
     from elmtrain.config import ModelConfig
-    from elmtrain.models import build_model
+    from elmtrain.model.families import build_model
 
     config = ModelConfig(family="gpt2", context_length=scale["seq_len"], **scale["model"])
     return build_model(config, scale["vocab"], eos_id=0, seed=0)
@@ -64,10 +64,10 @@ def _config(scale: dict[str, Any], precision: str) -> Any:
 def run_elmtrain(scale: dict[str, Any], sequences: Any, precision: str) -> float:
     """Seconds for ``steps`` optimizer steps of the elmtrain loop, start-up included."""
     from elmcore.storage import open_storage
-    from elmtrain.checkpoint import Checkpointer
-    from elmtrain.progress import ProgressReporter
+    from elmtrain.run.checkpoint import Checkpointer
+    from elmtrain.run.progress import ProgressReporter
+    from elmtrain.run.train import train
     from elmtrain.runtime import setup_runtime
-    from elmtrain.train import train
 
     cfg = _config(scale, precision)
     with tempfile.TemporaryDirectory() as tmp:

@@ -71,7 +71,7 @@ class Evaluator:
         return self._text[key]
 
     def logprobs(self, model: Path, domain: str) -> torch.Tensor:
-        from elmtrain.evaluation import model_logprobs
+        from elmtrain.scoring.evaluation import model_logprobs
 
         key = (model, domain)
         if key not in self._scores:
@@ -79,7 +79,7 @@ class Evaluator:
         return self._scores[key]
 
     def perplexity(self, model: Path, domain: str) -> float:
-        from elmtrain.scoring import perplexity
+        from elmtrain.scoring.logprobs import perplexity
 
         return perplexity(self.logprobs(model, domain))[1]
 
@@ -95,9 +95,9 @@ class Evaluator:
         """The rows of one set of experts (module docstring) on each domain."""
         import torch
 
-        from elmtrain.averaging import average_models
-        from elmtrain.evaluation import domain_prior
-        from elmtrain.scoring import ensemble_logprobs, perplexity, route
+        from elmtrain.model.averaging import average_models
+        from elmtrain.scoring.evaluation import domain_prior
+        from elmtrain.scoring.logprobs import ensemble_logprobs, perplexity, route
 
         k = self.scale.top_k
         names, dirs = list(experts), list(experts.values())
@@ -130,8 +130,8 @@ class Evaluator:
         return rows
 
     def _fresh_perplexity(self, model: Path, domain: str) -> float:
-        from elmtrain.evaluation import model_logprobs
-        from elmtrain.scoring import perplexity
+        from elmtrain.scoring.evaluation import model_logprobs
+        from elmtrain.scoring.logprobs import perplexity
 
         return perplexity(model_logprobs(model, self.text(domain, "test"), self.runtime))[1]
 

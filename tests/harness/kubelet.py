@@ -27,7 +27,7 @@ JOBS = resource("batch/v1/jobs")
 SECRETS = resource("v1/secrets")
 PROGRAMS = {
     "elmtrain": [sys.executable, "-m", "elmtrain"],
-    "elmtrain-torchrun": [sys.executable, "-m", "elmtrain.launch"],
+    "elmtrain-torchrun": [sys.executable, "-m", "elmtrain.run.launch"],
 }
 
 

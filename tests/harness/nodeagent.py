@@ -42,7 +42,7 @@ from tests.harness.controlplane import kubeconfig
 PROGRAMS = {
     "elmtrain": [sys.executable, "-m", "elmtrain"],
     "elmforest": [sys.executable, "-m", "elmforest"],
-    "elmtrain-torchrun": [sys.executable, "-m", "elmtrain.launch"],
+    "elmtrain-torchrun": [sys.executable, "-m", "elmtrain.run.launch"],
 }
 ENTRYPOINTS = {"trainer": ["elmtrain"], "operator": ["elmforest"]}  # image name part -> command
 TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"

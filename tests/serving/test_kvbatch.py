@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from elmtrain.config import ModelConfig
-from elmtrain.models import build_model
+from elmtrain.model.families import build_model
 from elmtrain.runtime import Runtime
-from elmtrain.scoring import token_logprobs
+from elmtrain.scoring.logprobs import token_logprobs
 from elmtrain.serving.kvbatch import DecodeBatch, prefill
 
 CPU = torch.device("cpu")

@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from elmcore.errors import BadInputError
-from elmtrain.averaging import average_files, average_models
 from elmtrain.config import ModelConfig
-from elmtrain.models import build_model, save_model
+from elmtrain.model.averaging import average_files, average_models
+from elmtrain.model.families import build_model, save_model
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -74,7 +74,7 @@ def test_mismatched_inputs_are_bad_input(tmp_path: Path) -> None:
 PEAK_RSS = """
 import os, sys, threading, time
 from pathlib import Path
-from elmtrain.averaging import average_files
+from elmtrain.model.averaging import average_files
 from safetensors.torch import load_file
 
 def rss_kib():
@@ -156,7 +156,7 @@ def test_averaging_imports_neither_torch_nor_transformers() -> None:
     and a plain average needs numpy alone (bench/merge measures what this buys)."""
     probe = (
         "import sys; from elmtrain.cli import build_parser; build_parser('average'); "
-        "import elmtrain.averaging; "
+        "import elmtrain.model.averaging; "
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
     completed = subprocess.run(
@@ -171,7 +171,7 @@ def test_sharded_folders_average_into_shards_that_transformers_loads(tmp_path: P
     from tokenizers import ByteLevelBPETokenizer
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from elmtrain.model_files import INDEX_FILE, WEIGHTS_FILE
+    from elmtrain.model.files import INDEX_FILE, WEIGHTS_FILE
 
     config = ModelConfig.model_validate(
         {"family": "llama", "d_model": 32, "n_layers": 2, "n_heads": 2, "context_length": 32}

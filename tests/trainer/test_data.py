@@ -15,7 +15,6 @@ from transformers import PreTrainedTokenizerFast
 
 from elmcore.errors import BadInputError
 from elmcore.storage import open_storage
-from elmtrain.checkpoint import Checkpointer
 from elmtrain.config import ModelConfig, TrainingConfig
 from elmtrain.data import (
     DOC_SEPARATOR,
@@ -28,10 +27,11 @@ from elmtrain.data import (
 )
 from elmtrain.data import documents as documents_module
 from elmtrain.data.shards import ShardFile, ShardWriter, TokenSequences, TokenStream
-from elmtrain.models import build_model
-from elmtrain.progress import ProgressReporter
+from elmtrain.model.families import build_model
+from elmtrain.run.checkpoint import Checkpointer
+from elmtrain.run.progress import ProgressReporter
+from elmtrain.run.train import train
 from elmtrain.runtime import Runtime
-from elmtrain.train import train
 from tests.textgen import domain_text
 
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from elmtrain.config import ModelConfig
-from elmtrain.models import build_model
+from elmtrain.model.families import build_model
 from tests.conftest import elmtrain
 from tests.trainer.conftest import TINY_MODEL, ForestFactory, training
 
@@ -47,7 +47,7 @@ def two_ranks(args: list[str]) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "elmtrain.launch",
+        "elmtrain.run.launch",
         "--nproc-per-node=2",
         "--master-addr=127.0.0.1",
         f"--master-port={port}",
@@ -159,7 +159,7 @@ def test_sigterm_to_some_ranks_checkpoints_once_and_exits_75(
 
 
 def test_the_launcher_exits_with_what_the_ranks_said() -> None:
-    from elmtrain.launch import exit_code
+    from elmtrain.run.launch import exit_code
 
     sigterm, sigkill = -signal.SIGTERM, -signal.SIGKILL
     assert exit_code([65, sigterm]) == 65  # bad input on one rank: never retried

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from elmtrain.config import ModelConfig
-from elmtrain.fused_loss import CausalLMLoss, chunk_rows, linear_cross_entropy
-from elmtrain.models import build_model
+from elmtrain.model.families import build_model
+from elmtrain.model.fused_loss import CausalLMLoss, chunk_rows, linear_cross_entropy
 
 
 def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from elmcore.priors import StoredPrior
-from elmtrain.lineage import elmtrain_version
+from elmtrain.run.lineage import elmtrain_version
 from tests.conftest import elmtrain, training
 
 IMAGE = "registry.example/elmtrain@sha256:" + "5" * 64

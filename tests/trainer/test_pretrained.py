@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from elmcore.errors import BadInputError, ExitCode
-from elmtrain.models import check_trainable
+from elmtrain.model.families import check_trainable
 from tests.conftest import elmtrain, training
 from tests.textgen import domain_text
 

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import ByteLevelBPETokenizer, Tokenizer
 
-from elmtrain.rankbpe import rank_encoder
-from elmtrain.tokenworker import DocumentEncoder
+from elmtrain.data.rankbpe import rank_encoder
+from elmtrain.data.tokenworker import DocumentEncoder
 from tests.textgen import domain_text
 
 EOS = "<|endoftext|>"

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from elmcore import layout
 from elmcore.storage import open_storage
 from elmcore.storage.commit import commit_dir, committed_steps
-from elmtrain.checkpoint import STATE_FILE
+from elmtrain.run.checkpoint import STATE_FILE
 from tests.conftest import elmtrain
 from tests.trainer.conftest import ForestFactory, training
 

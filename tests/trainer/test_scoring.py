@@ -9,9 +9,9 @@ import torch
 
 from elmcore.btm import posterior, top_k
 from elmtrain.config import ModelConfig
-from elmtrain.models import build_model
+from elmtrain.model.families import build_model
 from elmtrain.runtime import Runtime
-from elmtrain.scoring import ensemble_logprobs, perplexity, route, token_logprobs
+from elmtrain.scoring.logprobs import ensemble_logprobs, perplexity, route, token_logprobs
 
 CPU = Runtime(device=torch.device("cpu"))
 

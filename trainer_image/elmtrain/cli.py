@@ -16,7 +16,7 @@ import structlog
 
 from elmcore.errors import ElmError, ExitCode
 from elmcore.logs import configure_logging
-from elmtrain.progress import write_termination_message
+from elmtrain.run.progress import write_termination_message
 
 # Command name -> module. Only the command being run is imported: ``elmtrain average`` never
 # pays for torch or transformers, and every command starts faster.

@@ -48,7 +48,7 @@ class Forest:
         return self.fetch(entry)
 
     def tokenizer(self) -> PreTrainedTokenizerFast:
-        from elmtrain.tokenizer import load_tokenizer
+        from elmtrain.model.tokenizer import load_tokenizer
 
         return load_tokenizer(self.tokenizer_dir())
 

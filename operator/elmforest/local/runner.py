@@ -28,7 +28,7 @@ from elmforest.planner.observed import JobPhase, JobState
 
 PROGRAMS = {
     "elmtrain": [sys.executable, "-m", "elmtrain"],
-    "elmtrain-torchrun": [sys.executable, "-m", "elmtrain.launch"],
+    "elmtrain-torchrun": [sys.executable, "-m", "elmtrain.run.launch"],
 }
 # Container paths that mean nothing on this machine; the runner sets its own.
 _CONTAINER_ENV = {"ELMTRAIN_CACHE", "HF_HOME", "TMPDIR"}

@@ -11,9 +11,9 @@ from elmcore.btm import top_k
 from elmcore.errors import BadInputError
 from elmcore.storage import open_storage
 from elmcore.storage.commit import commit_dir
-from elmtrain.averaging import average_models
 from elmtrain.cache import cache_dir
 from elmtrain.commands.common import add_forest_args, open_forest, parse_weights, write_output
+from elmtrain.model.averaging import average_models
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

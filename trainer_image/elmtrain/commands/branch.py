@@ -12,7 +12,6 @@ from elmcore.errors import BadInputError
 from elmcore.names import branch_run_id, validate_label
 from elmcore.records import Parent, Record, Result
 from elmcore.storage.commit import committed_steps
-from elmtrain import branch_init
 from elmtrain.cache import cache_dir
 from elmtrain.commands.common import (
     add_forest_args,
@@ -22,8 +21,10 @@ from elmtrain.commands.common import (
 )
 from elmtrain.data import sample_sequences
 from elmtrain.forest import Forest
-from elmtrain.jobs import JobSpec, failure_recorded, finish_if_done, run_training_job
-from elmtrain.models import check_vocab, load_model
+from elmtrain.model.families import check_vocab, load_model
+from elmtrain.run import branch_init
+from elmtrain.run.jobs import failure_recorded, finish_if_done, run_training_job
+from elmtrain.run.spec import JobSpec
 from elmtrain.runtime import setup_runtime
 
 

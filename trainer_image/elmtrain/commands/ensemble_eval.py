@@ -18,9 +18,9 @@ from elmtrain.commands.common import add_forest_args, domain_locations, open_for
 from elmtrain.commands.evaluate import add_eval_data_args
 from elmtrain.commands.posterior import prior_for
 from elmtrain.data import load_sequences
-from elmtrain.evaluation import expert_logprobs
 from elmtrain.runtime import setup_runtime
-from elmtrain.scoring import ensemble_logprobs, perplexity, route
+from elmtrain.scoring.evaluation import expert_logprobs
+from elmtrain.scoring.logprobs import ensemble_logprobs, perplexity, route
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -7,9 +7,9 @@ from typing import Any
 
 from elmtrain.commands.common import add_forest_args, domain_locations, open_forest, write_output
 from elmtrain.data import load_sequences
-from elmtrain.evaluation import model_logprobs
 from elmtrain.runtime import setup_runtime
-from elmtrain.scoring import perplexity
+from elmtrain.scoring.evaluation import model_logprobs
+from elmtrain.scoring.logprobs import perplexity
 
 
 def add_eval_data_args(parser: argparse.ArgumentParser) -> None:

@@ -17,10 +17,10 @@ from transformers import PreTrainedModel
 
 from elmcore.errors import BadInputError
 from elmtrain.commands.common import add_forest_args, open_forest
-from elmtrain.models import context_length, load_model
-from elmtrain.priors import forest_prior
+from elmtrain.model.families import context_length, load_model
 from elmtrain.runtime import setup_runtime
-from elmtrain.scoring import log_posterior, route
+from elmtrain.scoring.logprobs import log_posterior, route
+from elmtrain.scoring.priors import forest_prior
 
 log = structlog.get_logger(__name__)
 

@@ -1,5 +1,5 @@
 """``elmtrain posterior``: the cached domain prior of a text sample over the forest's experts,
-stored with the forest for the manifest's revision (``elmtrain.priors``)."""
+stored with the forest for the manifest's revision (``elmtrain.scoring.priors``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import argparse
 from elmcore.errors import BadInputError
 from elmtrain.commands.common import add_forest_args, open_forest, write_output
 from elmtrain.forest import Forest
-from elmtrain.priors import forest_prior
 from elmtrain.runtime import Runtime, setup_runtime
+from elmtrain.scoring.priors import forest_prior
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -14,8 +14,8 @@ from elmcore.names import validate_run_id
 from elmcore.records import Progress
 from elmtrain.commands.common import add_forest_args, open_forest
 from elmtrain.data.store import DatasetRecord
-from elmtrain.jobs import failure_recorded
-from elmtrain.progress import ProgressReporter
+from elmtrain.run.jobs import failure_recorded
+from elmtrain.run.progress import ProgressReporter
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -31,16 +31,16 @@ from elmcore.report import (
     expert_row,
     top_k_row,
 )
-from elmtrain.averaging import average_models
 from elmtrain.cache import cache_dir
 from elmtrain.commands.common import add_forest_args, open_forest, write_output
 from elmtrain.config import load_json_arg, parse_config
 from elmtrain.data import load_sequences
-from elmtrain.evaluation import expert_logprobs, model_logprobs
 from elmtrain.forest import Forest
-from elmtrain.priors import forest_prior
+from elmtrain.model.averaging import average_models
 from elmtrain.runtime import Runtime, setup_runtime
-from elmtrain.scoring import ensemble_logprobs, perplexity
+from elmtrain.scoring.evaluation import expert_logprobs, model_logprobs
+from elmtrain.scoring.logprobs import ensemble_logprobs, perplexity
+from elmtrain.scoring.priors import forest_prior
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

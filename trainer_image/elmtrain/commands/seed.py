@@ -16,8 +16,9 @@ from elmtrain.commands.common import (
 )
 from elmtrain.config import ModelConfig, load_json_arg, parse_config
 from elmtrain.forest import Forest
-from elmtrain.jobs import JobSpec, failure_recorded, finish_if_done, run_training_job
-from elmtrain.models import build_model, check_trainable, check_vocab, load_model
+from elmtrain.model.families import build_model, check_trainable, check_vocab, load_model
+from elmtrain.run.jobs import failure_recorded, finish_if_done, run_training_job
+from elmtrain.run.spec import JobSpec
 from elmtrain.runtime import setup_runtime
 
 

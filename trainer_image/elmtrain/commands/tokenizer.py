@@ -14,7 +14,7 @@ from elmtrain.cache import cache_dir
 from elmtrain.commands.common import add_forest_args, open_forest
 from elmtrain.data import iter_documents
 from elmtrain.forest import download_folder
-from elmtrain.tokenizer import load_tokenizer, train_tokenizer
+from elmtrain.model.tokenizer import load_tokenizer, train_tokenizer
 
 RUN_ID = "tokenizer"
 

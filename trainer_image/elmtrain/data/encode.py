@@ -14,7 +14,7 @@ from multiprocessing import get_context
 
 import numpy as np
 
-from elmtrain.tokenworker import DocumentEncoder, encode_in_worker, start_worker
+from elmtrain.data.tokenworker import DocumentEncoder, encode_in_worker, start_worker
 
 BATCH_CHARS = 1 << 20  # characters of text per batch handed to a worker
 

@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 import torch
 
-from elmtrain.scoring import log_posterior, route
+from elmtrain.scoring.logprobs import log_posterior, route
 from elmtrain.serving.kvbatch import DecodeBatch, Prefill, concat, prefill
 from elmtrain.serving.modelset import AVERAGE, EXPERT, SEED, Member, ModelSet, Target
 from elmtrain.serving.sampling import TextStream, sample

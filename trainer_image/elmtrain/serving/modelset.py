@@ -23,12 +23,12 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from elmcore.btm import top_k
-from elmtrain.averaging import average_models
 from elmtrain.cache import cache_dir
 from elmtrain.forest import Forest
-from elmtrain.models import context_length, load_model
-from elmtrain.priors import forest_prior
+from elmtrain.model.averaging import average_models
+from elmtrain.model.families import context_length, load_model
 from elmtrain.runtime import Runtime
+from elmtrain.scoring.priors import forest_prior
 
 log = structlog.get_logger(__name__)
 AVERAGE, EXPERT, SEED = "average", "expert", "seed"

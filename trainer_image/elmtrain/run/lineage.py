@@ -12,7 +12,7 @@ from elmcore.records import Lineage
 if TYPE_CHECKING:
     from elmtrain.data import TokenStore
     from elmtrain.forest import Forest
-    from elmtrain.jobs import JobSpec
+    from elmtrain.run.spec import JobSpec
 
 IMAGE_ENV = "ELMTRAIN_IMAGE"  # the operator sets it to the Job's image (pinned by digest)
 

@@ -24,13 +24,13 @@ from transformers import PreTrainedModel
 
 from elmcore.errors import BadInputError, TransientError
 from elmcore.records import CurvePoint, Progress
-from elmtrain.checkpoint import Checkpointer
 from elmtrain.config import TrainingConfig
 from elmtrain.data import TokenSequences, batch_indices
-from elmtrain.fused_loss import CausalLMLoss
-from elmtrain.progress import ProgressReporter
+from elmtrain.model.fused_loss import CausalLMLoss
+from elmtrain.run.checkpoint import Checkpointer
+from elmtrain.run.progress import ProgressReporter
 from elmtrain.runtime import Runtime
-from elmtrain.scoring import perplexity, token_logprobs
+from elmtrain.scoring.logprobs import perplexity, token_logprobs
 
 log = structlog.get_logger(__name__)
 

@@ -20,7 +20,7 @@ from elmcore.priors import (
 )
 from elmtrain.data import sample_sequences
 from elmtrain.forest import Forest
-from elmtrain.model_files import context_length_of
+from elmtrain.model.files import context_length_of
 from elmtrain.runtime import Runtime
 
 log = structlog.get_logger(__name__)
@@ -65,7 +65,7 @@ def _stored_or_computed(
     runtime: Runtime,
     seed: int,
 ) -> dict[str, float]:
-    from elmtrain.evaluation import domain_prior
+    from elmtrain.scoring.evaluation import domain_prior
 
     experts = manifest.sorted_experts()
     # Windows no longer than the experts read (a default of 128 on a 64-token model); one

@@ -11,9 +11,7 @@ import math
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import structlog
 import torch
@@ -21,39 +19,24 @@ from transformers import PreTrainedModel
 
 from elmcore import layout
 from elmcore.errors import ElmError, ExitCode, NotFoundError
-from elmcore.records import CurvePoint, Metrics, Parent, Progress, Result
+from elmcore.records import CurvePoint, Metrics, Progress, Result
 from elmcore.storage.commit import commit_dir, verify_committed
 from elmcore.storage.manifest_store import merge_verified
 from elmtrain.cache import cache_dir
-from elmtrain.checkpoint import Checkpointer
 from elmtrain.config import TrainingConfig
 from elmtrain.data import TokenSequences, load_sequences
 from elmtrain.forest import Forest
-from elmtrain.lineage import run_lineage
-from elmtrain.model_files import copy_tokenizer
-from elmtrain.models import save_model
-from elmtrain.progress import ProgressReporter
+from elmtrain.model.families import save_model
+from elmtrain.model.files import copy_tokenizer
+from elmtrain.run.checkpoint import Checkpointer
+from elmtrain.run.lineage import run_lineage
+from elmtrain.run.progress import ProgressReporter
+from elmtrain.run.spec import JobSpec
+from elmtrain.run.train import train
 from elmtrain.runtime import Runtime
-from elmtrain.scoring import perplexity, token_logprobs
-from elmtrain.train import train
+from elmtrain.scoring.logprobs import perplexity, token_logprobs
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass
-class JobSpec:
-    kind: Literal["seed", "expert"]
-    run_id: str
-    out_key: str
-    train_data: list[str]
-    val_data: list[str]
-    training: TrainingConfig
-    domain: str | None = None
-    version: int | None = None
-    init_strategy: str | None = None
-    parents: list[Parent] = field(default_factory=list)
-    merge: bool = False
-    pretrained: str | None = None  # the seed's imported weights
 
 
 def finished_result(forest: Forest, run_id: str) -> Result | None:

@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel
 
 from elmcore.errors import BadInputError
-from elmtrain.models import context_length
+from elmtrain.model.families import context_length
 from elmtrain.runtime import Runtime
 
 

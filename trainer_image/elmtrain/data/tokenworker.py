@@ -2,7 +2,7 @@
 imports only this (numpy, tokenizers, tiktoken), not ``elmtrain.data``, whose package brings
 torch and transformers (half a gigabyte and seconds of start-up per worker, for nothing).
 
-Where ``elmtrain.rankbpe`` can reproduce the tokenizer, documents go through it (about three
+Where ``elmtrain.data.rankbpe`` can reproduce the tokenizer, documents go through it (about three
 times faster); each encoder's first batch is also encoded by the fast tokenizer and compared,
 and a difference sends it back to the fast tokenizer for good, so the ids never depend on
 which one ran.
@@ -18,7 +18,7 @@ import time
 import numpy as np
 from tokenizers import Tokenizer
 
-from elmtrain.rankbpe import RankEncoder, rank_encoder
+from elmtrain.data.rankbpe import RankEncoder, rank_encoder
 
 _WORKER: dict[str, DocumentEncoder] = {}  # the worker process's encoder
 

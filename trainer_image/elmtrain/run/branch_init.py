@@ -11,10 +11,10 @@ import torch
 from elmcore.btm import InitStrategy, init_weights
 from elmcore.manifest import Manifest
 from elmcore.records import Parent
-from elmtrain.averaging import average_models
-from elmtrain.evaluation import domain_prior
 from elmtrain.forest import Forest
+from elmtrain.model.averaging import average_models
 from elmtrain.runtime import Runtime
+from elmtrain.scoring.evaluation import domain_prior
 
 log = structlog.get_logger(__name__)
 

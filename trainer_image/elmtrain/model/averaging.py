@@ -21,8 +21,8 @@ import numpy as np
 
 from elmcore.btm import normalize
 from elmcore.errors import BadInputError
-from elmtrain.model_files import WEIGHTS_FILE, copy_tokenizer, weight_shards, write_index
-from elmtrain.safetensors_io import (
+from elmtrain.model.files import WEIGHTS_FILE, copy_tokenizer, weight_shards, write_index
+from elmtrain.model.safetensors_io import (
     FLOATS,
     SafetensorsReader,
     SafetensorsWriter,

@@ -108,7 +108,7 @@ def check_trainable(model: PreTrainedModel, where: str) -> None:
     """Refuse a model whose own loss is not the one elmtrain trains (the output layer as a
     plain projection, fused with cross-entropy): by its config where it says so, else by
     comparing both losses on a few random tokens."""
-    from elmtrain.fused_loss import CausalLMLoss
+    from elmtrain.model.fused_loss import CausalLMLoss
 
     for field, plain in _LOGIT_TRANSFORMS.items():
         value = getattr(model.config, field, plain)

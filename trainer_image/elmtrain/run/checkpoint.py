@@ -15,7 +15,7 @@ from elmcore import layout
 from elmcore.storage import Storage
 from elmcore.storage.commit import commit_dir, committed_steps, fetch_committed
 from elmtrain.cache import cache_dir
-from elmtrain.models import load_model, save_model
+from elmtrain.model.families import load_model, save_model
 
 log = structlog.get_logger(__name__)
 STATE_FILE = "training_state.pt"

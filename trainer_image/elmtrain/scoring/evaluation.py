@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from elmcore.btm import cached_prior
-from elmtrain.models import load_model
+from elmtrain.model.families import load_model
 from elmtrain.runtime import Runtime
-from elmtrain.scoring import token_logprobs
+from elmtrain.scoring.logprobs import token_logprobs
 
 
 def model_logprobs(model_dir: Path, sequences: torch.Tensor, runtime: Runtime) -> torch.Tensor:
