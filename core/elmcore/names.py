@@ -1,7 +1,10 @@
 """Validated names: the only strings that may become part of a storage key or a Job name."""
 
+from __future__ import annotations
+
 import re
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator
 
@@ -43,7 +46,6 @@ def _domain(value: str) -> str:
 
 
 Domain = Annotated[str, AfterValidator(_domain)]
-RunId = Annotated[str, AfterValidator(validate_run_id)]
 
 
 def version_dir(version: int) -> str:
@@ -53,8 +55,87 @@ def version_dir(version: int) -> str:
     return f"v{version}"
 
 
+def parse_version_dir(segment: str) -> int | None:
+    """The version a storage segment names (``v3`` -> 3); None for anything else."""
+    digits = segment[1:]
+    if not segment.startswith("v") or not digits.isdigit() or digits.startswith("0"):
+        return None
+    return int(digits)
+
+
+RunKind = Literal["tokenizer", "seed", "branch", "prepare"]
+_SEED_PREPARE = "seed"  # the domain segment of the seed's prepare run ("prepare.seed")
+_VERSIONED = ("branch", "prepare")  # the kinds with a domain and a version
+
+
+@dataclass(frozen=True)
+class RunId:
+    """A run's id, the name of its folder under ``runs/``: ``tokenizer``, ``seed``,
+    ``prepare.seed``, ``branch.<domain>.v<n>`` or ``prepare.<domain>.v<n>`` (a branch
+    version's prepare step). The one place that formats and takes run ids apart, so the
+    planner and the storage adapter never cut strings."""
+
+    kind: RunKind
+    domain: str | None = None  # a branch's, for its training and prepare runs
+    version: int | None = None
+
+    @classmethod
+    def tokenizer(cls) -> RunId:
+        return cls("tokenizer")
+
+    @classmethod
+    def seed(cls) -> RunId:
+        return cls("seed")
+
+    @classmethod
+    def seed_prepare(cls) -> RunId:
+        return cls("prepare")
+
+    @classmethod
+    def branch(cls, domain: str, version: int) -> RunId:
+        version_dir(version)
+        return cls("branch", _domain(domain), version)
+
+    @classmethod
+    def prepare(cls, domain: str, version: int) -> RunId:
+        """The prepare step of a branch version (its text tokenized into shards)."""
+        version_dir(version)
+        return cls("prepare", _domain(domain), version)
+
+    @classmethod
+    def parse(cls, text: str) -> RunId | None:
+        """The run a folder name is; None for a name no planner writes (left alone)."""
+        if text == "tokenizer":
+            return cls.tokenizer()
+        if text == "seed":
+            return cls.seed()
+        if text == f"prepare.{_SEED_PREPARE}":
+            return cls.seed_prepare()
+        kind, _, rest = text.partition(".")
+        domain, _, version = rest.rpartition(".")
+        number = parse_version_dir(version)
+        if number is None or not _LABEL_RE.fullmatch(domain) or len(domain) > DNS1123_LABEL_MAX:
+            return None
+        if kind == "branch":
+            return cls.branch(domain, number)
+        if kind == "prepare":
+            return cls.prepare(domain, number)
+        return None
+
+    @staticmethod
+    def domain_prefixes(domain: str) -> tuple[str, ...]:
+        """The prefixes of every run id of ``domain``'s versions (training and prepare)."""
+        return tuple(f"{kind}.{_domain(domain)}." for kind in _VERSIONED)
+
+    def __str__(self) -> str:
+        if self.domain is None:
+            return "prepare.seed" if self.kind == "prepare" else self.kind
+        assert self.version is not None  # the constructors set both or neither
+        return validate_run_id(f"{self.kind}.{self.domain}.{version_dir(self.version)}")
+
+
 def branch_run_id(domain: str, version: int) -> str:
-    return validate_run_id(f"branch.{_domain(domain)}.{version_dir(version)}")
+    return str(RunId.branch(domain, version))
 
 
-SEED_RUN_ID = "seed"
+SEED_RUN_ID = str(RunId.seed())

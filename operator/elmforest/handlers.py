@@ -29,10 +29,11 @@ from elmforest.planner.naming import (
 )
 from elmforest.planner.observed import JobState, OwnedObject, job_state, owned_object
 from elmforest.planner.serving import ROLE as SERVING_ROLE
-from elmforest.planner.siblings import Sibling, owners_by_domain, sibling
-from elmforest.reconcile.branch_worker import BranchSources, BranchWorker
+from elmforest.planner.siblings import ForestBranches, Sibling, sibling
 from elmforest.reconcile.context import OperatorContext, Settings
 from elmforest.reconcile.forests import reconcile_forest
+from elmforest.reconcile.sources import ClusterForestSource
+from elmforest.scheduling.worker import BranchSources, BranchWorker
 
 log = structlog.get_logger("elmforest.operator")
 CONTEXT_KEY = "elmforest"
@@ -287,10 +288,14 @@ async def forest_loop(
     ns = namespace or ""
 
     async def reconcile_once() -> float | None:
-        siblings = _siblings(kwargs["branch_index"], ns, name)
-        jobs = _owned_jobs(kwargs["job_index"], ns, FOREST.kind, name)
-        serving = _serving(kwargs, ns, name)
-        return await reconcile_forest(ctx, body, jobs, owners_by_domain(siblings), serving)
+        source = ClusterForestSource(
+            ctx,
+            ns,
+            jobs=_owned_jobs(kwargs["job_index"], ns, FOREST.kind, name),
+            forest_branches=ForestBranches(_siblings(kwargs["branch_index"], ns, name)),
+            serving=_serving(kwargs, ns, name),
+        )
+        return await reconcile_forest(ctx, body, source)
 
     await _run_loop(ctx, (FOREST.kind, ns, name), stopped, reconcile_once)
 

@@ -88,6 +88,7 @@ ACCEPTED = [
     ),
     Case("forest-number-as-integer", forest(mergePolicy={"maxValPerplexity": 50})),
     Case("forest-model", forest(model={"family": "llama", "dModel": 64, "nLayers": 2})),
+    Case("name-longest", edited(branch(), "metadata.name", "b" * 63)),  # 63: a label's limit
 ]
 
 REFUSED = [
@@ -100,6 +101,12 @@ REFUSED = [
         edited(branch(), "metadata.name", "a.b"),
         "metadata.name",
         "metadata.name must be a DNS-1123 label",
+    ),
+    Case(
+        "name-too-long",
+        edited(branch(), "metadata.name", "b" * 64),
+        "metadata.name",
+        "metadata.name must be a DNS-1123 label: at most 63 characters",
     ),
     Case("domain-pattern", branch(domain="Not_A_Label"), "spec.domain", "should match"),
     Case("domain-too-long", branch(domain="d" * 64), "spec.domain", "Too long"),

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from elmcore import layout
 from elmcore.errors import BadInputError
-from elmcore.names import branch_run_id, validate_label
+from elmcore.names import RunId, branch_run_id, validate_label
 from elmcore.uris import StorageURI
 
 HOSTILE = ["..", "../x", "a/b", "%2e%2e", "A", "-a", "a-", "é", "a\x00", "a" * 64, "", " a", "a."]
@@ -68,3 +68,42 @@ def test_join_never_leaves_the_prefix(key: str) -> None:
         return
     assert joined.relative_to(root) == key.strip("/")
     assert ".." not in joined.prefix.split("/")
+
+
+_LABELS = st.from_regex(r"[a-z0-9]([-a-z0-9]{0,20}[a-z0-9])?", fullmatch=True)
+
+
+@given(domain=_LABELS, version=st.integers(min_value=1, max_value=10**6))
+def test_run_ids_format_and_parse_back(domain: str, version: int) -> None:
+    for run in (RunId.branch(domain, version), RunId.prepare(domain, version)):
+        assert RunId.parse(str(run)) == run
+        assert any(str(run).startswith(p) for p in RunId.domain_prefixes(domain))
+    assert str(RunId.branch(domain, version)) == branch_run_id(domain, version)
+
+
+def test_run_ids_of_the_forest_and_of_nothing() -> None:
+    for run, text in [
+        (RunId.tokenizer(), "tokenizer"),
+        (RunId.seed(), "seed"),
+        (RunId.seed_prepare(), "prepare.seed"),
+        (RunId.prepare("seed", 2), "prepare.seed.v2"),  # a domain named "seed" is no clash
+    ]:
+        assert str(run) == text
+        assert RunId.parse(text) == run
+    for foreign in [
+        "branch.code",
+        "branch.code.v0",
+        "branch.code.v01",
+        "branch..v1",
+        "x.code.v1",
+        "branch.Code.v1",
+        "checkpoints",
+        "branch.code.v1.extra",
+        "prepare",
+    ]:
+        assert RunId.parse(foreign) is None
+    assert RunId.domain_prefixes("code") == ("branch.code.", "prepare.code.")
+    with pytest.raises(BadInputError):
+        RunId.branch("../x", 1)
+    with pytest.raises(BadInputError):
+        RunId.prepare("code", 0)

@@ -50,7 +50,8 @@ def test_schema_is_structural_with_rules_and_columns(kind: crds.Kind) -> None:
     assert version["subresources"] == {"status": {}}
     assert crd["spec"]["names"]["categories"] == ["btm"]
     assert crd["spec"]["names"]["shortNames"] == [kind.short_name]
-    assert schema["x-kubernetes-validations"][0]["rule"].startswith("self.metadata.name.matches")
+    rule = schema["x-kubernetes-validations"][0]["rule"]
+    assert rule.startswith("size(self.metadata.name) <= 63 && self.metadata.name.matches")
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
     assert "Phase" in columns and "Age" in columns
 

@@ -7,7 +7,7 @@ import asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from elmforest.metrics import Metrics
-from elmforest.reconcile.queue import WorkQueue
+from elmforest.scheduling.queue import WorkQueue
 
 
 def families(metrics: Metrics) -> dict[str, object]:

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from elmforest.planner.observed import job_state
-from elmforest.reconcile.expectations import Expectations
-from elmforest.reconcile.queue import WorkQueue
+from elmforest.scheduling.expectations import Expectations
+from elmforest.scheduling.queue import WorkQueue
 
 
 def run(coroutine: object) -> object:

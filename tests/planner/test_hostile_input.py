@@ -22,11 +22,11 @@ from elmcore.names import branch_run_id
 from elmcore.uris import StorageURI
 from elmforest.api.branch import ElmBranchSpec, ElmBranchStatus
 from elmforest.api.forest import ElmForestSpec, ElmForestStatus
+from elmforest.observe.branch import validation_message
 from elmforest.planner.actions import CreateJob, PatchStatus
 from elmforest.planner.branch import BranchInput, ForestView, plan_branch
 from elmforest.planner.forest import ForestInput, plan_forest
 from elmforest.planner.observed import StorageView
-from elmforest.reconcile.forests import validation_message
 
 ESCAPES = ["..", "../..", "%2e%2e", "a/../../b", "/etc/passwd", ".", "", "a//b", "ｃｏｄｅ"]
 hostile_text = st.one_of(

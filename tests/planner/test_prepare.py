@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from elmcore.manifest import ArtifactEntry, Manifest
+from elmcore.names import RunId
 from elmcore.records import Progress
 from elmforest.api.branch import ElmBranchStatus
 from elmforest.api.forest import ElmForestSpec, ElmForestStatus
@@ -18,7 +19,8 @@ from elmforest.planner.forest import (
     seed_prepare_job_name,
 )
 from elmforest.planner.observed import JobState, RunRecords, StorageView
-from elmforest.planner.prepare import Preparation
+from elmforest.planner.naming import ANNOTATION_RUN
+from elmforest.planner.prepare import Preparation, PrepareStep
 from tests.planner.test_branch_planner import FOREST, SPEC, inp, status_of
 
 NEEDED = Preparation(needed=True)
@@ -150,7 +152,11 @@ def test_the_seed_prepares_the_mixture_before_its_gpu_job() -> None:
     assert forest_status(plan).phase == "Preparing"
     # What the cluster and local adapters observe for it: that Job and the seed's two lists.
     step = seed_prepare("books", SEEDED, READY_TOKENIZER)
-    assert step == (job["metadata"]["name"], (SEEDED.seed.data, SEEDED.seed.val_data))
+    assert step == PrepareStep(
+        job["metadata"]["name"], RunId.seed_prepare(), (SEEDED.seed.data, SEEDED.seed.val_data)
+    )
+    assert str(step.run) == "prepare.seed"
+    assert job["metadata"]["annotations"][ANNOTATION_RUN] == "prepare.seed"
     seeded = READY_TOKENIZER.model_copy(
         update={"seed": ArtifactEntry(path="seed", sha256="0" * 64)}
     )

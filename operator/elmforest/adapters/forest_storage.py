@@ -5,28 +5,29 @@ Blocking (boto3); the reconcilers call it from worker threads.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
+from typing import assert_never
 
 from pydantic import ValidationError
 
 from elmcore import layout
 from elmcore.errors import ElmError
 from elmcore.manifest import ExpertEntry, Manifest, remove_expert
-from elmcore.names import branch_run_id
+from elmcore.names import RunId, parse_version_dir
 from elmcore.records import Progress, Result, ServingRecord
 from elmcore.storage import S3Credentials, Storage, open_storage
 from elmcore.storage.manifest_store import load_manifest, merge_verified, update_manifest
 from elmforest.api.forest import StorageSpec
-from elmforest.planner.actions import Action, DeleteExpertFiles, MergeResult, RemoveExpert
+from elmforest.planner.actions import (
+    DeleteExpertFiles,
+    MergeResult,
+    RemoveExpert,
+    StorageAction,
+)
 from elmforest.planner.observed import JobState, RunRecords, StorageView
 from elmforest.planner.prepare import Preparation
 
 FOREST_ROLES = ("tokenizer", "seed")  # built in this order before any branch
-
-
-# A branch's run folder: branch.<domain>.v<version> (elmcore.names.branch_run_id).
-_BRANCH_RUN = re.compile(r"^branch\.([a-z0-9-]+)\.v(\d+)$")
 
 
 class ForestStorage:
@@ -53,7 +54,8 @@ class ForestStorage:
         if view.manifest is not None:
             missing = [r for r in FOREST_ROLES if getattr(view.manifest, r) is None]
             if missing:
-                records[missing[0]] = self.records(missing[0])
+                role = missing[0]
+                records[role] = self.records(RunId.seed() if role == "seed" else RunId.tokenizer())
         return view, records
 
     def prepared(self, tokenizer_sha256: str, datasets: Sequence[list[str]]) -> bool:
@@ -70,7 +72,7 @@ class ForestStorage:
         manifest: Manifest | None,
         datasets: Sequence[list[str]],
         job: JobState | None,
-        run_id: str | None,
+        run: RunId | None,
     ) -> Preparation | None:
         """A prepare step's state: not needed once its datasets are recorded; else its Job
         (as watched) and, once that runs, its progress. None before there is a tokenizer."""
@@ -80,7 +82,7 @@ class ForestStorage:
             return Preparation(needed=False)
         # A failed Job's pods are gone, but its progress says why (bad input names the file).
         ran = job is not None and (job.started or job.phase == "Failed")
-        return Preparation(True, job, self.records(run_id) if ran and run_id else RunRecords())
+        return Preparation(True, job, self.records(run) if ran and run else RunRecords())
 
     def serving_records(self) -> list[ServingRecord]:
         """What each serving replica last said it serves (``serving/<replica>.json``)."""
@@ -107,7 +109,7 @@ class ForestStorage:
         version yet is given ``used`` (``used_versions``, one listing shared by a batch) and
         learns the highest version its domain left in storage."""
         if version:
-            records = self.records(branch_run_id(domain, version))
+            records = self.records(RunId.branch(domain, version))
         else:
             records = RunRecords(used_version=(used or {}).get(domain, 0))
         merged = manifest.experts.get(domain) if manifest else self.merged_expert(domain)
@@ -123,15 +125,17 @@ class ForestStorage:
             found[domain] = max(found.get(domain, 0), version)
 
         for name in self.storage.list_children("runs"):
-            if match := _BRANCH_RUN.match(name):
-                seen(match.group(1), int(match.group(2)))
+            run = RunId.parse(name)
+            if run is not None and run.domain is not None and run.version is not None:
+                seen(run.domain, run.version)  # a branch version's training or prepare run
         for key in self.storage.list_keys("experts"):
             parts = key.split("/")
-            if len(parts) > 2 and parts[2].startswith("v") and parts[2][1:].isdigit():
-                seen(parts[1], int(parts[2][1:]))
+            version = parse_version_dir(parts[2]) if len(parts) > 2 else None
+            if version is not None:
+                seen(parts[1], version)
         return found
 
-    def apply(self, action: Action) -> str:
+    def apply(self, action: StorageAction) -> str:
         """Carry out a storage action; returns a line for the log."""
         match action:
             case MergeResult(result=result):
@@ -142,7 +146,8 @@ class ForestStorage:
                 return f"removed expert {domain} (manifest revision {manifest.revision})"
             case DeleteExpertFiles(domain=domain):
                 return f"deleted {self.delete_expert_files(domain)} objects of expert {domain}"
-        raise TypeError(f"not a storage action: {action!r}")
+            case _:
+                assert_never(action)
 
     def merged_expert(self, domain: str) -> ExpertEntry | None:
         """The manifest's entry for ``domain`` (None if absent or the manifest is unreadable)."""
@@ -158,9 +163,9 @@ class ForestStorage:
         except ValidationError:
             return None  # a torn or foreign file reads as "not there yet"
 
-    def records(self, run_id: str) -> RunRecords:
-        progress = self._record(layout.run_progress(run_id), Progress)
-        result = self._record(layout.run_result(run_id), Result)
+    def records(self, run: RunId) -> RunRecords:
+        progress = self._record(layout.run_progress(str(run)), Progress)
+        result = self._record(layout.run_result(str(run)), Result)
         assert progress is None or isinstance(progress, Progress)
         assert result is None or isinstance(result, Result)
         return RunRecords(progress=progress, result=result)
@@ -172,9 +177,10 @@ class ForestStorage:
         return update_manifest(self.storage, lambda manifest: remove_expert(manifest, domain))
 
     def delete_expert_files(self, domain: str) -> int:
+        """The domain's expert files and every run of its versions (training and prepare)."""
         deleted = self.storage.delete_prefix(f"experts/{domain}")
-        prefix = branch_run_id(domain, 1).rsplit(".", 1)[0] + "."
-        for run in self.storage.list_children("runs"):
-            if run.startswith(prefix):
-                deleted += self.storage.delete_prefix(layout.run(run))
+        for name in self.storage.list_children("runs"):
+            run = RunId.parse(name)
+            if run is not None and run.domain == domain:
+                deleted += self.storage.delete_prefix(layout.run(name))
         return deleted

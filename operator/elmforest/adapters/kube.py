@@ -16,6 +16,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from elmcore.storage import S3Credentials
+from elmforest.adapters.errors import SecretNotFoundError
 from elmforest.api import GROUP, VERSION, Kind
 
 MERGE_PATCH = "application/merge-patch+json"
@@ -47,10 +48,6 @@ PERMISSIONS = (
     Permission("", "secrets", ("get",)),
     Permission("", "events", ("create",)),
 )
-
-
-class SecretNotFoundError(Exception):
-    pass
 
 
 def load_config() -> None:

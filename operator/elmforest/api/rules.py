@@ -63,9 +63,10 @@ _LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # The API server only asks a DNS-1123 subdomain of a custom resource's name; ours name Jobs and
 # storage paths, so they must be labels (no dots).
 NAME_IS_LABEL = Rule(
-    f"self.metadata.name.matches('{_LABEL.pattern}')",
-    "metadata.name must be a DNS-1123 label (it names Jobs and storage paths)",
-    lambda name: bool(_LABEL.match(name)),
+    f"size(self.metadata.name) <= 63 && self.metadata.name.matches('{_LABEL.pattern}')",
+    "metadata.name must be a DNS-1123 label: at most 63 characters (it names Jobs and "
+    "storage paths)",
+    lambda name: len(name) <= 63 and bool(_LABEL.match(name)),
 )
 
 ALL = (IMMUTABLE, COPY_NEEDS_SOURCE, BUCKET_WITHOUT_DOUBLE_DOTS, NAME_IS_LABEL)

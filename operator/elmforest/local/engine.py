@@ -1,59 +1,45 @@
 """Local mode's reconcile loop: the operator's planners, with the state file as the API server.
 
-Each step observes every object (state, storage, local Jobs), asks the same pure planners the
-operator asks, and applies their actions here: statuses to the state, Jobs to the process
-runner, merges and removals to the forest's storage.
+Each step observes every object through the operator's own observation (``elmforest.observe``:
+the engine is this mode's source of objects, Jobs and storage), asks the same pure planners,
+and applies their actions here: statuses to the state, Jobs to the process runner, merges and
+removals to the forest's storage.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, assert_never
 
 from elmcore.manifest import Manifest
 from elmcore.records import Progress
 from elmforest.adapters.forest_storage import ForestStorage
 from elmforest.api import BRANCH, FOREST
-from elmforest.api.branch import ElmBranchSpec, ElmBranchStatus
-from elmforest.api.forest import ElmForestSpec, ElmForestStatus, StorageSpec
+from elmforest.api.forest import StorageSpec
 from elmforest.api.immutable import changed_immutable_fields
 from elmforest.local.resources import Declaration, Declared, ManifestError
 from elmforest.local.runner import ProcessRunner
 from elmforest.local.state import LocalState, ObjectRecord
+from elmforest.observe import observe_branch, observe_forest
+from elmforest.observe.reads import PassReads
 from elmforest.planner.actions import (
+    ApplyObject,
     CreateJob,
     DeleteExpertFiles,
     DeleteJob,
+    DeleteObject,
     Event,
     MergeResult,
     PatchStatus,
     Plan,
     RemoveExpert,
 )
-from elmforest.planner.branch import (
-    ACTIVE,
-    BranchInput,
-    current_prepare,
-    plan_branch,
-    plan_deletion,
-    prepare_datasets,
-    superseded_prepare_name,
-)
-from elmforest.planner.forest import (
-    SEED_PREPARE_RUN,
-    ForestInput,
-    plan_forest,
-    seed_prepare,
-)
-from elmforest.planner.observed import JobState, RunRecords
-from elmforest.planner.prepare import Preparation
-from elmforest.planner.siblings import (
-    domain_owner,
-    forest_view,
-    owner_before_deletion,
-    owners_by_domain,
-    sibling,
-)
+from elmforest.planner.branch import plan_branch, plan_deletion
+from elmforest.planner.defaults import Defaults
+from elmforest.planner.forest import plan_forest
+from elmforest.planner.observed import JobState, OwnedObject, RunRecords
+from elmforest.planner.siblings import ForestBranches, sibling
 
 SETTLED_BRANCH = frozenset({"Merged", "Failed", "Suspended"})
 EventSink = Callable[[ObjectRecord, Event], None]
@@ -68,9 +54,9 @@ class Engine:
     on_log: LogSink
     storages: dict[StorageSpec, ForestStorage] = field(default_factory=dict)
     progress: dict[str, Progress] = field(default_factory=dict)  # forest -> tokenizer/seed run
-    # Each forest's manifest as read at the start of this step: its branches read their own
-    # entries from it (only a branch changes its own entry), one read per forest, not per branch.
-    manifests: dict[str, Manifest] = field(default_factory=dict)
+    # Reads shared by one step: each forest's manifest is read once for all of its branches
+    # (only a branch changes its own entry), as the operator's worker batches do.
+    reads: PassReads = field(default_factory=PassReads)
 
     # ---- declarations -> objects -------------------------------------------------------------
 
@@ -125,6 +111,7 @@ class Engine:
     # ---- one reconcile pass ------------------------------------------------------------------
 
     def step(self) -> None:
+        self.reads = PassReads()
         for line in self.runner.sync(self.state):
             self.on_log(line)
         for record in list(self.state.forests.values()):
@@ -142,6 +129,7 @@ class Engine:
 
     def finalize(self) -> None:
         """Carry out pending deletions only (``down``): branches first, then their forests."""
+        self.reads = PassReads()
         for record in [b for b in self.state.branches.values() if b.deleting]:
             self._finalize_branch(record)
         for record in [f for f in self.state.forests.values() if f.deleting]:
@@ -172,43 +160,49 @@ class Engine:
             self.storages[spec] = ForestStorage(spec)
         return self.storages[spec]
 
+    # ---- observation: this mode's side of elmforest.observe's sources ----------------------
+
+    @property
+    def defaults(self) -> Defaults | None:
+        return None  # no chart: a spec's own values and the models' defaults
+
+    runs_servers = False  # `elmforest serve -f` serves; no Deployment on this machine
+    requires_image = False  # Jobs are local processes
+
+    def forest(self, name: str) -> dict[str, Any] | None:
+        record = self.state.forests.get(name)
+        return record.body() if record is not None else None
+
+    def branches(self, forest: str) -> ForestBranches:
+        # Read afresh (not once per step): a branch given a slot earlier in this step holds it.
+        return ForestBranches([sibling(b.body()) for b in self.branches_of(forest)])
+
+    def reserved(self, forest: str) -> set[str]:
+        return set()  # one step at a time: a slot taken shows in the state at once
+
+    def job(self, name: str) -> JobState | None:
+        job = self.state.jobs.get(name)
+        return self.runner.job_state(job) if job is not None else None
+
+    def forest_jobs(self, forest: str) -> dict[str, JobState]:
+        owner = f"{FOREST.kind}/{forest}"
+        return {n: self.runner.job_state(j) for n, j in self.state.jobs.items() if j.owner == owner}
+
+    def serving_objects(self, forest: str) -> dict[str, OwnedObject]:
+        return {}
+
+    def manifest(self, storage: ForestStorage) -> Manifest | None:
+        return self.reads.manifest(storage)
+
+    def used_versions(self, storage: ForestStorage) -> dict[str, int]:
+        return self.reads.used_versions(storage)
+
     # ---- forests -----------------------------------------------------------------------------
 
     def _reconcile_forest(self, record: ObjectRecord) -> None:
-        spec = ElmForestSpec.model_validate(record.spec)
-        storage = self.storage(spec.storage)
-        view, records = storage.observe_forest()
-        if view.manifest is not None:
-            self.manifests[record.name] = view.manifest
-        else:
-            self.manifests.pop(record.name, None)
-        owner = f"{FOREST.kind}/{record.name}"
-        jobs = {n: self.runner.job_state(j) for n, j in self.state.jobs.items() if j.owner == owner}
-        siblings = [sibling(b.body()) for b in self.branches_of(record.name)]
-        self._remember_progress(record.name, records)
-        preparation = None
-        step = seed_prepare(record.name, spec, view.manifest)
-        if step is not None and view.manifest is not None:
-            job_name, datasets = step
-            preparation = storage.preparation(
-                view.manifest, datasets, self._job_state(job_name), SEED_PREPARE_RUN
-            )
-        inp = ForestInput(
-            name=record.name,
-            namespace="local",
-            uid=record.uid,
-            generation=record.generation,
-            # Local mode trains; `elmforest serve -f` serves (no Deployment on this machine).
-            spec=spec.model_copy(update={"serving": None}),
-            status=ElmForestStatus.model_validate(record.status),
-            storage=view,
-            jobs=jobs,
-            records=records,
-            branches_by_domain=owners_by_domain(siblings),
-            require_image=False,
-            preparation=preparation,
-        )
-        self._apply(record, plan_forest(inp), storage)
+        observed = observe_forest(self, record.body())
+        self._remember_progress(record.name, observed.input.records)
+        self._apply(record, plan_forest(observed.input, observed.spec_error), observed.storage)
 
     def _remember_progress(self, forest: str, records: dict[str, RunRecords]) -> None:
         progress = next((r.progress for r in records.values() if r.progress), None)
@@ -228,74 +222,13 @@ class Engine:
 
     # ---- branches ----------------------------------------------------------------------------
 
-    def _branch_input(self, record: ObjectRecord, deleting: bool = False) -> BranchInput:
-        spec = ElmBranchSpec.model_validate(record.spec)
-        status = ElmBranchStatus.model_validate(record.status)
-        forest = self.state.forests.get(spec.forest)
-        body = forest.body() if forest is not None else None
-        if body is not None and deleting:
-            # `down` of a whole forest: its branches still leave its manifest first.
-            body["metadata"].pop("deletionTimestamp", None)
-        view = forest_view(body)
-        siblings = [sibling(b.body()) for b in self.branches_of(spec.forest)]
-        records, merged = RunRecords(), None
-        steady = status.phase == "Merged" and status.merged_version == status.version
-        if view is not None and (deleting or not steady):
-            storage = self.storage(view.spec.storage)
-            # A deletion reads the manifest afresh: it must see what is there now.
-            manifest = None if deleting else self.manifests.get(spec.forest)
-            used = storage.used_versions() if status.version is None else None
-            records, merged = storage.observe_branch(spec.domain, status.version, manifest, used)
-        job = self.state.jobs.get(status.job_name) if status.job_name else None
-        preparation = None
-        if (
-            view is not None
-            and not deleting
-            and (job is None or self.runner.job_state(job).phase == "Failed")
-        ):
-            preparation = self._branch_preparation(record.name, spec, status, view.spec)
-        active = [s for s in siblings if s.name != record.name and s.phase in ACTIVE]
-        return BranchInput(
-            name=record.name,
-            namespace="local",
-            uid=record.uid,
-            generation=record.generation,
-            spec=spec,
-            status=status,
-            forest=view,
-            domain_owner=(
-                owner_before_deletion(siblings, record.name, spec.domain)
-                if deleting
-                else domain_owner(siblings, spec.domain)
-            ),
-            active_elsewhere=len(active),
-            job=self.runner.job_state(job) if job is not None else None,
-            records=records,
-            merged=merged,
-            preparation=preparation,
-            superseded_prepare=self._job_state(superseded_prepare_name(record.name, spec, status)),
-        )
-
-    def _branch_preparation(
-        self, name: str, spec: ElmBranchSpec, status: ElmBranchStatus, forest: ElmForestSpec
-    ) -> Preparation | None:
-        step = current_prepare(name, spec, status)
-        job, run_id = (self._job_state(step[0]), step[1]) if step else (None, None)
-        return self.storage(forest.storage).preparation(
-            self.manifests.get(spec.forest), prepare_datasets(spec), job, run_id
-        )
-
-    def _job_state(self, name: str | None) -> JobState | None:
-        job = self.state.jobs.get(name) if name else None
-        return self.runner.job_state(job) if job is not None else None
-
     def _reconcile_branch(self, record: ObjectRecord) -> None:
-        inp = self._branch_input(record)
+        inp = observe_branch(self, record.body())
         storage = self.storage(inp.forest.spec.storage) if inp.forest is not None else None
         self._apply(record, plan_branch(inp), storage)
 
     def _finalize_branch(self, record: ObjectRecord) -> None:
-        inp = self._branch_input(record, deleting=True)
+        inp = observe_branch(self, record.body())
         if inp.forest is not None:
             self._apply(record, plan_deletion(inp), self.storage(inp.forest.spec.storage))
         owner = f"{BRANCH.kind}/{record.name}"
@@ -322,6 +255,15 @@ class Engine:
                     self.on_log(f"{record.name}: {storage.apply(action)}")
                 case Event():
                     self.on_event(record, action)
+                case ApplyObject() | DeleteObject():
+                    # Servers are not this mode's (observation hides spec.serving): say so
+                    # rather than drop a planner's action silently.
+                    raise ManifestError(
+                        f"{record.name}: local mode runs no {type(action).__name__} "
+                        "(serve the forest with `elmforest serve -f`)"
+                    )
+                case _:
+                    assert_never(action)
 
 
 def _immutable_change(record: ObjectRecord | None, item: Declared) -> str:

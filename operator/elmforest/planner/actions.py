@@ -57,6 +57,9 @@ class Event:
     message: str
 
 
+# What a plan asks of the forest's storage (the storage adapter carries these out).
+StorageAction = MergeResult | RemoveExpert | DeleteExpertFiles
+
 Action = (
     CreateJob
     | DeleteJob

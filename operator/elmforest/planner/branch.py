@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from elmcore.manifest import ExpertEntry
-from elmcore.names import branch_run_id
+from elmcore.names import RunId
 from elmcore.records import Progress, Result
 from elmforest.api import BRANCH
 from elmforest.api.branch import (
@@ -38,7 +38,7 @@ from elmforest.planner.forest import artifact_uri
 from elmforest.planner.jobs import JobRequest, Owner, build_job, merge_trainer
 from elmforest.planner.naming import branch_job_name, child_name, digest
 from elmforest.planner.observed import JobState, RunRecords
-from elmforest.planner.prepare import Preparation, prepare_job, progress_summary
+from elmforest.planner.prepare import Preparation, PrepareStep, prepare_job, progress_summary
 from elmforest.planner.trainer_args import branch_argv, overrides
 
 POLL_SECONDS = 5.0
@@ -98,23 +98,21 @@ def prepare_job_name(branch: str, version: int) -> str:
     return child_name(branch, f"v{version}-prep")
 
 
-def prepare_run_id(domain: str, version: int) -> str:
-    return branch_run_id(domain, version).replace("branch.", "prepare.", 1)
-
-
 def prepare_datasets(spec: ElmBranchSpec) -> tuple[list[str], list[str]]:
     """The location lists (training, validation) a branch's prepare step turns into shards."""
     return spec.data.train, spec.data.validation
 
 
-def current_prepare(
-    name: str, spec: ElmBranchSpec, status: ElmBranchStatus
-) -> tuple[str, str] | None:
-    """(Job name, run id) of the status' version's prepare step; None when the spec has moved
-    on (a new version comes first) or there is no version yet."""
+def current_prepare(name: str, spec: ElmBranchSpec, status: ElmBranchStatus) -> PrepareStep | None:
+    """The status' version's prepare step; None when the spec has moved on (a new version
+    comes first) or there is no version yet."""
     if status.version is None or status.spec_hash != spec_fingerprint(spec):
         return None
-    return prepare_job_name(name, status.version), prepare_run_id(spec.domain, status.version)
+    return PrepareStep(
+        prepare_job_name(name, status.version),
+        RunId.prepare(spec.domain, status.version),
+        prepare_datasets(spec),
+    )
 
 
 def superseded_prepare_name(name: str, spec: ElmBranchSpec, status: ElmBranchStatus) -> str | None:
@@ -340,7 +338,7 @@ def _start(inp: BranchInput, status: ElmBranchStatus, attempt: int) -> Plan:
         owner=Owner(BRANCH.kind, inp.name, inp.uid),
         forest=inp.forest.name,
         role="branch",
-        run_id=branch_run_id(inp.spec.domain, status.version),
+        run_id=str(RunId.branch(inp.spec.domain, status.version)),
         argv=branch_argv(forest, inp.spec, status.version),
         trainer=merge_trainer(forest.trainer, overrides(inp.spec.trainer)),
         storage=forest.storage,
@@ -369,7 +367,7 @@ def _prepare(inp: BranchInput, status: ElmBranchStatus, preparation: Preparation
             Owner(BRANCH.kind, inp.name, inp.uid),
             inp.forest.name,
             inp.forest.spec,
-            prepare_run_id(inp.spec.domain, status.version),
+            RunId.prepare(inp.spec.domain, status.version),
             prepare_datasets(inp.spec),
             branch=inp.name,
         )

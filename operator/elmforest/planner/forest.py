@@ -7,6 +7,7 @@ from typing import Literal
 
 from elmcore import layout
 from elmcore.manifest import Manifest
+from elmcore.names import RunId
 from elmcore.records import Lineage, ServingRecord
 from elmforest.api import FOREST
 from elmforest.api.forest import (
@@ -24,7 +25,7 @@ from elmforest.planner.conditions import READY, set_condition
 from elmforest.planner.jobs import JobRequest, Owner, build_job
 from elmforest.planner.naming import digest, forest_job_name
 from elmforest.planner.observed import JobState, OwnedObject, RunRecords, StorageView
-from elmforest.planner.prepare import Preparation, prepare_job, progress_summary
+from elmforest.planner.prepare import Preparation, PrepareStep, prepare_job, progress_summary
 from elmforest.planner.serving import serving_actions, serving_status
 from elmforest.planner.trainer_args import seed_argv, tokenizer_argv
 
@@ -162,9 +163,6 @@ def plan_forest(inp: ForestInput, spec_error: str | None = None) -> Plan:
     return plan.add(*serving_actions(inp.name, inp.namespace, owner, spec, inp.serving))
 
 
-SEED_PREPARE_RUN = "prepare.seed"
-
-
 def seed_prepare_datasets(spec: ElmForestSpec) -> tuple[list[str], list[str]]:
     """The location lists (training, validation) the seed's prepare step turns into shards."""
     return spec.seed.data, spec.seed.val_data
@@ -174,14 +172,14 @@ def seed_prepare_job_name(forest: str, spec: ElmForestSpec) -> str:
     return forest_job_name(forest, "prepare", digest(list(seed_prepare_datasets(spec))))
 
 
-def seed_prepare(
-    forest: str, spec: ElmForestSpec, manifest: Manifest | None
-) -> tuple[str, tuple[list[str], list[str]]] | None:
-    """(Job name, location lists) of the seed's prepare step while the seed is still to be
-    trained; None once it is (or while the manifest is unread)."""
+def seed_prepare(forest: str, spec: ElmForestSpec, manifest: Manifest | None) -> PrepareStep | None:
+    """The seed's prepare step while the seed is still to be trained; None once it is (or
+    while the manifest is unread)."""
     if manifest is None or manifest.seed is not None:
         return None
-    return seed_prepare_job_name(forest, spec), seed_prepare_datasets(spec)
+    return PrepareStep(
+        seed_prepare_job_name(forest, spec), RunId.seed_prepare(), seed_prepare_datasets(spec)
+    )
 
 
 def _prepare_seed(inp: ForestInput, spec: ElmForestSpec, status: ElmForestStatus) -> Plan | None:
@@ -204,7 +202,7 @@ def _prepare_seed(inp: ForestInput, spec: ElmForestSpec, status: ElmForestStatus
     if job is None:
         owner = Owner(FOREST.kind, inp.name, inp.uid)
         data = seed_prepare_datasets(spec)
-        body = prepare_job(name, inp.namespace, owner, inp.name, spec, SEED_PREPARE_RUN, data)
+        body = prepare_job(name, inp.namespace, owner, inp.name, spec, RunId.seed_prepare(), data)
         plan.add(CreateJob(body))
     summary = progress_summary(preparation.records)
     status.phase = "Preparing"

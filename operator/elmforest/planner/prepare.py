@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from elmcore.names import RunId
 from elmforest.api.forest import ElmForestSpec, TrainerSpec
 from elmforest.planner.jobs import JobRequest, Owner, build_job
 from elmforest.planner.observed import JobState, RunRecords
@@ -23,6 +24,16 @@ class Preparation:
     needed: bool  # the shards of this step's text are not recorded as prepared yet
     job: JobState | None = None  # the step's prepare Job, as watched
     records: RunRecords = field(default_factory=RunRecords)  # its progress (bytes of text read)
+
+
+@dataclass(frozen=True)
+class PrepareStep:
+    """Which prepare Job and run belong to a version (or the seed), and the location lists
+    (training, validation) that it tokenizes."""
+
+    job_name: str
+    run: RunId
+    datasets: tuple[list[str], list[str]]
 
 
 def prepare_argv(
@@ -55,7 +66,7 @@ def prepare_job(
     owner: Owner,
     forest_name: str,
     forest: ElmForestSpec,
-    run_id: str,
+    run: RunId,
     data: tuple[list[str], list[str]],
     branch: str | None = None,
 ) -> dict[str, object]:
@@ -65,8 +76,8 @@ def prepare_job(
         owner=owner,
         forest=forest_name,
         role="prepare",
-        run_id=run_id,
-        argv=prepare_argv(forest, data[0], data[1], run_id),
+        run_id=str(run),
+        argv=prepare_argv(forest, data[0], data[1], str(run)),
         trainer=prepare_trainer(forest),
         storage=forest.storage,
         branch=branch,

@@ -79,10 +79,11 @@ def owner_before_deletion(siblings: Iterable[Sibling], name: str, domain: str) -
 
 
 def forest_view(
-    forest: Mapping[str, Any] | None, defaults: Defaults | None = None
+    forest: Mapping[str, Any] | None, defaults: Defaults | None = None, *, deleting: bool = False
 ) -> ForestView | None:
-    """The forest a branch grows from; None while it is missing, deleted or invalid."""
-    if forest is None or forest["metadata"].get("deletionTimestamp"):
+    """The forest a branch grows from; None while it is missing, invalid or (unless the
+    branch is being deleted too, and must still leave its manifest) deleted."""
+    if forest is None or (forest["metadata"].get("deletionTimestamp") and not deleting):
         return None
     try:
         spec = ElmForestSpec.model_validate(forest.get("spec") or {})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any, assert_never, cast
 
 import kopf
 import structlog
@@ -77,3 +77,5 @@ async def apply_plan(
                     reason=reason,
                     message=message,
                 )
+            case _:
+                assert_never(action)

@@ -11,13 +11,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pydantic import ValidationError
-
-from elmcore.manifest import Manifest
+from elmforest.adapters.errors import SecretNotFoundError
 from elmforest.adapters.forest_storage import ForestStorage
-from elmforest.adapters.kube import SecretNotFoundError
 from elmforest.api import BRANCH, FOREST
-from elmforest.api.branch import ElmBranchSpec, ElmBranchStatus
+from elmforest.api.branch import ElmBranchStatus
+from elmforest.observe import InvalidSpecError, observe_branch
+from elmforest.observe.branch import slots_elsewhere
 from elmforest.planner.actions import (
     CreateJob,
     DeleteExpertFiles,
@@ -27,30 +26,12 @@ from elmforest.planner.actions import (
     Plan,
     RemoveExpert,
 )
-from elmforest.planner.branch import (
-    ACTIVE,
-    BranchInput,
-    current_prepare,
-    plan_branch,
-    plan_deletion,
-    prepare_datasets,
-    spec_fingerprint,
-    superseded_prepare_name,
-)
+from elmforest.planner.branch import ACTIVE, plan_branch, plan_deletion
 from elmforest.planner.conditions import READY, set_condition
 from elmforest.planner.naming import BRANCH_FINALIZER
-from elmforest.planner.observed import JobState, RunRecords
-from elmforest.planner.prepare import Preparation
-from elmforest.planner.siblings import (
-    ForestBranches,
-    Sibling,
-    forest_view,
-    owner_before_deletion,
-)
 from elmforest.reconcile.apply import apply_plan
-from elmforest.reconcile.batch import Batch
 from elmforest.reconcile.context import OperatorContext
-from elmforest.reconcile.forests import validation_message
+from elmforest.reconcile.sources import ClusterBranchSource
 
 STORAGE_ACTIONS = (MergeResult, RemoveExpert, DeleteExpertFiles)
 CONFLICT_RETRY_SECONDS = 1.0  # the object changed under a write: the watch brings it shortly
@@ -76,18 +57,6 @@ async def _invalid(ctx: OperatorContext, body: Mapping[str, Any], message: str) 
     if new.to_api() != status.to_api():
         plan.add(Event("Warning", "InvalidSpec", message), PatchStatus(new.to_api()))
     await apply_plan(ctx, BRANCH, body, plan, None)
-
-
-def _records_version(
-    spec: ElmBranchSpec, status: ElmBranchStatus, job: JobState | None
-) -> int | None:
-    """The version whose run records the planner needs; None when it cannot use them: a new
-    version never ran, and a Job with no pod yet has written nothing."""
-    if status.version is None or status.spec_hash != spec_fingerprint(spec):
-        return None
-    if job is not None and job.phase == "Running" and not job.started:
-        return None
-    return status.version
 
 
 def _needs_finalizer(plan: Plan, status: ElmBranchStatus, retention: str) -> bool:
@@ -120,12 +89,7 @@ async def _set_finalizer(ctx: OperatorContext, body: Mapping[str, Any], present:
 
 
 async def reconcile_branch(
-    ctx: OperatorContext,
-    body: Mapping[str, Any],
-    forest: Mapping[str, Any] | None,
-    branches: ForestBranches,
-    jobs: Mapping[str, JobState],
-    batch: Batch | None = None,
+    ctx: OperatorContext, body: Mapping[str, Any], source: ClusterBranchSource
 ) -> Outcome:
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
@@ -134,105 +98,42 @@ async def reconcile_branch(
     if meta.get("deletionTimestamp"):
         if BRANCH_FINALIZER not in (meta.get("finalizers") or []):
             return Outcome(None, before, None, deleting=True)  # nothing of ours, or done
-        await finalize_branch(ctx, body, forest, branches.siblings)
+        await finalize_branch(ctx, body, source)
         ctx.wakeups.wake((FOREST.kind, namespace, str((body.get("spec") or {}).get("forest"))))
         done = await _set_finalizer(ctx, body, present=False)
         return Outcome(None if done else CONFLICT_RETRY_SECONDS, before, None, deleting=True)
     try:
-        spec = ElmBranchSpec.model_validate(body.get("spec") or {})
-    except ValidationError as error:
-        await _invalid(ctx, body, validation_message(error, "spec"))
+        inp = await ctx.io(observe_branch, source, body)
+    except InvalidSpecError as error:
+        await _invalid(ctx, body, str(error))
         return Outcome(None, before, "Failed")
-    status = ElmBranchStatus.model_validate(body.get("status") or {})
-    view = forest_view(forest, ctx.settings.defaults)
-    job = jobs.get(status.job_name) if status.job_name else None
-    if (
-        job is None
-        and status.job_name
-        and ctx.expectations.job_pending((namespace, status.job_name))
-    ):
-        job = JobState(status.job_name, "Running")  # just created; the watch has not shown it
-    storage: ForestStorage | None = None
-    records, merged = RunRecords(), None
-    preparation: Preparation | None = None
-    steady = status.phase == "Merged" and status.merged_version == status.version
-    if view is not None and not steady:
-        try:
-            storage = await ctx.storage(namespace, view.spec.storage)
-        except SecretNotFoundError as error:
-            await _invalid(ctx, body, str(error))
-            return Outcome(ctx.settings.resync_seconds, before, "Failed")
-        manifest = (await batch.view(storage)).manifest if batch is not None else None
-        if manifest is not None and manifest.tokenizer and manifest.seed:
-            # Storage is the truth: a forest whose seed is merged is ready, whether or not
-            # the forest's own loop has written that to its status yet.
-            view = replace(view, ready=True, observed=True)
-        version = _records_version(spec, status, job)
-        used = None
-        if status.version is None:  # a new (or re-created) branch picks its first version
-            used = await (batch.used_versions(storage) if batch else ctx.io(storage.used_versions))
-        records, merged = await ctx.io(storage.observe_branch, spec.domain, version, manifest, used)
-        if job is None or job.phase == "Failed":  # the planner may start a Job: prepare first?
-            preparation = await _preparation(ctx, storage, spec, status, manifest, jobs, name)
+    except SecretNotFoundError as error:
+        await _invalid(ctx, body, str(error))
+        return Outcome(ctx.settings.resync_seconds, before, "Failed")
+    forest, status = inp.spec.forest, inp.status
     # Slots are counted and taken under the forest's lock, so two branches never race for one.
-    async with ctx.forest_lock(namespace, spec.forest):
-        others = (branches.active | ctx.reserved(namespace, spec.forest)) - {name}
-        inp = BranchInput(
-            name=name,
-            namespace=namespace,
-            uid=meta.get("uid", ""),
-            generation=int(meta.get("generation") or 0),
-            spec=spec,
-            status=status,
-            forest=view,
-            domain_owner=branches.owners.get(spec.domain),
-            active_elsewhere=len(others),
-            job=job,
-            records=records,
-            merged=merged,
-            preparation=preparation,
-            superseded_prepare=_job(jobs, superseded_prepare_name(name, spec, status)),
-        )
-        plan = plan_branch(inp)
+    async with ctx.forest_lock(namespace, forest):
+        plan = plan_branch(replace(inp, active_elsewhere=slots_elsewhere(source, inp)))
         if any(isinstance(a, CreateJob) for a in plan.actions):
-            ctx.reserve(namespace, spec.forest, name)
+            ctx.reserve(namespace, forest, name)
         # Manifest writes of one forest go in turn (no compare-and-swap retries); the rest of a
         # plan (status, Events, Jobs) needs only the slot taken above, so it runs outside the
         # lock and a thousand new branches do not queue behind one another's API calls.
         writes_storage = any(isinstance(a, STORAGE_ACTIONS) for a in plan.actions)
         if writes_storage:
-            applied = await _apply(ctx, body, plan, status, storage)
+            applied = await _apply(ctx, body, plan, status, source.opened)
     if not writes_storage:
-        applied = await _apply(ctx, body, plan, status, storage)
+        applied = await _apply(ctx, body, plan, status, source.opened)
     if not applied:
-        ctx.release(namespace, spec.forest, name)
+        ctx.release(namespace, forest, name)
         return Outcome(CONFLICT_RETRY_SECONDS, before, before)
     if writes_storage:
-        ctx.wakeups.wake((FOREST.kind, namespace, spec.forest))  # its manifest changed
+        ctx.wakeups.wake((FOREST.kind, namespace, forest))  # its manifest changed
     phase = plan.phase(status.phase or "")
     if phase not in ACTIVE:
-        ctx.release(namespace, spec.forest, name)
+        ctx.release(namespace, forest, name)
     ctx.metrics.phase(BRANCH.kind, namespace, name, phase or None)
     return Outcome(plan.requeue_after, before, phase or None)
-
-
-async def _preparation(
-    ctx: OperatorContext,
-    storage: ForestStorage,
-    spec: ElmBranchSpec,
-    status: ElmBranchStatus,
-    manifest: Manifest | None,
-    jobs: Mapping[str, JobState],
-    name: str,
-) -> Preparation | None:
-    """The prepare step of the branch's current version, as far as the planner needs it."""
-    step = current_prepare(name, spec, status)
-    job, run_id = (jobs.get(step[0]), step[1]) if step else (None, None)
-    return await ctx.io(storage.preparation, manifest, prepare_datasets(spec), job, run_id)
-
-
-def _job(jobs: Mapping[str, JobState], name: str | None) -> JobState | None:
-    return jobs.get(name) if name else None
 
 
 async def _apply(
@@ -253,33 +154,16 @@ async def _apply(
 
 
 async def finalize_branch(
-    ctx: OperatorContext,
-    body: Mapping[str, Any],
-    forest: Mapping[str, Any] | None,
-    siblings: list[Sibling],
+    ctx: OperatorContext, body: Mapping[str, Any], source: ClusterBranchSource
 ) -> None:
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
-    try:
-        spec = ElmBranchSpec.model_validate(body.get("spec") or {})
-    except ValidationError:
-        return  # never valid, never trained: nothing to remove
-    view = forest_view(forest, ctx.settings.defaults)
-    ctx.release(namespace, spec.forest, name)
     ctx.metrics.phase(BRANCH.kind, namespace, name, None)
-    if view is None:
+    try:
+        inp = await ctx.io(observe_branch, source, body)
+    except InvalidSpecError:
+        return  # never valid, never trained: nothing to remove
+    ctx.release(namespace, inp.spec.forest, name)
+    if inp.forest is None:
         return  # the forest is gone; its storage is the user's to keep or delete
-    storage = await ctx.storage(namespace, view.spec.storage)
-    merged = await ctx.io(storage.merged_expert, spec.domain)
-    inp = BranchInput(
-        name=name,
-        namespace=namespace,
-        uid=meta.get("uid", ""),
-        generation=int(meta.get("generation") or 0),
-        spec=spec,
-        status=ElmBranchStatus.model_validate(body.get("status") or {}),
-        forest=view,
-        domain_owner=owner_before_deletion(siblings, name, spec.domain),
-        merged=merged,
-    )
-    await apply_plan(ctx, BRANCH, body, plan_deletion(inp), storage)
+    await apply_plan(ctx, BRANCH, body, plan_deletion(inp), source.opened)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -16,8 +17,8 @@ from elmforest.adapters.kube import Kube
 from elmforest.api.forest import StorageSpec
 from elmforest.metrics import Metrics
 from elmforest.planner.defaults import Defaults
-from elmforest.reconcile.expectations import Expectations
-from elmforest.reconcile.wakeups import Wakeups
+from elmforest.scheduling.expectations import Expectations
+from elmforest.scheduling.wakeups import Wakeups
 
 T = TypeVar("T")
 STORAGE_TTL = 60.0  # seconds a forest's storage client (and its Secret's keys) is reused
@@ -45,15 +46,18 @@ class OperatorContext:
     forest_states: dict[tuple[str, str], tuple[Any, ...]] = field(default_factory=dict)
     _pool: ThreadPoolExecutor | None = None
     _storages: dict[tuple[Any, ...], tuple[float, ForestStorage]] = field(default_factory=dict)
-    _storage_locks: defaultdict[tuple[Any, ...], asyncio.Lock] = field(
-        default_factory=lambda: defaultdict(asyncio.Lock)
+    # Filled from I/O threads (observation runs there): one lock per key, and one for the map.
+    _storage_locks: defaultdict[tuple[Any, ...], threading.Lock] = field(
+        default_factory=lambda: defaultdict(threading.Lock)
     )
+    _storages_lock: threading.Lock = field(default_factory=threading.Lock)
     _locks: defaultdict[tuple[str, str], asyncio.Lock] = field(
         default_factory=lambda: defaultdict(asyncio.Lock)
     )
     _reserved: defaultdict[tuple[str, str], dict[str, float]] = field(
         default_factory=lambda: defaultdict(dict)
     )
+    _reserved_lock: threading.Lock = field(default_factory=threading.Lock)  # read from threads
 
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking call in the I/O pool."""
@@ -65,33 +69,37 @@ class OperatorContext:
         return self._locks[namespace, forest]
 
     def reserve(self, namespace: str, forest: str, branch: str) -> None:
-        self._reserved[namespace, forest][branch] = time.monotonic()
+        with self._reserved_lock:
+            self._reserved[namespace, forest][branch] = time.monotonic()
 
     def reserved(self, namespace: str, forest: str) -> set[str]:
         now = time.monotonic()
-        slots = self._reserved[namespace, forest]
-        for name in [n for n, at in slots.items() if now - at > RESERVATION_TTL]:
-            del slots[name]
-        return set(slots)
+        with self._reserved_lock:
+            slots = self._reserved[namespace, forest]
+            for name in [n for n, at in slots.items() if now - at > RESERVATION_TTL]:
+                del slots[name]
+            return set(slots)
 
     def release(self, namespace: str, forest: str, branch: str) -> None:
-        self._reserved[namespace, forest].pop(branch, None)
+        with self._reserved_lock:
+            self._reserved[namespace, forest].pop(branch, None)
 
-    async def storage(self, namespace: str, spec: StorageSpec) -> ForestStorage:
-        """The forest's storage client, with keys from its Secret (cached for a minute)."""
+    def storage(self, namespace: str, spec: StorageSpec) -> ForestStorage:
+        """The forest's storage client, with keys from its Secret (cached for a minute).
+        Blocking: called from I/O threads."""
         key = (namespace, spec.uri, spec.endpoint, spec.region, spec.credentials_secret)
         # One fill per key: a thousand branches waking at once read the Secret and build the
         # (costly) S3 client once, not a thousand times.
-        async with self._storage_locks[key]:
+        with self._storages_lock:
+            lock = self._storage_locks[key]
+        with lock:
             cached = self._storages.get(key)
             if cached is not None and time.monotonic() - cached[0] < STORAGE_TTL:
                 return cached[1]
             credentials: S3Credentials | None = None
             if spec.credentials_secret and spec.uri.startswith("s3://"):
-                credentials = await self.io(
-                    self.kube.read_credentials, namespace, spec.credentials_secret
-                )
-            storage = await self.io(ForestStorage, spec, credentials)
+                credentials = self.kube.read_credentials(namespace, spec.credentials_secret)
+            storage = ForestStorage(spec, credentials)
             self._storages[key] = (time.monotonic(), storage)
             return storage
 

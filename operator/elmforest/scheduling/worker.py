@@ -20,13 +20,14 @@ import kopf
 import structlog
 
 from elmforest.api import BRANCH
+from elmforest.observe.reads import PassReads
 from elmforest.planner.branch import ACTIVE
 from elmforest.planner.observed import JobState
 from elmforest.planner.siblings import Sibling
-from elmforest.reconcile.batch import Batch
 from elmforest.reconcile.branches import Outcome, reconcile_branch
 from elmforest.reconcile.context import OperatorContext
-from elmforest.reconcile.queue import WorkQueue
+from elmforest.reconcile.sources import ClusterBranchSource
+from elmforest.scheduling.queue import WorkQueue
 
 log = structlog.get_logger("elmforest.operator")
 Key = tuple[str, str]  # (namespace, name)
@@ -81,7 +82,7 @@ class BranchWorker:
         try:
             while True:
                 keys = await self.queue.take(BATCH_WINDOW_SECONDS)
-                batch = Batch(self.ctx)
+                batch = PassReads()  # one manifest read per forest for the batch
                 for key in keys:
                     await self._slots.acquire()
                     task = asyncio.create_task(self._reconcile(key, batch))
@@ -100,7 +101,7 @@ class BranchWorker:
                 self.queue.add(key)
             await asyncio.sleep(self.ctx.settings.resync_seconds)
 
-    async def _reconcile(self, key: Key, batch: Batch) -> None:
+    async def _reconcile(self, key: Key, batch: PassReads) -> None:
         namespace, name = key
         delay: float | None = None
         try:
@@ -113,15 +114,18 @@ class BranchWorker:
                 delay = self.ctx.expectations.expiry
             elif body is not None:
                 forest = str((body.get("spec") or {}).get("forest", ""))
+                source = ClusterBranchSource(
+                    self.ctx,
+                    namespace,
+                    forest_body=self.sources.forest(namespace, forest),
+                    forest_branches=batch.branches(
+                        (namespace, forest), lambda: self.sources.siblings(namespace, forest)
+                    ),
+                    jobs=self.sources.jobs(namespace, name),
+                    reads=batch,
+                )
                 with self.ctx.metrics.timed(BRANCH.kind):
-                    outcome = await reconcile_branch(
-                        self.ctx,
-                        body,
-                        self.sources.forest(namespace, forest),
-                        batch.branches(namespace, forest, self.sources.siblings),
-                        self.sources.jobs(namespace, name),
-                        batch,
-                    )
+                    outcome = await reconcile_branch(self.ctx, body, source)
                 delay = outcome.requeue_after
                 self._settled(namespace, forest, name, outcome)
         except asyncio.CancelledError:

@@ -62,10 +62,10 @@ class Expectations:
 
     def job_pending(self, key: Key) -> bool:
         """True if we created this Job moments ago and the watch has not shown it yet."""
-        created = self._jobs.get(key)
+        created = self._jobs.get(key)  # read from observation's I/O threads: no check-then-del
         if created is None:
             return False
         if time.monotonic() - created > self.expiry:
-            del self._jobs[key]
+            self._jobs.pop(key, None)
             return False
         return True
