@@ -88,6 +88,7 @@ class World:
     files: dict[str, Any] = field(default_factory=dict)  # storage key -> JSON (or bytes)
     prepared: bool = True  # the branches' text is recorded as tokenized
     forest_deleting: bool = False
+    forest_missing: bool = False
     forest: dict[str, Any] = field(default_factory=dict)  # extra forest spec fields
 
 
@@ -177,6 +178,7 @@ SCENARIOS = {
     "a younger branch of a taken domain": World(
         [Branch("cook"), Branch("cook2")], experts=["cooking"]
     ),
+    "no forest yet": World([Branch("cook")], forest_missing=True),
     "deletion with Keep": World(
         [Branch("cook", status=_status(phase="Merged", mergedVersion=1), deleting=True)],
         experts=["cooking"],
@@ -271,7 +273,7 @@ def _k8s_job(name: str, state: str) -> dict[str, Any]:
 
 def cluster_plans(root: Path, world: World) -> list[Plan]:
     ctx = OperatorContext(kube=cast(Kube, None))  # file storage: no Secret is ever read
-    forest = _forest_record(root, world).body()
+    forest = None if world.forest_missing else _forest_record(root, world).body()
     bodies = _bodies(world)
     reads, branches = PassReads(), ForestBranches([sibling(b) for b in bodies])
     jobs = {name: job_state(_k8s_job(name, state)) for name, state in world.jobs.items()}
@@ -289,7 +291,8 @@ def cluster_plans(root: Path, world: World) -> list[Plan]:
 
 
 def local_plans(root: Path, world: World) -> list[Plan]:
-    state = LocalState(forests={"f": _forest_record(root, world)}, branches=_records(world))
+    forests = {} if world.forest_missing else {"f": _forest_record(root, world)}
+    state = LocalState(forests=forests, branches=_records(world))
     for name, kind in world.jobs.items():
         record = JobRecord(name=name, owner="ElmBranch/cook", run_id="r", command=["x"])
         state.jobs[name] = record.model_copy(update=_JOB_STATES[kind][1])

@@ -105,17 +105,17 @@ def observe_branch(source: BranchSource, body: Mapping[str, Any]) -> BranchInput
         ),
         job=source.job(status.job_name) if status.job_name else None,
     )
-    if view is None:
-        return inp
     if deleting:
+        if view is None:
+            return inp  # the forest is gone: its storage is the user's to keep or delete
         return replace(inp, merged=source.storage(view.spec.storage).merged_expert(spec.domain))
     inp = replace(
         inp,
         active_elsewhere=slots_elsewhere(source, inp),
         superseded_prepare=_job(source, superseded_prepare_name(name, spec, status)),
     )
-    if status.phase == "Merged" and status.merged_version == status.version:
-        return inp  # steady: nothing in storage can change the plan until the spec does
+    if view is None or (status.phase == "Merged" and status.merged_version == status.version):
+        return inp  # no forest, or steady: nothing in storage can change the plan
     return _observe_storage(source, inp, source.storage(view.spec.storage))
 
 
