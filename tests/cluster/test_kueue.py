@@ -6,6 +6,11 @@ pods when no manager answers) never touch the other tests' cluster. A ClusterQue
 ``nvidia.com/gpu`` of quota; the node has 4; every trainer Job asks for one GPU. The operator
 creates its Jobs suspended; Kueue's webhook and controller make a Workload of each, admit them
 in order as quota frees, and unsuspend them; the Job controller then starts their pods.
+
+The pods run the stand-in trainer (tests/harness/standin.py: real records and committed
+artifacts, copied from a forest the real trainer made once per session), each "training" for a
+few seconds: what is tested is admission, which real training only made slower (the real
+plane's end-to-end test, tests/cluster/test_forest_e2e.py, trains for real).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from tests.cluster.conftest import install_chart, start_node, tools
 from tests.harness.controlplane import ControlPlane, free_port
 from tests.harness.kubectl import Kube, wait_for
 from tests.harness.kueue import KueueManager
-from tests.harness.nodeagent import ProcessKubelet
+from tests.harness.nodeagent import PROGRAMS, ProcessKubelet
+from tests.reliability.scenario import STANDIN
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 wait = partial(wait_for, timeout=300, every=1.0)
@@ -47,10 +53,21 @@ def kueue_kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
 
 @pytest.fixture(scope="module")
 def kueue_node(
-    kueue_kube: Kube, tmp_path_factory: pytest.TempPathFactory
+    kueue_kube: Kube, tmp_path_factory: pytest.TempPathFactory, seeded_forest: Path
 ) -> Iterator[ProcessKubelet]:
     assert kueue_kube.plane is not None
-    agent = start_node(kueue_kube.plane, kueue_kube, tmp_path_factory.mktemp("kueue-node"))
+    agent = start_node(
+        kueue_kube.plane,
+        kueue_kube,
+        tmp_path_factory.mktemp("kueue-node"),
+        programs={**PROGRAMS, "elmtrain": STANDIN},
+    )
+    # Long enough that two admitted Jobs overlap and the others wait for the quota.
+    agent.base_env.update(
+        PYTHONPATH=str(Path(__file__).resolve().parents[2]),  # python -m tests.harness.standin
+        STANDIN_TEMPLATES=str(seeded_forest),
+        STANDIN_SECONDS="4",
+    )
     yield agent
     agent.stop()
 
@@ -122,7 +139,7 @@ def _queue_name(body: dict[str, Any]) -> None:
         body["spec"]["trainer"] = {"queueName": QUEUE}
 
 
-@pytest.mark.timeout(1200)  # a seed and four branches, two at a time, on 2 cores
+@pytest.mark.timeout(900)
 def test_a_forest_is_admitted_two_gpus_at_a_time_by_kueue(
     kueue_kube: Kube,
     kueue_node: ProcessKubelet,
