@@ -28,6 +28,7 @@ from elmforest.planner.naming import (
     OPERATOR,
 )
 from elmforest.planner.observed import JobState, OwnedObject, job_state, owned_object
+from elmforest.planner.policy import Policy
 from elmforest.planner.serving import ROLE as SERVING_ROLE
 from elmforest.planner.siblings import ForestBranches, Sibling, sibling
 from elmforest.reconcile.context import OperatorContext, Settings
@@ -64,6 +65,7 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **kwargs: Any) -> 
     operator_settings = Settings(
         resync_seconds=float(os.environ.get("ELMFOREST_RESYNC_SECONDS", "15")),
         defaults=Defaults.from_env(os.environ),
+        policy=Policy.from_env(os.environ),
     )
     ctx = OperatorContext(Kube(connections=operator_settings.workers), operator_settings)
     memo[CONTEXT_KEY] = ctx

@@ -18,8 +18,8 @@ from elmforest.planner.forest import (
     seed_prepare,
     seed_prepare_job_name,
 )
-from elmforest.planner.observed import JobState, RunRecords, StorageView
 from elmforest.planner.naming import ANNOTATION_RUN
+from elmforest.planner.observed import JobState, RunRecords, StorageView
 from elmforest.planner.prepare import Preparation, PrepareStep
 from tests.planner.test_branch_planner import FOREST, SPEC, inp, status_of
 

@@ -16,7 +16,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from elmcore.storage import S3Credentials
-from elmforest.adapters.errors import SecretNotFoundError
+from elmforest.adapters.errors import SecretInvalidError, SecretNotFoundError
 from elmforest.api import GROUP, VERSION, Kind
 
 MERGE_PATCH = "application/merge-patch+json"
@@ -212,7 +212,12 @@ class Kube:
                 raise SecretNotFoundError(f"Secret {name!r} not found") from None
             _raise(error, f"read Secret {name}")
             raise
-        data = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+        try:
+            data = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+        except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError
+            raise SecretInvalidError(
+                f"Secret {name!r} holds a value that is not UTF-8 text (bad input: fix the Secret)"
+            ) from None
         try:
             return S3Credentials(
                 data["AWS_ACCESS_KEY_ID"],

@@ -75,6 +75,43 @@ class OperatorResources(Resources):
     """Requests and limits of the operator's container."""
 
 
+class PolicyValues(SpecModel):
+    """What a forest may name on a shared cluster. Each list empty: anything (the default). A
+    forest outside them is refused (Ready=False, reason Forbidden) before anything runs, and
+    the operator does not touch its storage."""
+
+    trainer_image_repositories: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        json_schema_extra={"items": {"type": "string", "minLength": 1, "maxLength": 255}},
+        description="allowed trainer image prefixes (e.g. registry.example.com/ml/); digests "
+        "are still required",
+    )
+    storage_endpoints: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        json_schema_extra={"items": {"type": "string", "maxLength": 512}},
+        description="allowed S3 endpoints, exactly; '' allows forests that name none (AWS)",
+    )
+    buckets: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        json_schema_extra={"items": {"type": "string", "minLength": 1, "maxLength": 63}},
+        description="allowed bucket names, shell patterns (team-a-*); set: s3:// storage only",
+    )
+    service_accounts: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        json_schema_extra={"items": {"type": "string", "minLength": 1, "maxLength": 253}},
+        description="allowed trainer ServiceAccounts (a forest naming none runs as 'default')",
+    )
+    operator_storage_identity: bool | None = Field(
+        None,
+        description="may a forest without credentialsSecret use the operator's own storage "
+        "identity? null: yes when watchNamespaces is set, no cluster-wide",
+    )
+
+
 class ChartValues(SpecModel):
     """Every value of ``helm/elmforest`` (camelCase in YAML)."""
 
@@ -108,4 +145,8 @@ class ChartValues(SpecModel):
     storage: StorageDefaults = Field(
         default_factory=StorageDefaults,
         description="defaults for the forests' spec.storage: S3 endpoint, region, Secret",
+    )
+    policy: PolicyValues = Field(
+        default_factory=PolicyValues,
+        description="guardrails: what a forest may name (images, storage, ServiceAccounts)",
     )

@@ -39,6 +39,7 @@ from elmforest.planner.branch import plan_branch, plan_deletion
 from elmforest.planner.defaults import Defaults
 from elmforest.planner.forest import plan_forest
 from elmforest.planner.observed import JobState, OwnedObject, RunRecords
+from elmforest.planner.policy import Policy
 from elmforest.planner.siblings import ForestBranches, sibling
 
 SETTLED_BRANCH = frozenset({"Merged", "Failed", "Suspended"})
@@ -166,6 +167,7 @@ class Engine:
     def defaults(self) -> Defaults | None:
         return None  # no chart: a spec's own values and the models' defaults
 
+    policy = Policy()  # one person's machine: no guardrails between teams
     runs_servers = False  # `elmforest serve -f` serves; no Deployment on this machine
     requires_image = False  # Jobs are local processes
 

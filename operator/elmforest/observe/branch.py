@@ -28,6 +28,7 @@ from elmforest.planner.branch import (
 )
 from elmforest.planner.defaults import Defaults
 from elmforest.planner.observed import JobState
+from elmforest.planner.policy import Policy
 from elmforest.planner.prepare import Preparation
 from elmforest.planner.siblings import ForestBranches, forest_view, owner_before_deletion
 
@@ -43,6 +44,10 @@ class BranchSource(Protocol):
     def defaults(self) -> Defaults | None:
         """The installation's defaults for forest fields the spec leaves out (the chart's)."""
 
+    @property
+    def policy(self) -> Policy:
+        """The installation's guardrails: what a forest may name."""
+
     def forest(self, name: str) -> Mapping[str, Any] | None:
         """The forest object (as the API returns it), None if there is none."""
 
@@ -56,7 +61,7 @@ class BranchSource(Protocol):
         """A Job of this branch, as last seen (a just-created one counts as running)."""
 
     def storage(self, spec: StorageSpec) -> ForestStorage:
-        """The forest's storage client (raises SecretNotFoundError for a missing Secret)."""
+        """The forest's storage client (raises SecretError for an unusable Secret)."""
 
     def manifest(self, storage: ForestStorage) -> Manifest | None:
         """The manifest as read once for this pass over the forest's branches."""
@@ -90,6 +95,11 @@ def observe_branch(source: BranchSource, body: Mapping[str, Any]) -> BranchInput
     branches = source.branches(spec.forest)
     # A forest being deleted still holds its storage: its branches leave the manifest first.
     view = forest_view(source.forest(spec.forest), source.defaults, deleting=deleting)
+    # A forest outside the guardrails is never acted on: no storage read, no Job (the forest
+    # says why); its branches wait as for a forest that is not ready.
+    forbidden = view is not None and source.policy.problem(view.spec) is not None
+    if view is not None and forbidden:
+        view = replace(view, ready=False)
     inp = BranchInput(
         name=name,
         namespace=meta.get("namespace", ""),
@@ -106,7 +116,7 @@ def observe_branch(source: BranchSource, body: Mapping[str, Any]) -> BranchInput
         job=source.job(status.job_name) if status.job_name else None,
     )
     if deleting:
-        if view is None:
+        if view is None or forbidden:
             return inp  # the forest is gone: its storage is the user's to keep or delete
         return replace(inp, merged=source.storage(view.spec.storage).merged_expert(spec.domain))
     inp = replace(
@@ -114,8 +124,12 @@ def observe_branch(source: BranchSource, body: Mapping[str, Any]) -> BranchInput
         active_elsewhere=slots_elsewhere(source, inp),
         superseded_prepare=_job(source, superseded_prepare_name(name, spec, status)),
     )
-    if view is None or (status.phase == "Merged" and status.merged_version == status.version):
-        return inp  # no forest, or steady: nothing in storage can change the plan
+    if (
+        view is None
+        or forbidden
+        or (status.phase == "Merged" and status.merged_version == status.version)
+    ):
+        return inp  # no forest to act for, or steady: nothing in storage can change the plan
     return _observe_storage(source, inp, source.storage(view.spec.storage))
 
 

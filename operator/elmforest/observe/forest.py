@@ -10,13 +10,14 @@ from pydantic import ValidationError
 
 from elmcore.errors import ElmError
 from elmcore.records import ServingRecord
-from elmforest.adapters.errors import SecretNotFoundError
+from elmforest.adapters.errors import SecretError
 from elmforest.adapters.forest_storage import ForestStorage
 from elmforest.api.forest import ElmForestSpec, ElmForestStatus, StorageSpec
 from elmforest.observe.branch import validation_message
 from elmforest.planner.defaults import Defaults
 from elmforest.planner.forest import ForestInput, seed_prepare
 from elmforest.planner.observed import JobState, OwnedObject, StorageView
+from elmforest.planner.policy import Policy
 from elmforest.planner.siblings import ForestBranches
 
 
@@ -28,6 +29,10 @@ class ForestSource(Protocol):
         """The installation's defaults for fields the spec leaves out (the chart's)."""
 
     @property
+    def policy(self) -> Policy:
+        """The installation's guardrails: what a forest may name."""
+
+    @property
     def runs_servers(self) -> bool:
         """Whether this mode runs ``spec.serving`` (a cluster: a Deployment; local mode
         leaves serving to ``elmforest serve -f``)."""
@@ -37,7 +42,7 @@ class ForestSource(Protocol):
         """Whether Jobs run an image (a cluster) or local processes."""
 
     def storage(self, spec: StorageSpec) -> ForestStorage:
-        """The forest's storage client (raises SecretNotFoundError for a missing Secret)."""
+        """The forest's storage client (raises SecretError for an unusable Secret)."""
 
     def forest_jobs(self, forest: str) -> dict[str, JobState]:
         """The forest's own Jobs (tokenizer, seed, prepare), by name."""
@@ -84,10 +89,13 @@ def observe_forest(source: ForestSource, body: Mapping[str, Any]) -> ObservedFor
     )
     if spec is None:
         return ObservedForest(inp, spec_error, None)
+    forbidden = source.policy.problem(spec)
+    if forbidden is not None:  # refused before its storage is touched or anything runs
+        return ObservedForest(replace(inp, forbidden=forbidden), None, None)
     try:
         storage = source.storage(spec.storage)
-    except SecretNotFoundError as error:
-        view = StorageView(error=str(error), error_reason="SecretNotFound")
+    except SecretError as error:
+        view = StorageView(error=str(error), error_reason=error.reason)
         return ObservedForest(replace(inp, storage=view), None, None)
     view, records = storage.observe_forest()
     preparation = None

@@ -48,6 +48,7 @@ class ForestInput:
     preparation: Preparation | None = None  # of the seed's text; None: not observed
     serving: dict[str, OwnedObject] = field(default_factory=dict)  # by kind, as watched
     serving_records: list[ServingRecord] = field(default_factory=list)  # storage's serving/
+    forbidden: str | None = None  # outside the installation's guardrails (planner/policy.py)
 
 
 def spec_problem(spec: ElmForestSpec, require_image: bool) -> str | None:
@@ -123,6 +124,8 @@ def plan_forest(inp: ForestInput, spec_error: str | None = None) -> Plan:
     if inp.spec is None or spec_error:
         return _failed(inp, status, "InvalidSpec", spec_error or "the spec is invalid")
     spec = inp.spec
+    if inp.forbidden:  # first: what the installation refuses is refused, whatever else
+        return _failed(inp, status, "Forbidden", inp.forbidden)
     problem = spec_problem(spec, inp.require_image)
     if problem:
         return _failed(inp, status, "InvalidSpec", problem)

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from elmforest.adapters.errors import SecretNotFoundError
+from elmforest.adapters.errors import SecretError
 from elmforest.adapters.forest_storage import ForestStorage
 from elmforest.api import BRANCH, FOREST
 from elmforest.api.branch import ElmBranchStatus
@@ -107,7 +107,7 @@ async def reconcile_branch(
     except InvalidSpecError as error:
         await _invalid(ctx, body, str(error))
         return Outcome(None, before, "Failed")
-    except SecretNotFoundError as error:
+    except SecretError as error:
         await _invalid(ctx, body, str(error))
         return Outcome(ctx.settings.resync_seconds, before, "Failed")
     forest, status = inp.spec.forest, inp.status

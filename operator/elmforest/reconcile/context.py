@@ -17,6 +17,7 @@ from elmforest.adapters.kube import Kube
 from elmforest.api.forest import StorageSpec
 from elmforest.metrics import Metrics
 from elmforest.planner.defaults import Defaults
+from elmforest.planner.policy import Policy
 from elmforest.scheduling.expectations import Expectations
 from elmforest.scheduling.wakeups import Wakeups
 
@@ -31,6 +32,7 @@ class Settings:
     error_backoff_seconds: float = 5.0
     workers: int = 16  # threads for blocking I/O (kubernetes client, boto3)
     defaults: Defaults = field(default_factory=Defaults)  # the chart's trainer/storage values
+    policy: Policy = field(default_factory=Policy)  # the chart's guardrails
 
 
 @dataclass

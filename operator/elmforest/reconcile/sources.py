@@ -13,6 +13,7 @@ from elmforest.api.forest import StorageSpec
 from elmforest.observe.reads import PassReads
 from elmforest.planner.defaults import Defaults
 from elmforest.planner.observed import JobState, OwnedObject
+from elmforest.planner.policy import Policy
 from elmforest.planner.siblings import ForestBranches
 from elmforest.reconcile.context import OperatorContext
 
@@ -26,6 +27,10 @@ class _Storage:
     @property
     def defaults(self) -> Defaults | None:
         return self.ctx.settings.defaults
+
+    @property
+    def policy(self) -> Policy:
+        return self.ctx.settings.policy
 
     def storage(self, spec: StorageSpec) -> ForestStorage:
         self.opened = self.ctx.storage(self.namespace, spec)
