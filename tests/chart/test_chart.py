@@ -20,6 +20,7 @@ from elmforest import chart as chart_files
 from elmforest.adapters.kube import PERMISSIONS
 from elmforest.api.forest import ElmForestSpec
 from elmforest.planner.defaults import Defaults
+from elmforest.planner.policy import Policy
 from tests.harness.pss import pod_spec_of, restricted_violations
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,6 +52,12 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
         "trainer": {"image": TRAINER, "gpus": 8, "queueName": "team-a"},
         "storage": {"endpoint": "http://minio.minio:9000", "credentialsSecret": "s3"},
+        "networkPolicy": {
+            "enabled": True,
+            "apiServer": {"cidrs": ["10.0.0.1/32"]},
+            "storage": {"cidrs": ["10.96.12.7/32", "52.216.0.0/15"], "ports": [9000, 443]},
+        },
+        "policy": {"trainerImageRepositories": ["registry.example.com/"], "buckets": ["ml-*"]},
     },
     "no-metrics-own-account": {
         "image": {"digest": DIGEST},
@@ -184,3 +191,42 @@ def test_schema_rejects_bad_values_clearly(values: dict[str, Any], named: str) -
 def test_missing_digest_is_a_clear_error() -> None:
     with pytest.raises(helm.HelmError, match=r"image.digest is required"):
         render({})
+
+
+def test_the_operators_network_policy_allows_only_what_it_needs() -> None:
+    assert not [o for o in render(VALUE_SETS["cluster-wide"]) if o["kind"] == "NetworkPolicy"]
+    (policy,) = [o for o in render(VALUE_SETS["everything"]) if o["kind"] == "NetworkPolicy"]
+    (deployment,) = [o for o in render(VALUE_SETS["everything"]) if o["kind"] == "Deployment"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= pod_labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    (ingress,) = policy["spec"]["ingress"]
+    assert "from" not in ingress and {p["port"] for p in ingress["ports"]} == {8080, 9090}
+    egress = policy["spec"]["egress"]
+    assert [p["port"] for p in egress[0]["ports"]] == [53, 53] and "to" not in egress[0]
+    blocks = [
+        (sorted(b["ipBlock"]["cidr"] for b in r["to"]), [p["port"] for p in r["ports"]])
+        for r in egress[1:]
+    ]
+    assert blocks == [
+        (["10.0.0.1/32"], [443, 6443]),
+        (["10.96.12.7/32", "52.216.0.0/15"], [9000, 443]),
+    ]
+
+
+def test_policy_values_reach_the_operator() -> None:
+    (deployment,) = [o for o in render(VALUE_SETS["everything"]) if o["kind"] == "Deployment"]
+    env = {
+        e["name"]: e["value"]
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    policy = Policy.from_env(env)
+    assert policy.images == ("registry.example.com/",) and policy.buckets == ("ml-*",)
+    assert policy.operator_identity is False  # cluster-wide, and the value left null
+    namespaced = [o for o in render(VALUE_SETS["namespaced"]) if o["kind"] == "Deployment"]
+    env = {
+        e["name"]: e["value"]
+        for e in namespaced[0]["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert Policy.from_env(env).operator_identity is True

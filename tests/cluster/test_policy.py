@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 ALLOWED_REPOSITORY = TRAINER_IMAGE.split("trainer@")[0]  # registry.example.com/elmforest/
 OTHER_IMAGE = "docker.io/someone/trainer@sha256:" + "ef" * 32
 UNSCHEDULABLE = {"nodeSelector.elmforest-test/unschedulable": "true"}  # we run the operator
+DEAD_ENDPOINT = "http://127.0.0.1:9"  # allowed, but nothing answers: storage unreachable
 
 
 @pytest.fixture
@@ -36,10 +37,14 @@ def guarded(kube: Kube, installed_crds: Kube, s3_endpoint: str, s3_bucket: str) 
         strings=UNSCHEDULABLE,
         **{
             "policy.trainerImageRepositories": f"{{{ALLOWED_REPOSITORY}}}",
-            "policy.storageEndpoints": f"{{{s3_endpoint}}}",
+            "policy.storageEndpoints": f"{{{s3_endpoint},{DEAD_ENDPOINT}}}",
             "policy.buckets": f"{{{s3_bucket[:4]}*}}",
             "policy.serviceAccounts": "{default,trainer}",
             "policy.operatorStorageIdentity": "false",
+            # Accepted by the API server (this plane's network enforces no NetworkPolicy).
+            "networkPolicy.enabled": "true",
+            "networkPolicy.apiServer.cidrs": "{127.0.0.1/32}",
+            "networkPolicy.storage.cidrs": "{127.0.0.1/32}",
         },
     )
 
@@ -138,6 +143,8 @@ def test_each_guardrail_refuses_and_nothing_runs(
         text = operator.read_text()
         return f"the operator crashed:\n{text[-4000:]}" if "Traceback" in text else None
 
+    policies = kube.json("get", "networkpolicy", "-n", guarded.namespace)["items"]
+    assert [p["metadata"]["name"] for p in policies] == [guarded.account]
     # Inside every rule: the forest starts its tokenizer Job as with no policy at all.
     wait_for("the allowed forest's tokenizer Job", lambda: jobs("allowed"), alive=alive)
     for name, (_, rule) in refused.items():
@@ -153,3 +160,44 @@ def test_each_guardrail_refuses_and_nothing_runs(
     events = kube.json("get", "events", "-n", ns)["items"]
     warned = {e["involvedObject"]["name"] for e in events if e["type"] == "Warning"}
     assert set(refused) | {"binary"} <= warned, warned
+
+
+def test_a_deleted_branch_whose_storage_is_unreachable_says_so_until_released(
+    kube: Kube, guarded: Release, operator: Path, s3_bucket: str
+) -> None:
+    """Its expert cannot leave the manifest: the branch keeps its finalizer and says why on
+    its status and in an Event, retrying, until the user annotates it released."""
+    ns = guarded.watched
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "s3-creds"},
+        "stringData": {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"},
+    }
+    branch = {
+        "apiVersion": "btm.elmforest.io/v1alpha1",
+        "kind": "ElmBranch",
+        # As if it had merged before its storage went away: its finalizer is already there.
+        "metadata": {"name": "stuck", "finalizers": ["btm.elmforest.io/expert"]},
+        "spec": {"forest": "gone", "domain": "stuck", "data": {"train": ["s3://b/t.txt"]}},
+    }
+    kube.apply([secret, _forest("gone", s3_bucket, DEAD_ENDPOINT), branch], "-n", ns)
+    kube.kubectl("delete", "eb", "stuck", "-n", ns, "--wait=false")
+
+    def blocked() -> str | None:
+        message = str(
+            (kube.json("get", "eb", "stuck", "-n", ns).get("status") or {}).get("message", "")
+        )
+        return message if message.startswith("cannot remove expert stuck") else None
+
+    message = wait_for("the blocked cleanup reported", blocked, timeout=120)
+    assert "btm.elmforest.io/release=true" in message, message
+    assert kube.json("get", "eb", "stuck", "-n", ns)["metadata"]["finalizers"]
+    events = kube.json("get", "events", "-n", ns)["items"]
+    assert any(e["reason"] == "CleanupBlocked" for e in events), events
+    kube.kubectl("annotate", "eb", "stuck", "-n", ns, "btm.elmforest.io/release=true")
+    wait_for(
+        "the released branch gone",
+        lambda: kube.kubectl("get", "eb", "stuck", "-n", ns, check=False).returncode != 0,
+        timeout=60,
+    )

@@ -244,3 +244,22 @@ def test_job_state_reads_kubernetes_conditions() -> None:
     }
     assert job_state(done).phase == "Succeeded"
     assert job_state({"metadata": {"name": "j"}}).phase == "Running"
+
+
+def test_a_deletion_whose_storage_is_unreachable_waits_and_says_so_until_released() -> None:
+    merged = versioned(phase="Merged", merged_version=1)
+    blocked = plan_deletion(inp(status=merged, storage_error="connection refused"))
+    assert blocked.requeue_after is not None  # the finalizer stays; nothing is removed
+    assert [type(a) for a in blocked.actions] == [Event, PatchStatus]
+    message = status_of(blocked.actions).message or ""
+    assert "connection refused" in message and "btm.elmforest.io/release=true" in message
+    # Said once: the same message again patches nothing and sends no second Event.
+    again = plan_deletion(
+        inp(status=status_of(blocked.actions), storage_error="connection refused")
+    )
+    assert again.actions == [] and again.requeue_after is not None
+    released = plan_deletion(inp(status=merged, storage_error="connection refused", release=True))
+    assert released.requeue_after is None  # the finalizer goes; the user chose to release
+    assert [(a.type, a.reason) for a in released.actions if isinstance(a, Event)] == [
+        ("Warning", "Released")
+    ]

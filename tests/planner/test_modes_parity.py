@@ -194,6 +194,11 @@ SCENARIOS = {
         ],
         experts=["cooking"],
     ),
+    "deletion while storage is unreadable": World(
+        [Branch("cook", status=_status(phase="Merged", mergedVersion=1), deleting=True)],
+        experts=["cooking"],
+        files={"manifest.json": {"experts": "not a mapping"}},
+    ),
     "deletion while the forest is deleted too": World(
         [Branch("cook", status=_status(phase="Merged", mergedVersion=1), deleting=True)],
         experts=["cooking"],
@@ -343,6 +348,7 @@ def test_the_scenarios_reach_the_plans_they_are_named_for(tmp_path: Path) -> Non
     assert kinds["deletion with Delete"] == ["RemoveExpert", "Event", "DeleteExpertFiles"]
     assert kinds["deletion while the forest is deleted too"] == ["RemoveExpert", "Event"]
     assert kinds["superseded spec stops its Jobs"].count("DeleteJob") == 2
+    assert kinds["deletion while storage is unreadable"] == ["Event", "PatchStatus"]
     root = tmp_path / "recreated"
     world = SCENARIOS["re-created branch (Keep left v2)"]
     _fill_storage(root, world)

@@ -75,6 +75,37 @@ class OperatorResources(Resources):
     """Requests and limits of the operator's container."""
 
 
+class EgressRule(SpecModel):
+    """Where the operator may connect: CIDR blocks and TCP ports."""
+
+    cidrs: list[str] = Field(
+        default_factory=list,
+        max_length=32,
+        json_schema_extra={"items": {"type": "string", "pattern": r"^[0-9a-fA-F.:]+/[0-9]+$"}},
+    )
+    ports: list[int] = Field(
+        default_factory=list,
+        max_length=16,
+        json_schema_extra={"items": {"type": "integer", "minimum": 1, "maximum": 65535}},
+    )
+
+
+class NetworkPolicyValues(SpecModel):
+    """A NetworkPolicy for the operator's pod: ingress only to its health and metrics ports,
+    egress only to DNS, the API server and storage (the addresses are the installer's)."""
+
+    enabled: bool = False
+    api_server: EgressRule = Field(
+        default_factory=lambda: EgressRule(ports=[443, 6443]),
+        description="the API server's addresses (kubectl get endpoints kubernetes -n default)",
+    )
+    storage: EgressRule = Field(
+        default_factory=lambda: EgressRule(ports=[443]),
+        description="S3 or MinIO: the forests' storage endpoints' addresses",
+    )
+    dns: bool = Field(True, description="allow DNS (port 53) to any address")
+
+
 class PolicyValues(SpecModel):
     """What a forest may name on a shared cluster. Each list empty: anything (the default). A
     forest outside them is refused (Ready=False, reason Forbidden) before anything runs, and
@@ -146,6 +177,7 @@ class ChartValues(SpecModel):
         default_factory=StorageDefaults,
         description="defaults for the forests' spec.storage: S3 endpoint, region, Secret",
     )
+    network_policy: NetworkPolicyValues = Field(default_factory=NetworkPolicyValues)
     policy: PolicyValues = Field(
         default_factory=PolicyValues,
         description="guardrails: what a forest may name (images, storage, ServiceAccounts)",

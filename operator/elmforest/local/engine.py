@@ -232,7 +232,11 @@ class Engine:
     def _finalize_branch(self, record: ObjectRecord) -> None:
         inp = observe_branch(self, record.body())
         if inp.forest is not None:
-            self._apply(record, plan_deletion(inp), self.storage(inp.forest.spec.storage))
+            plan = plan_deletion(inp)
+            self._apply(record, plan, self.storage(inp.forest.spec.storage))
+            if plan.requeue_after is not None:  # its storage is unreachable: try again later
+                self.on_log(f"branch {record.name}: {record.status.get('message', '')}")
+                return
         owner = f"{BRANCH.kind}/{record.name}"
         for name in [n for n, j in self.state.jobs.items() if j.owner == owner]:
             self.runner.delete(self.state, name)

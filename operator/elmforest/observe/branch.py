@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from elmcore.manifest import Manifest
+from elmforest.adapters.errors import SecretError
 from elmforest.adapters.forest_storage import ForestStorage
 from elmforest.api.branch import ElmBranchSpec, ElmBranchStatus
 from elmforest.api.forest import StorageSpec
@@ -27,6 +28,7 @@ from elmforest.planner.branch import (
     superseded_prepare_name,
 )
 from elmforest.planner.defaults import Defaults
+from elmforest.planner.naming import RELEASE_ANNOTATION
 from elmforest.planner.observed import JobState
 from elmforest.planner.policy import Policy
 from elmforest.planner.prepare import Preparation
@@ -118,7 +120,7 @@ def observe_branch(source: BranchSource, body: Mapping[str, Any]) -> BranchInput
     if deleting:
         if view is None or forbidden:
             return inp  # the forest is gone: its storage is the user's to keep or delete
-        return replace(inp, merged=source.storage(view.spec.storage).merged_expert(spec.domain))
+        return _observe_cleanup(source, inp, view.spec.storage, meta.get("annotations") or {})
     inp = replace(
         inp,
         active_elsewhere=slots_elsewhere(source, inp),
@@ -131,6 +133,22 @@ def observe_branch(source: BranchSource, body: Mapping[str, Any]) -> BranchInput
     ):
         return inp  # no forest to act for, or steady: nothing in storage can change the plan
     return _observe_storage(source, inp, source.storage(view.spec.storage))
+
+
+def _observe_cleanup(
+    source: BranchSource, inp: BranchInput, spec: StorageSpec, annotations: Mapping[str, str]
+) -> BranchInput:
+    """What a deletion needs: the manifest's entry for the domain, read afresh; or why the
+    storage cannot be read (the planner then waits, or lets a released branch go)."""
+    release = annotations.get(RELEASE_ANNOTATION, "").lower() == "true"
+    try:
+        found = source.storage(spec).view()
+    except SecretError as error:
+        return replace(inp, storage_error=str(error), release=release)
+    if found.error is not None or found.manifest is None:
+        why = found.error or "the manifest is unreadable"
+        return replace(inp, storage_error=why, release=release)
+    return replace(inp, merged=found.manifest.experts.get(inp.spec.domain))
 
 
 def slots_elsewhere(source: BranchSource, inp: BranchInput) -> int:

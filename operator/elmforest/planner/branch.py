@@ -36,12 +36,13 @@ from elmforest.planner.actions import (
 from elmforest.planner.conditions import READY, set_condition
 from elmforest.planner.forest import artifact_uri
 from elmforest.planner.jobs import JobRequest, Owner, build_job, merge_trainer
-from elmforest.planner.naming import branch_job_name, child_name, digest
+from elmforest.planner.naming import RELEASE_ANNOTATION, branch_job_name, child_name, digest
 from elmforest.planner.observed import JobState, RunRecords
 from elmforest.planner.prepare import Preparation, PrepareStep, prepare_job, progress_summary
 from elmforest.planner.trainer_args import branch_argv, overrides
 
 POLL_SECONDS = 5.0
+CLEANUP_RETRY_SECONDS = 30.0  # a deleting branch whose storage is unreachable tries again
 ACTIVE: frozenset[str] = frozenset({"Initializing", "Training", "Evaluating", "Merging"})
 _PROGRESS_PHASE: dict[str, BranchPhase] = {
     "preparing": "Initializing",
@@ -80,6 +81,10 @@ class BranchInput:
     preparation: Preparation | None = None
     # While the spec changes: the prepare Job of the version it supersedes, if it exists.
     superseded_prepare: JobState | None = None
+    # On deletion: why the forest's storage could not be read (the cleanup waits for it),
+    # and whether the user released the branch from its cleanup (RELEASE_ANNOTATION).
+    storage_error: str | None = None
+    release: bool = False
 
 
 def spec_fingerprint(spec: ElmBranchSpec) -> str:
@@ -389,7 +394,10 @@ def _prepare(inp: BranchInput, status: ElmBranchStatus, preparation: Preparation
 
 
 def plan_deletion(inp: BranchInput) -> Plan:
-    """On deletion: leave the manifest (if this branch owns the domain), then maybe the files."""
+    """On deletion: leave the manifest (if this branch owns the domain), then maybe the files.
+    A plan with ``requeue_after`` set is blocked: the branch keeps its finalizer."""
+    if inp.storage_error is not None:
+        return _cleanup_blocked(inp, inp.storage_error)
     plan = Plan()
     owns = inp.domain_owner in (None, inp.name)
     if owns and inp.merged is not None:
@@ -397,4 +405,22 @@ def plan_deletion(inp: BranchInput) -> Plan:
         plan.add(Event("Normal", "Removed", f"expert {inp.spec.domain} left the forest"))
     if owns and inp.spec.retention == "Delete":
         plan.add(DeleteExpertFiles(inp.spec.domain))
+    return plan
+
+
+def _cleanup_blocked(inp: BranchInput, error: str) -> Plan:
+    """The storage that holds the branch's expert cannot be read: say so on the branch and
+    retry, never silently leave the expert behind; the user may release the branch instead."""
+    domain = inp.spec.domain
+    if inp.release:
+        message = f"released without cleanup: expert {domain} may remain in storage ({error})"
+        return Plan().add(Event("Warning", "Released", message))
+    message = (
+        f"cannot remove expert {domain} from the forest: {error}; retrying. To let the branch "
+        f"go without cleaning up, annotate it {RELEASE_ANNOTATION}=true"
+    )
+    plan = Plan(requeue_after=CLEANUP_RETRY_SECONDS)
+    if inp.status.message != message:
+        status = inp.status.model_copy(update={"message": message})
+        plan.add(Event("Warning", "CleanupBlocked", message), PatchStatus(status.to_api()))
     return plan

@@ -18,6 +18,8 @@ LABEL_ROLE = f"{GROUP}/role"
 ANNOTATION_RUN = f"{GROUP}/run-id"
 FINALIZER = f"{GROUP}/finalizer"  # Kopf's, on forests
 BRANCH_FINALIZER = f"{GROUP}/expert"  # the branch worker's own: its expert leaves the forest
+# "true" on a deleting branch whose storage cannot be reached: let it go without cleaning up.
+RELEASE_ANNOTATION = f"{GROUP}/release"
 
 
 def digest(value: Any, length: int = 8) -> str:

@@ -98,7 +98,9 @@ async def reconcile_branch(
     if meta.get("deletionTimestamp"):
         if BRANCH_FINALIZER not in (meta.get("finalizers") or []):
             return Outcome(None, before, None, deleting=True)  # nothing of ours, or done
-        await finalize_branch(ctx, body, source)
+        blocked = await finalize_branch(ctx, body, source)
+        if blocked is not None:  # its storage is unreachable: the branch says so, and waits
+            return Outcome(blocked, before, None, deleting=True)
         ctx.wakeups.wake((FOREST.kind, namespace, str((body.get("spec") or {}).get("forest"))))
         done = await _set_finalizer(ctx, body, present=False)
         return Outcome(None if done else CONFLICT_RETRY_SECONDS, before, None, deleting=True)
@@ -155,15 +157,18 @@ async def _apply(
 
 async def finalize_branch(
     ctx: OperatorContext, body: Mapping[str, Any], source: ClusterBranchSource
-) -> None:
+) -> float | None:
+    """Clean up after a deleted branch; seconds to retry after when it cannot yet."""
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     ctx.metrics.phase(BRANCH.kind, namespace, name, None)
     try:
         inp = await ctx.io(observe_branch, source, body)
     except InvalidSpecError:
-        return  # never valid, never trained: nothing to remove
+        return None  # never valid, never trained: nothing to remove
     ctx.release(namespace, inp.spec.forest, name)
     if inp.forest is None:
-        return  # the forest is gone; its storage is the user's to keep or delete
-    await apply_plan(ctx, BRANCH, body, plan_deletion(inp), source.opened)
+        return None  # the forest is gone; its storage is the user's to keep or delete
+    plan = plan_deletion(inp)
+    await apply_plan(ctx, BRANCH, body, plan, source.opened)
+    return plan.requeue_after
