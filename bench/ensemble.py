@@ -54,11 +54,11 @@ def _best_of(repeats: int, work: Any) -> float:
 def measure(scale: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from elmtrain.commands.generate import _Stream
     from elmtrain.config import ModelConfig
     from elmtrain.model.families import build_model
     from elmtrain.runtime import setup_runtime
     from elmtrain.scoring.logprobs import ensemble_logprobs, log_posterior, route, token_logprobs
+    from elmtrain.scoring.streams import ContextStream
 
     runtime = setup_runtime()
     config = ModelConfig(
@@ -103,7 +103,7 @@ def measure(scale: dict[str, Any]) -> dict[str, Any]:
     def generate(models: list[Any]) -> tuple[float, float]:
         """(seconds reading the prompt and routing, seconds per generated token)."""
         started = time.perf_counter()
-        streams = [_Stream(m, prompt, runtime.device) for m in models]
+        streams = [ContextStream(m, prompt, runtime.device) for m in models]
         if len(models) > 2:  # route on the prompt, as ``elmtrain generate --top-k-experts 2``
             loglik = torch.tensor([s.context_loglik for s in streams])
             keep = route(log_posterior(loglik, torch.ones(len(streams))).exp(), 2)

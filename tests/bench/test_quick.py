@@ -193,3 +193,14 @@ def test_data(tmp_path: Path) -> None:
     for row in rows.values():
         assert row["tokens_per_second"] > 0 and row["first_step_seconds"] > 0
         assert math.isfinite(row["loss"])
+
+
+def test_cli(tmp_path: Path) -> None:
+    """Every command measured, each exiting as it should (the bench checks the codes)."""
+    corpus = write_domains(tmp_path / "corpus", ["cooking", "sailing"])
+    results = quick("cli", tmp_path, "--corpus", str(corpus))
+    rows = results["trees"]["this"]
+    assert len(rows) == 5 and results["repeats"] == 3
+    for row in rows.values():
+        assert 0 < row["min_seconds"] <= row["median_seconds"]
+        assert row["peak_rss_mb"] > 5

@@ -18,8 +18,10 @@ from elmcore.errors import ElmError, ExitCode
 from elmcore.logs import configure_logging
 from elmtrain.run.progress import write_termination_message
 
-# Command name -> module. Only the command being run is imported: ``elmtrain average`` never
-# pays for torch or transformers, and every command starts faster.
+# Command name -> module. Only the command being run is imported, and a command module imports
+# torch, transformers and the tokenizers inside its ``run`` only, once it has work for them:
+# ``--help`` imports every module, so one heavy import at a module's top would cost every
+# command about 7 s (tests/trainer/test_imports.py keeps them out; bench/cli.py measures).
 COMMANDS = {
     "tokenizer": "tokenizer",
     "prepare": "prepare",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,11 +16,12 @@ from elmcore.storage import Storage, open_storage
 from elmcore.storage.commit import fetch_committed
 from elmcore.storage.manifest_store import load_manifest
 from elmtrain.cache import cache_dir
+from elmtrain.data.datasets import DatasetRecord, prepared_dataset
 
-if TYPE_CHECKING:  # transformers is imported only by commands that tokenize
+if TYPE_CHECKING:  # transformers and torch: imported only when a tokenizer or store is opened
     from transformers import PreTrainedTokenizerFast
 
-    from elmtrain.data import TokenStore
+    from elmtrain.data.store import TokenStore
 
 
 @dataclass
@@ -41,11 +43,14 @@ class Forest:
             fetch_committed(self.storage, entry.path, target, entry.sha256)
         return target
 
-    def tokenizer_dir(self) -> Path:
+    def _tokenizer_entry(self) -> ArtifactEntry:
         entry = self.manifest().tokenizer
         if entry is None:
             raise BadInputError(f"forest {self.storage.root} has no tokenizer yet")
-        return self.fetch(entry)
+        return entry
+
+    def tokenizer_dir(self) -> Path:
+        return self.fetch(self._tokenizer_entry())
 
     def tokenizer(self) -> PreTrainedTokenizerFast:
         from elmtrain.model.tokenizer import load_tokenizer
@@ -55,12 +60,16 @@ class Forest:
     def token_store(self) -> TokenStore:
         """Token shards of text read with this forest's tokenizer, in the forest's storage
         (``tokens/``), keyed by the tokenizer's commit sha256 (what the operator sees)."""
-        from elmtrain.data import TokenStore
+        from elmtrain.data.store import TokenStore
 
-        entry = self.manifest().tokenizer
-        if entry is None:
-            raise BadInputError(f"forest {self.storage.root} has no tokenizer yet")
+        entry = self._tokenizer_entry()
         return TokenStore(self.storage, self.tokenizer(), entry.sha256, self.endpoint)
+
+    def prepared(self, locations: Sequence[str]) -> DatasetRecord | None:
+        """The record of the locations' token shards if they are prepared and unchanged: one
+        listing and a few small reads, without loading the tokenizer (``token_store`` does)."""
+        tokenizer_id = self._tokenizer_entry().sha256
+        return prepared_dataset(self.storage, tokenizer_id, locations, self.endpoint)
 
     def seed_dir(self) -> Path:
         entry = self.manifest().seed

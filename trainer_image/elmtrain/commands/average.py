@@ -13,7 +13,6 @@ from elmcore.storage import open_storage
 from elmcore.storage.commit import commit_dir
 from elmtrain.cache import cache_dir
 from elmtrain.commands.common import add_forest_args, open_forest, parse_weights, write_output
-from elmtrain.model.averaging import average_models
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -52,6 +51,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         unknown = sorted(set(weights) - set(experts))
         if unknown:
             raise BadInputError(f"--weights names unknown experts {unknown}")
+    from elmtrain.model.averaging import average_models  # numpy: not for --help
+
     names = list(weights)
     kept = top_k([weights[n] for n in names], args.top_k)  # None: all, normalised
     chosen = {n: w for n, w in zip(names, kept, strict=True) if w > 0}

@@ -19,13 +19,9 @@ from elmtrain.commands.common import (
     open_forest,
     training_config,
 )
-from elmtrain.data import sample_sequences
 from elmtrain.forest import Forest
-from elmtrain.model.families import check_vocab, load_model
-from elmtrain.run import branch_init
-from elmtrain.run.jobs import failure_recorded, finish_if_done, run_training_job
+from elmtrain.run.outcome import failure_recorded, finish_if_done
 from elmtrain.run.spec import JobSpec
-from elmtrain.runtime import setup_runtime
 
 
 class InitRecord(Record):
@@ -61,7 +57,6 @@ def run(args: argparse.Namespace) -> Result:
 
 def _train(args: argparse.Namespace, forest: Forest, domain: str, run_id: str) -> Result:
     cfg = training_config(args)
-    runtime = setup_runtime(cfg)
     spec = JobSpec(
         kind="expert",
         run_id=run_id,
@@ -74,12 +69,20 @@ def _train(args: argparse.Namespace, forest: Forest, domain: str, run_id: str) -
         init_strategy=args.init,
         merge=args.merge,
     )
-    previous = finish_if_done(forest, spec, runtime)
+    previous = finish_if_done(forest, spec)
     if previous is not None:
         return previous
     manifest = forest.manifest()
     if manifest.seed is None:
         raise BadInputError("the forest has no seed yet: run 'elmtrain seed' first")
+    # torch and transformers from here on: a rerun of a finished branch never imports them.
+    from elmtrain.data.order import sample_sequences
+    from elmtrain.model.families import check_vocab, load_model
+    from elmtrain.run import branch_init
+    from elmtrain.run.jobs import run_training_job
+    from elmtrain.runtime import setup_runtime
+
+    runtime = setup_runtime(cfg)
     tokenizer = forest.tokenizer()
     init_key = f"{layout.run(run_id)}/init.json"
     if committed_steps(forest.storage, layout.run_checkpoints(run_id)) and forest.storage.exists(

@@ -11,16 +11,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import torch
-
 from elmcore.errors import BadInputError
 from elmtrain.commands.common import add_forest_args, domain_locations, open_forest, write_output
 from elmtrain.commands.evaluate import add_eval_data_args
 from elmtrain.commands.posterior import prior_for
-from elmtrain.data import load_sequences
-from elmtrain.runtime import setup_runtime
-from elmtrain.scoring.evaluation import expert_logprobs
-from elmtrain.scoring.logprobs import ensemble_logprobs, perplexity, route
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -34,6 +28,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    # torch and transformers: only when it runs (see elmtrain.cli).
+    import torch
+
+    from elmtrain.data.store import load_sequences
+    from elmtrain.runtime import setup_runtime
+    from elmtrain.scoring.evaluation import expert_logprobs
+    from elmtrain.scoring.logprobs import ensemble_logprobs, perplexity, route
+
     forest = open_forest(args)
     runtime = setup_runtime()
     experts = forest.manifest().sorted_experts()

@@ -6,10 +6,6 @@ import argparse
 from typing import Any
 
 from elmtrain.commands.common import add_forest_args, domain_locations, open_forest, write_output
-from elmtrain.data import load_sequences
-from elmtrain.runtime import setup_runtime
-from elmtrain.scoring.evaluation import model_logprobs
-from elmtrain.scoring.logprobs import perplexity
 
 
 def add_eval_data_args(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +24,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    # torch and transformers: only when it runs (see elmtrain.cli).
+    from elmtrain.data.store import load_sequences
+    from elmtrain.runtime import setup_runtime
+    from elmtrain.scoring.evaluation import model_logprobs
+    from elmtrain.scoring.logprobs import perplexity
+
     forest = open_forest(args)
     runtime = setup_runtime()
     store = forest.token_store()

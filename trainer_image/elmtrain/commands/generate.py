@@ -9,18 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 import structlog
-import torch
-from transformers import PreTrainedModel
 
 from elmcore.errors import BadInputError
 from elmtrain.commands.common import add_forest_args, open_forest
-from elmtrain.model.families import context_length, load_model
-from elmtrain.runtime import setup_runtime
-from elmtrain.scoring.logprobs import log_posterior, route
-from elmtrain.scoring.priors import forest_prior
 
 log = structlog.get_logger(__name__)
 
@@ -51,32 +44,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.set_defaults(func=run)
 
 
-class _Stream:
-    """One model reading a growing context through its key/value cache."""
-
-    def __init__(self, model: PreTrainedModel, ids: list[int], device: torch.device) -> None:
-        self.model = model
-        out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
-        logp = torch.log_softmax(out.logits[0].double(), dim=-1).cpu()
-        targets = torch.tensor(ids[1:])[:, None]
-        # log p(context): every token of the prompt after the first, given the ones before it.
-        self.context_loglik = float(logp[:-1].gather(-1, targets).sum())
-        self.next_logp = logp[-1]
-        self.cache: Any = out.past_key_values
-        self.device = device
-
-    def advance(self, token: int) -> None:
-        self.context_loglik += float(self.next_logp[token])
-        out = self.model(
-            input_ids=torch.tensor([[token]], device=self.device),
-            past_key_values=self.cache,
-            use_cache=True,
-        )
-        self.next_logp = torch.log_softmax(out.logits[0, -1].double(), dim=-1).cpu()
-        self.cache = out.past_key_values
-
-
-@torch.no_grad()
 def run(args: argparse.Namespace) -> str:
     if args.ensemble == bool(args.model):
         raise BadInputError("generate: give exactly one of --model and --ensemble")
@@ -84,6 +51,21 @@ def run(args: argparse.Namespace) -> str:
         raise BadInputError("generate: --temperature must be > 0")
     if args.top_k_experts is not None and (args.top_k_experts < 1 or not args.ensemble):
         raise BadInputError("generate: --top-k-experts needs --ensemble and k >= 1")
+    import torch  # and transformers: only once the command line is known to be good
+
+    with torch.no_grad():
+        return _generate(args)
+
+
+def _generate(args: argparse.Namespace) -> str:
+    import torch
+
+    from elmtrain.model.families import context_length, load_model
+    from elmtrain.runtime import setup_runtime
+    from elmtrain.scoring.logprobs import log_posterior, route
+    from elmtrain.scoring.priors import forest_prior
+    from elmtrain.scoring.streams import ContextStream
+
     forest = open_forest(args)
     runtime = setup_runtime()
     tokenizer = forest.tokenizer()
@@ -97,7 +79,7 @@ def run(args: argparse.Namespace) -> str:
     routing = args.top_k_experts is not None and args.top_k_experts < len(dirs)
     if routing and len(ids) < 2:
         raise BadInputError("generate: --top-k-experts routes on the prompt; give a --prompt")
-    streams = [_Stream(load_model(d, runtime.device), ids, runtime.device) for d in dirs]
+    streams = [ContextStream(load_model(d, runtime.device), ids, runtime.device) for d in dirs]
     limit = context_length(streams[0].model)
     if len(ids) + args.max_new_tokens > limit:
         raise BadInputError(f"generate: prompt + --max-new-tokens exceed the context ({limit})")

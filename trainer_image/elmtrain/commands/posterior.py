@@ -4,12 +4,14 @@ stored with the forest for the manifest's revision (``elmtrain.scoring.priors``)
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from elmcore.errors import BadInputError
 from elmtrain.commands.common import add_forest_args, open_forest, write_output
 from elmtrain.forest import Forest
-from elmtrain.runtime import Runtime, setup_runtime
-from elmtrain.scoring.priors import forest_prior
+
+if TYPE_CHECKING:
+    from elmtrain.runtime import Runtime
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -29,10 +31,14 @@ def prior_for(
     """The stored cached prior of this text for the current revision (computed if new)."""
     if not data:
         raise BadInputError("the prior needs text (--data)")
+    from elmtrain.scoring.priors import forest_prior  # torch: only when it runs
+
     return forest_prior(forest, data, sample, seq_len, runtime, seed)
 
 
 def run(args: argparse.Namespace) -> dict[str, float]:
+    from elmtrain.runtime import setup_runtime  # torch: only when it runs
+
     forest = open_forest(args)
     prior = prior_for(forest, args.data, args.sample, args.seq_len, args.seed, setup_runtime())
     write_output(prior, args.out, forest.endpoint)

@@ -13,10 +13,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
-
-import torch
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Any
 
 from elmcore.errors import BadInputError
 from elmcore.report import (
@@ -34,13 +31,12 @@ from elmcore.report import (
 from elmtrain.cache import cache_dir
 from elmtrain.commands.common import add_forest_args, open_forest, write_output
 from elmtrain.config import load_json_arg, parse_config
-from elmtrain.data import load_sequences
 from elmtrain.forest import Forest
-from elmtrain.model.averaging import average_models
-from elmtrain.runtime import Runtime, setup_runtime
-from elmtrain.scoring.evaluation import expert_logprobs, model_logprobs
-from elmtrain.scoring.logprobs import ensemble_logprobs, perplexity
-from elmtrain.scoring.priors import forest_prior
+
+if TYPE_CHECKING:
+    import torch
+
+    from elmtrain.runtime import Runtime
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -54,6 +50,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _score(logprobs: torch.Tensor) -> Score:
+    from elmtrain.scoring.logprobs import perplexity
+
     loss, ppl, tokens = perplexity(logprobs)
     return Score(loss=loss, perplexity=ppl, tokens=tokens)
 
@@ -63,6 +61,8 @@ def _prior(
 ) -> tuple[list[float], str]:
     if not eval_set.prior_data:
         return [1.0 / len(names)] * len(names), "uniform"
+    from elmtrain.scoring.priors import forest_prior
+
     weights = forest_prior(
         forest, eval_set.prior_data, request.prior_sample, request.seq_len, runtime
     )  # stored: the next report of this revision reads it
@@ -70,6 +70,16 @@ def _prior(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    # torch and transformers: only when it runs (see elmtrain.cli).
+    import torch
+    from tqdm import tqdm
+
+    from elmtrain.data.store import load_sequences
+    from elmtrain.model.averaging import average_models
+    from elmtrain.runtime import setup_runtime
+    from elmtrain.scoring.evaluation import expert_logprobs, model_logprobs
+    from elmtrain.scoring.logprobs import ensemble_logprobs
+
     started = time.monotonic()
     request = parse_config(ReportRequest, load_json_arg(args.request, "--request"), "--request")
     forest = open_forest(args)

@@ -16,10 +16,8 @@ from elmtrain.commands.common import (
 )
 from elmtrain.config import ModelConfig, load_json_arg, parse_config
 from elmtrain.forest import Forest
-from elmtrain.model.families import build_model, check_trainable, check_vocab, load_model
-from elmtrain.run.jobs import failure_recorded, finish_if_done, run_training_job
+from elmtrain.run.outcome import failure_recorded, finish_if_done
 from elmtrain.run.spec import JobSpec
-from elmtrain.runtime import setup_runtime
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -41,7 +39,6 @@ def run(args: argparse.Namespace) -> Result:
 
 def _train(args: argparse.Namespace, forest: Forest) -> Result:
     cfg = training_config(args)
-    runtime = setup_runtime(cfg)
     spec = JobSpec(
         kind="seed",
         run_id=SEED_RUN_ID,
@@ -52,9 +49,15 @@ def _train(args: argparse.Namespace, forest: Forest) -> Result:
         merge=args.merge,
         pretrained=args.pretrained,
     )
-    previous = finish_if_done(forest, spec, runtime)
+    previous = finish_if_done(forest, spec)
     if previous is not None:
         return previous
+    # torch and transformers from here on: a rerun of a finished seed never imports them.
+    from elmtrain.model.families import build_model, check_trainable, check_vocab, load_model
+    from elmtrain.run.jobs import run_training_job
+    from elmtrain.runtime import setup_runtime
+
+    runtime = setup_runtime(cfg)
     tokenizer = forest.tokenizer()
     if args.pretrained:
         model = load_model(forest.model_dir(args.pretrained))

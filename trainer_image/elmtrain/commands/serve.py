@@ -6,20 +6,16 @@ import argparse
 import asyncio
 import os
 import signal
+from typing import TYPE_CHECKING
 
 import structlog
-import torch
-from aiohttp import web
 
 from elmcore.errors import BadInputError
 from elmcore.uris import StorageURI
 from elmtrain.commands.common import add_forest_args, open_forest
-from elmtrain.runtime import setup_runtime
-from elmtrain.serving.app import Server, ServingState
-from elmtrain.serving.engine import Engine
-from elmtrain.serving.follow import Follower
-from elmtrain.serving.metrics import ServeMetrics
-from elmtrain.serving.modelset import serving_dtype
+
+if TYPE_CHECKING:
+    from elmtrain.serving.app import Server
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +52,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace) -> None:
     if args.top_k < 1 or args.max_batch < 1 or args.max_waiting < 1 or args.poll_seconds <= 0:
         raise BadInputError("serve: --top-k, --max-batch, --max-waiting and --poll-seconds >= 1")
+    # torch, transformers and aiohttp: only when it runs (see elmtrain.cli).
+    import torch
+
+    from elmtrain.runtime import setup_runtime
+    from elmtrain.serving.app import Server, ServingState
+    from elmtrain.serving.engine import Engine
+    from elmtrain.serving.follow import Follower
+    from elmtrain.serving.metrics import ServeMetrics
+    from elmtrain.serving.modelset import serving_dtype
+
     forest = open_forest(args)
     name = args.name or StorageURI.parse(args.forest).name or "forest"
     runtime = setup_runtime()
@@ -88,6 +94,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 async def _serve(server: Server, host: str, port: int, grace: float) -> None:
+    from aiohttp import web
+
     runner = web.AppRunner(server.app(), shutdown_timeout=grace)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()

@@ -12,9 +12,8 @@ from elmcore.storage.commit import commit_dir
 from elmcore.storage.manifest_store import merge_verified
 from elmtrain.cache import cache_dir
 from elmtrain.commands.common import add_forest_args, open_forest
-from elmtrain.data import iter_documents
+from elmtrain.data.documents import iter_documents
 from elmtrain.forest import download_folder
-from elmtrain.model.tokenizer import load_tokenizer, train_tokenizer
 
 RUN_ID = "tokenizer"
 
@@ -31,6 +30,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> Result:
+    from elmtrain.model.tokenizer import load_tokenizer, train_tokenizer  # transformers
+
     forest = open_forest(args)
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         folder = Path(tmp) / "tokenizer"

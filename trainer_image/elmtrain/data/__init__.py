@@ -1,25 +1,39 @@
 """Text in, fixed-length token sequences out (one module per job):
 
 ``documents`` reads locations and streams their documents; ``encode`` tokenizes them on every
-core; ``shards`` writes and reads token shards by byte ranges; ``store`` prepares a list of
-locations once into a forest's storage (``elmtrain prepare``) and opens it as lazy sequences;
-``order`` says which sequences each step trains on.
+core; ``shards`` writes and reads token shards by byte ranges; ``datasets`` records which files
+made up a list of locations; ``store`` prepares a list of locations once into a forest's storage
+(``elmtrain prepare``) and opens it as lazy sequences; ``order`` says which sequences each step
+trains on.
+
+The names below are looked up in their modules on first use (PEP 562), not imported here:
+``shards`` and ``order`` import torch, and importing any ``elmtrain.data.<module>`` runs this
+file first, so an eager import here would load torch for ``documents`` or ``datasets`` too.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Sequence
+import importlib
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import PreTrainedTokenizerFast
+if TYPE_CHECKING:
+    from elmtrain.data.documents import DOC_SEPARATOR, TEXT_SUFFIXES, iter_documents
+    from elmtrain.data.order import batch_indices, sample_sequences
+    from elmtrain.data.shards import TokenSequences
+    from elmtrain.data.store import TokenStore, cache_store, load_sequences, tokenizer_fingerprint
 
-from elmcore.storage import open_storage
-from elmtrain.cache import cache_dir
-from elmtrain.data.documents import DOC_SEPARATOR, TEXT_SUFFIXES, iter_documents
-from elmtrain.data.order import batch_indices, sample_sequences
-from elmtrain.data.shards import TokenSequences
-from elmtrain.data.store import TokenStore
+_HOMES = {
+    "DOC_SEPARATOR": "documents",
+    "TEXT_SUFFIXES": "documents",
+    "iter_documents": "documents",
+    "batch_indices": "order",
+    "sample_sequences": "order",
+    "TokenSequences": "shards",
+    "TokenStore": "store",
+    "cache_store": "store",
+    "load_sequences": "store",
+    "tokenizer_fingerprint": "store",
+}
 
 __all__ = [
     "DOC_SEPARATOR",
@@ -35,20 +49,8 @@ __all__ = [
 ]
 
 
-def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerFast) -> str:
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
-
-
-def cache_store(tokenizer: PreTrainedTokenizerFast, endpoint: str | None = None) -> TokenStore:
-    """Shards in this machine's cache, for text read without a forest (benchmarks, tests)."""
-    storage = open_storage(str(cache_dir() / "tokens"))
-    return TokenStore(storage, tokenizer, tokenizer_fingerprint(tokenizer), endpoint)
-
-
-def load_sequences(
-    locations: Sequence[str], store: TokenStore, seq_len: int, limit: int | None = None
-) -> torch.Tensor:
-    """The first ``limit`` (all, if None) windows of the locations, read into memory: for
-    evaluation sets; training reads ``store.sequences`` lazily."""
-    sequences = store.sequences(locations, seq_len)
-    return sequences[: len(sequences) if limit is None else limit]
+def __getattr__(name: str) -> object:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{home}"), name)

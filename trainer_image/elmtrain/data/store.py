@@ -4,19 +4,20 @@
 under this tokenizer yet, tokenizes it on every core and commits its shards (a marker written
 last, as for every artifact). A dataset record (``tokens/sets/<key>.json``) remembers which
 files, of which size and entity tag, made up the locations; a later run whose listing matches
-it reads the shards without hashing a byte of text.
+it reads the shards without hashing a byte of text (``elmtrain.data.datasets``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
-from pydantic import BaseModel, ConfigDict, ValidationError
-from transformers import PreTrainedTokenizerFast
+from pydantic import ValidationError
 
 from elmcore import layout
 from elmcore.errors import BadInputError, NotFoundError
@@ -26,7 +27,8 @@ from elmcore.storage.base import sha256_file
 from elmcore.storage.commit import commit_dir, read_marker
 from elmcore.uris import StorageURI
 from elmtrain.cache import cache_dir
-from elmtrain.data.documents import TEXT_SUFFIXES, file_documents
+from elmtrain.data.datasets import DatasetRecord, list_files, recorded_dataset
+from elmtrain.data.documents import file_documents
 from elmtrain.data.encode import encode_documents
 from elmtrain.data.shards import (
     INDEX,
@@ -39,33 +41,12 @@ from elmtrain.data.shards import (
     token_dtype,
 )
 
+if TYPE_CHECKING:  # the store is handed a loaded tokenizer; it never imports transformers
+    import torch
+    from transformers import PreTrainedTokenizerFast
+
 log = structlog.get_logger(__name__)
 Progress = Callable[[int, int], None]  # (source bytes done, source bytes in all)
-
-
-class FileRecord(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    location: str
-    key: str  # within the location ("" when the location is the file)
-    size: int
-    etag: str
-    shards: str  # the key of its shard folder
-    tokens: int
-
-
-class DatasetRecord(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    locations: list[str]
-    tokenizer: str
-    dtype: str
-    files: list[FileRecord]
-    prepared_at: str = ""
-
-    @property
-    def tokens(self) -> int:
-        return sum(f.tokens for f in self.files)
 
 
 def workers() -> int:
@@ -91,55 +72,11 @@ class TokenStore:
         # though streaming and lineage both ask.
         self._indexes: dict[str, ShardIndex] = {}
 
-    def _listing(self, locations: Sequence[str]) -> list[tuple[str, Storage, FileRecord]]:
-        """Every text file of the locations, in order, with its size and entity tag."""
-        files = []
-        for location in locations:
-            source = open_storage(location, endpoint=self.endpoint)
-            infos = source.list_info("")
-            if len(infos) == 1 and infos[0].key == "":
-                if not location.endswith(TEXT_SUFFIXES):
-                    raise BadInputError(f"{location}: not a text file ({', '.join(TEXT_SUFFIXES)})")
-            else:
-                infos = [i for i in infos if i.key.endswith(TEXT_SUFFIXES)]
-                if not infos:
-                    raise BadInputError(f"no text files ({', '.join(TEXT_SUFFIXES)}) at {location}")
-            for info in infos:
-                record = FileRecord(
-                    location=location,
-                    key=info.key,
-                    size=info.size,
-                    etag=info.etag,
-                    shards="",
-                    tokens=0,
-                )
-                files.append((location, source, record))
-        return files
-
-    def _recorded(self, key: str, listing: list[FileRecord]) -> DatasetRecord | None:
-        """The record at ``key`` if it describes exactly these files and its shards are there."""
-        found = self.storage.read_versioned(key)
-        if found is None:
-            return None
-        try:
-            record = DatasetRecord.model_validate_json(found[0])
-        except ValidationError:
-            return None
-        same = [(f.location, f.key, f.size, f.etag) for f in record.files] == [
-            (f.location, f.key, f.size, f.etag) for f in listing
-        ]
-        if not same:
-            log.warning("tokens.data_changed", record=key)
-            return None
-        if any(read_marker(self.storage, f.shards) is None for f in record.files):
-            return None
-        return record
-
     def prepare(self, locations: Sequence[str], progress: Progress | None = None) -> DatasetRecord:
         """The locations' shards, made where missing; the dataset record written."""
         key = layout.dataset_record(self.tokenizer_id, locations)
-        listing = self._listing(locations)
-        recorded = self._recorded(key, [r for _, _, r in listing])
+        listing = list_files(locations, self.endpoint)
+        recorded = recorded_dataset(self.storage, key, [r for _, _, r in listing])
         if recorded is not None:
             return recorded
         total = sum(r.size for _, _, r in listing) or 1
@@ -251,3 +188,22 @@ class TokenStore:
         """The locations' windows of ``seq_len`` tokens, prepared first where needed."""
         dataset = self.prepare(locations)
         return TokenSequences(self.stream(dataset), seq_len, ", ".join(locations))
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerFast) -> str:
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+
+
+def cache_store(tokenizer: PreTrainedTokenizerFast, endpoint: str | None = None) -> TokenStore:
+    """Shards in this machine's cache, for text read without a forest (benchmarks, tests)."""
+    storage = open_storage(str(cache_dir() / "tokens"))
+    return TokenStore(storage, tokenizer, tokenizer_fingerprint(tokenizer), endpoint)
+
+
+def load_sequences(
+    locations: Sequence[str], store: TokenStore, seq_len: int, limit: int | None = None
+) -> torch.Tensor:
+    """The first ``limit`` (all, if None) windows of the locations, read into memory: for
+    evaluation sets; training reads ``store.sequences`` lazily."""
+    sequences = store.sequences(locations, seq_len)
+    return sequences[: len(sequences) if limit is None else limit]

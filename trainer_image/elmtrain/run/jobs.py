@@ -1,7 +1,8 @@
 """The life of a training job (seed or branch): train, evaluate, commit, report, merge.
 
-A job is idempotent by run id: re-running a finished one verifies its result and exits; a
-killed one resumes from its last committed checkpoint.
+A job is idempotent by run id: re-running a finished one verifies its result and exits
+(``run.outcome``, before this module is imported); a killed one resumes from its last committed
+checkpoint.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import structlog
@@ -18,9 +17,9 @@ import torch
 from transformers import PreTrainedModel
 
 from elmcore import layout
-from elmcore.errors import ElmError, ExitCode, NotFoundError
+from elmcore.errors import NotFoundError
 from elmcore.records import CurvePoint, Metrics, Progress, Result
-from elmcore.storage.commit import commit_dir, verify_committed
+from elmcore.storage.commit import commit_dir
 from elmcore.storage.manifest_store import merge_verified
 from elmtrain.cache import cache_dir
 from elmtrain.config import TrainingConfig
@@ -37,44 +36,6 @@ from elmtrain.runtime import Runtime
 from elmtrain.scoring.logprobs import perplexity, token_logprobs
 
 log = structlog.get_logger(__name__)
-
-
-def finished_result(forest: Forest, run_id: str) -> Result | None:
-    """The result of an earlier successful attempt of this run, if its artifact verifies."""
-    try:
-        result = Result.model_validate_json(forest.storage.read_bytes(layout.run_result(run_id)))
-        verify_committed(forest.storage, result.path, result.sha256)
-    except (NotFoundError, ElmError):
-        return None
-    return result
-
-
-@contextmanager
-def failure_recorded(forest: Forest, run_id: str) -> Iterator[None]:
-    """Record bad input in the run's progress (phase "failed", the message naming the file),
-    where the operator reads it: a Job's own failure only says "exit code 65"."""
-    try:
-        yield
-    except ElmError as error:
-        if error.exit_code in (ExitCode.BAD_INPUT, ExitCode.USAGE):
-            progress = Progress(run_id=run_id, phase="failed", message=str(error)[:1000])
-            with suppress(ElmError, OSError):  # the error at hand matters more than this record
-                forest.storage.write_bytes(
-                    layout.run_progress(run_id), progress.model_dump_json().encode()
-                )
-        raise
-
-
-def finish_if_done(forest: Forest, spec: JobSpec, runtime: Runtime) -> Result | None:
-    """A retried Job after success: verify the earlier result, merge it if asked, and stop
-    before any model is loaded."""
-    previous = finished_result(forest, spec.run_id)
-    if previous is None:
-        return None
-    log.info("job.already_finished", run_id=spec.run_id, path=previous.path)
-    if spec.merge and runtime.is_main:
-        merge_verified(forest.storage, previous)
-    return previous
 
 
 def _validation_ppl(

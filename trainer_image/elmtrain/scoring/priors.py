@@ -18,7 +18,7 @@ from elmcore.priors import (
     experts_of,
     prior_key,
 )
-from elmtrain.data import sample_sequences
+from elmtrain.data.order import sample_sequences
 from elmtrain.forest import Forest
 from elmtrain.model.files import context_length_of
 from elmtrain.runtime import Runtime
