@@ -24,14 +24,22 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from bench.common import ROOT, parser, plot_path, python_module, table, write_results
 
 TINY_MODEL = '{"d_model": 48, "n_layers": 2, "n_heads": 2, "context_length": 64}'
 NO_STEPS = '{"steps": 0, "seq_len": 64, "batch_size": 4}'
-FULL = {"repeats": 7, "vocab": 4096, "domains": None}  # None: every domain's training text
-QUICK = {"repeats": 3, "vocab": 512, "domains": 1}
+
+
+class Scale(TypedDict):
+    repeats: int
+    vocab: int
+    domains: int | None  # None: every domain's training text
+
+
+FULL = Scale(repeats=7, vocab=4096, domains=None)
+QUICK = Scale(repeats=3, vocab=512, domains=1)
 TARGET_SECONDS = 1.5
 
 

@@ -130,8 +130,9 @@ def tokenization(
     from elmtrain.forest import Forest
 
     opened = Forest.open(str(forest))
-    assert opened.manifest().tokenizer is not None
-    tokenizer_dir = opened.fetch(opened.manifest().tokenizer)
+    tokenizer = opened.manifest().tokenizer
+    assert tokenizer is not None
+    tokenizer_dir = opened.fetch(tokenizer)
     cores = len(os.sched_getaffinity(0))
     ours = measured_tree(_prepare(forest, text))
     theirs = measured_tree(

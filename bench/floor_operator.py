@@ -44,7 +44,7 @@ async def close(**_: Any) -> None:
 
 @kopf.on.event("btm.elmforest.io", "v1alpha1", "elmbranches")
 async def create_job(
-    type: str | None, name: str, namespace: str, body: kopf.Body, **_: Any
+    type: str, name: str, namespace: str | None, body: kopf.Body, **_: Any
 ) -> None:
     if type not in (None, "ADDED"):  # None: the initial listing
         return

@@ -125,9 +125,9 @@ def compare(work: Path, count: int, shape: dict[str, int], repeats: int) -> dict
         for name, tool in (("elmtrain", ours), ("mergekit", theirs)):
             out = work / f"out-{name}-{count}"
             shutil.rmtree(out, ignore_errors=True)
-            measured = tool(out)
+            timing = tool(out)
             if attempt:
-                runs[name].append(measured)
+                runs[name].append(timing)
     difference = max_difference(work / f"out-elmtrain-{count}", work / f"out-mergekit-{count}")
     row: dict[str, Any] = {"checkpoints": count, "max_abs_difference": difference}
     for name, measured in runs.items():

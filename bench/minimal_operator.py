@@ -19,7 +19,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 @kopf.on.create("btm.elmforest.io", "v1alpha1", "elmbranches")
-def create_job(name: str, namespace: str, body: kopf.Body, **_: Any) -> None:
+def create_job(name: str, namespace: str | None, body: kopf.Body, **_: Any) -> None:
     job: dict[str, Any] = {
         "apiVersion": "batch/v1",
         "kind": "Job",

@@ -125,7 +125,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     figure, ((bars, curves), (sweep, counts)) = plt.subplots(2, 2, figsize=(15, 10))
     groups, spread = results["main"]["groups"], results["main"]["spread"]
     width = 0.8 / len(spread)
-    colors = plt.get_cmap("tab20").colors  # one colour per row (there are over ten)
+    colors = plt.get_cmap("tab20")(range(20))  # one colour per row (there are over ten)
     for i, (row, values) in enumerate(spread.items()):
         bars.bar(
             [x + i * width for x in range(len(groups))],

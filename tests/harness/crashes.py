@@ -46,7 +46,7 @@ class CrashSwitch:
             self.effects.append(label)
             self._counts[label] += 1
             for candidate in ("before", "after"):
-                point = CrashPoint(label, self._counts[label], candidate)  # type: ignore[arg-type]
+                point = CrashPoint(label, self._counts[label], candidate)
                 if point in self.points:
                     self.fired.append(point)
                     when = point.when

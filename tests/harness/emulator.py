@@ -17,8 +17,8 @@ import datetime
 import itertools
 import random
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any, cast
 
 import aiohttp.web
 import jsonpatch
@@ -114,7 +114,10 @@ class ClusterEmulator(KubernetesEmulator):
             if r.plural == plural and r.group == group and not obj.deleted
         )
 
-    def get(self, res: resource, namespace: str | None, name: str) -> dict[str, Any] | None:
+    # The object lookup the tests use; it shadows kmock's HTTP client helper of the same name.
+    def get(  # type: ignore[override]
+        self, res: resource, namespace: str | None, name: str
+    ) -> dict[str, Any] | None:
         key = (res, namespace, name)
         if key not in self.objects or self.objects[key].deleted:
             return None
@@ -169,7 +172,7 @@ class ClusterEmulator(KubernetesEmulator):
             self._record(request, name)
             fault = self._fault_for(request, name)
         if fault is not None and fault.status:
-            status = {"kind": "Status", "apiVersion": "v1", "status": "Failure"}
+            status: dict[str, Any] = {"kind": "Status", "apiVersion": "v1", "status": "Failure"}
             status.update(code=fault.status, reason="Injected", message="injected by the test")
             headers = {"Retry-After": "1"} if fault.status == 429 else {}
             return aiohttp.web.json_response(status, status=fault.status, headers=headers)
@@ -208,7 +211,7 @@ class ClusterEmulator(KubernetesEmulator):
                     return  # the stream ends: the client must watch again
                 yield item
         finally:
-            await stream.aclose()
+            await cast(AsyncGenerator[rendering.Payload, None], stream).aclose()
 
     async def _write(self, request: Request, method: str) -> aiohttp.web.StreamResponse:
         assert request.resource is not None
@@ -218,6 +221,7 @@ class ClusterEmulator(KubernetesEmulator):
             elif method == "DELETE" and request.name is None:
                 obj, code = await self._delete_collection(request), 200
             elif method == "DELETE":
+                assert request.name is not None  # a named DELETE (the collection's is above)
                 obj, code = (
                     await self._delete(request.resource, request.namespace, request.name),
                     200,
@@ -247,7 +251,7 @@ class ClusterEmulator(KubernetesEmulator):
         namespace = request.namespace or meta.get("namespace")
         if namespace:
             meta["namespace"] = namespace
-        name = meta.get("name")
+        name: str | None = meta.get("name")
         if not name:
             raise KubernetesError(status=422, reason="Invalid", message="metadata.name required")
         if self.get(request.resource, namespace, name) is not None:
@@ -257,7 +261,7 @@ class ClusterEmulator(KubernetesEmulator):
             meta.pop(field, None)
         if self.has_status(request.resource):
             body.pop("status", None)
-        self.created[request.resource.plural, name] += 1
+        self.created[request.resource.plural or "", name] += 1
         return await self._store(request.resource, namespace, name, body, "ADDED")
 
     async def _update(self, request: Request, *, replace: bool) -> dict[str, Any]:

@@ -194,7 +194,7 @@ class ProcessKubelet:
 
     def _renew_lease(self) -> None:
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        body = {
+        body: dict[str, Any] = {
             "metadata": {"name": self.name, "namespace": "kube-node-lease"},
             "spec": {"holderIdentity": self.name, "leaseDurationSeconds": 40, "renewTime": now},
         }

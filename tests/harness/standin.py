@@ -103,7 +103,7 @@ def run(argv: list[str]) -> int:
         metrics = metrics.model_copy(update={"steps": steps})
     result = Result(
         run_id=run_id,
-        kind=kind,  # type: ignore[arg-type]
+        kind=kind,
         path=key,
         sha256=sha,
         domain=args.domain,
