@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck pytest install clean quickstart reliability bench bench-quick \
+.PHONY: test test-fast lint typecheck pytest install clean quickstart reliability bench bench-quick \
 	cluster-build cluster-up cluster-down
 
 install: $(STAMP)
@@ -25,6 +25,10 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(VENV)/bin/pytest
+
+# The pure and unit tiers in under two minutes, no build: what to run while you work.
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not heavy"
 
 # The Go build of the control plane (CPU) runs beside the Python installs (mostly downloads).
 test:
@@ -62,11 +66,11 @@ reliability: $(STAMP)
 # Every benchmark at full size (docs/benchmarks.md; about 2.5 hours on 2 cores, the BTM
 # quality run most of it); results to bench/results/, plots to docs/img/.
 bench: $(STAMP)
-	for b in merge train ensemble serve data operator btm_quality; do $(PY) -m bench.$$b || exit 1; done
+	for b in merge train ensemble serve data operator cli btm_quality; do $(PY) -m bench.$$b || exit 1; done
 
 # Every benchmark's small variant (a few minutes in all); the suite runs them too.
 bench-quick: $(STAMP)
-	for b in merge train ensemble serve data operator btm_quality; do $(PY) -m bench.$$b --quick || exit 1; done
+	for b in merge train ensemble serve data operator cli btm_quality; do $(PY) -m bench.$$b --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -17,6 +17,65 @@ from tests.textgen import write_domains
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# What makes a test heavy (marked ``heavy``, deselected by ``make test-fast``): a fixture that
+# trains a model, starts a server or a cluster, or a module whose tests run the trainer's CLI
+# or a local forest as processes. Marked here, so nobody has to remember to.
+HEAVY_FIXTURES = frozenset(
+    {
+        "s3_endpoint",  # a moto server process
+        "corpus",  # only ever made for a trainer run
+        "tokenizer_forest",
+        "seeded_forest",
+        "expert_forest",
+        "server",  # `elmtrain serve`
+        "cluster",  # the KMock emulator with a kubelet and the operator
+        "rig",
+        "standin",
+        "forest_copy",
+        "kube",  # the real control plane
+        "kueue_kube",
+    }
+)
+HEAVY_MODULES = frozenset(
+    {
+        # They run `elmtrain` (or `elmforest up`) as processes without a shared fixture.
+        "tests/trainer/test_cli_errors.py",
+        "tests/trainer/test_data.py",
+        "tests/trainer/test_ddp.py",
+        "tests/trainer/test_imports.py",
+        "tests/trainer/test_pretrained.py",
+        "tests/trainer/test_resume.py",
+        "tests/trainer/test_lineage.py",
+        "tests/trainer/test_averaging.py",
+        "tests/local/test_runner.py",
+        "tests/test_selection.py",  # pytest itself, as processes
+    }
+)
+
+HEAVY_FOLDERS = (
+    "tests/serving/",  # models decoding in the serving engine's threads
+    "tests/reliability/",
+    "tests/bench/",
+    "tests/cluster/",
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects: the marks must be there by then
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.path.relative_to(ROOT).as_posix()
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if module.startswith("tests/cluster/"):
+            item.add_marker(pytest.mark.cluster)
+        if (
+            fixtures & HEAVY_FIXTURES
+            or module in HEAVY_MODULES
+            or module.startswith(HEAVY_FOLDERS)
+            or item.get_closest_marker("slow")
+            or item.get_closest_marker("cluster")
+        ):
+            item.add_marker(pytest.mark.heavy)
+
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:

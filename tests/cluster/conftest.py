@@ -29,6 +29,7 @@ pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.hookimpl(trylast=True)  # after ``-m``/``-k`` deselected: only what will run counts
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Build the control plane and Kueue (once; cached) when a selected test needs them: here,
     outside any test's time limit, since a cold build takes many minutes."""
