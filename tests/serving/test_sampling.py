@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
+import openai
 import pytest
 import torch
 
 from elmtrain.serving.sampling import TextStream, sample
+from tests.harness.serve import Served
+from tests.serving.conftest import NAME
+from tests.textgen import domain_text
 
 
 def draw(logp: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
@@ -48,13 +53,26 @@ def test_rows_are_drawn_with_their_own_settings_and_numbers() -> None:
     assert together[0] == int(logp[0].argmax()) and together[5] == int(logp[5].argmax())
 
 
-def test_same_seed_same_tokens() -> None:
-    logp = torch.log_softmax(torch.randn(50, dtype=torch.float64), -1)
-    draws = [
-        [draw(logp, 1.0, 1.0, g) for _ in range(20)]
-        for g in (torch.Generator().manual_seed(7), torch.Generator().manual_seed(7))
-    ]
-    assert draws[0] == draws[1]
+def test_a_seed_gives_the_same_text_alone_and_in_a_batch(server: Served) -> None:
+    """What the API promises of ``seed`` (docs/serving.md): the same seed and request give the
+    same text, whether the request decodes alone or in a batch with others; other seeds draw
+    other text. Through `elmtrain serve` and the official client, as a user relies on it."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    prompt = domain_text("sailing", 1, seed=3)[:60]
+
+    def text(seed: int) -> str:
+        answer = client.completions.create(
+            model=NAME, prompt=prompt, max_tokens=16, temperature=1.5, top_p=1.0, seed=seed
+        )
+        return answer.choices[0].text
+
+    alone = text(7)
+    assert text(7) == alone  # a second request, alone again
+    seeds = [7, 8, 9, 10, 11, 7]
+    with ThreadPoolExecutor(len(seeds)) as pool:  # concurrent: they decode in shared batches
+        batched = list(pool.map(text, seeds))
+    assert batched[0] == alone and batched[-1] == alone, (alone, batched)
+    assert len(set(batched)) > 1, batched  # at temperature 1.5, other seeds draw other text
 
 
 class CharTokenizer:
