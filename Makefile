@@ -62,6 +62,7 @@ reliability: $(STAMP)
 	ELMFOREST_FUZZ_SCALE=20 ELMFOREST_SOAK_BRANCHES=40 $(VENV)/bin/pytest -s \
 	  tests/reliability tests/planner/test_hostile_input.py tests/trainer/test_s3_faults.py \
 	  tests/trainer/test_resume.py tests/operator/test_end_to_end.py::test_operator_restart_and_preemption
+	ELMFOREST_SERVE_FUZZ_SCALE=10 $(VENV)/bin/pytest -s tests/serving/test_hostile_traffic.py
 
 # Every benchmark at full size (docs/benchmarks.md; about 2.5 hours on 2 cores, the BTM
 # quality run most of it); results to bench/results/, plots to docs/img/.

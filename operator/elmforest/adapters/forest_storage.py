@@ -93,8 +93,10 @@ class ForestStorage:
                 continue
             try:
                 records.append(ServingRecord.model_validate_json(found[0]))
-            except ValidationError:
-                continue  # a torn or foreign file: as if not there
+            except ValidationError as error:  # a foreign file: reported on the forest, skipped
+                name = key.rsplit("/", 1)[-1].removesuffix(".json")
+                why = f"{key} is not a serving record ({error.error_count()} errors): skipped"
+                records.append(ServingRecord(replica=name, message=why))
         return records
 
     def observe_branch(

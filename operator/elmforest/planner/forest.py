@@ -163,6 +163,9 @@ def plan_forest(inp: ForestInput, spec_error: str | None = None) -> Plan:
     status.serving = serving_status(inp.name, inp.namespace, spec, inp.serving, inp.serving_records)
     owner = Owner(FOREST.kind, inp.name, inp.uid)
     plan = _finish(Plan(), inp.status, status)
+    said = inp.status.serving.message if inp.status.serving else ""
+    if status.serving is not None and status.serving.message not in ("", said):
+        plan.add(Event("Warning", "ServingDegraded", status.serving.message))
     return plan.add(*serving_actions(inp.name, inp.namespace, owner, spec, inp.serving))
 
 

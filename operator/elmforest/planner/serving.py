@@ -180,10 +180,19 @@ def serving_status(
     if spec.serving is None:
         return None
     now = now or datetime.now(UTC)
-    live = [r for r in records if now - datetime.fromisoformat(r.updated_at) < STALE_AFTER]
+    live: list[ServingRecord] = []
+    unreadable: list[str] = []  # a record the operator cannot read is reported and skipped
+    for record in records:
+        updated = _updated_at(record)
+        if updated is None:
+            when = record.updated_at[:40]
+            unreadable.append(f"serving/{record.replica}.json: updated_at {when!r} is not an "
+                              "ISO 8601 time with a zone (skipped)")  # fmt: skip
+        elif now - updated < STALE_AFTER:
+            live.append(record)
     served = [r.revision for r in live if r.revision is not None]
     ready = observed["Deployment"].ready_replicas if "Deployment" in observed else 0
-    waiting = [r.message for r in live if r.message]
+    waiting = [r.message for r in live if r.message] + unreadable
     return ServingStatus(
         endpoint=f"http://{serving_name(forest)}.{namespace}.svc:{spec.serving.port}/v1",
         model=forest,
@@ -191,3 +200,12 @@ def serving_status(
         replicas=ready,
         message=waiting[0] if waiting else "",
     )
+
+
+def _updated_at(record: ServingRecord) -> datetime | None:
+    """When the replica wrote its record; None if that cannot be read (a foreign writer)."""
+    try:
+        updated = datetime.fromisoformat(record.updated_at)
+    except (TypeError, ValueError):
+        return None
+    return updated if updated.tzinfo is not None else None

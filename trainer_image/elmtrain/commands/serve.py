@@ -28,7 +28,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--name", help="the ensemble's model name (default: the forest's)")
     parser.add_argument("--top-k", type=int, default=2, help="experts that generate per request")
     parser.add_argument("--max-batch", type=int, default=64, help="sequences decoding at once")
-    parser.add_argument("--max-waiting", type=int, default=256, help="queued requests, then 503")
+    parser.add_argument(
+        "--max-waiting",
+        type=int,
+        default=256,
+        help="requests (and prompts) in flight beyond --max-batch, then 429",
+    )
+    parser.add_argument(
+        "--max-concurrent-per-key",
+        type=int,
+        default=None,
+        help="requests in flight per client (bearer token, else address); default: no limit",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a request may take, answered or refused",
+    )
     parser.add_argument("--lanes", type=int, default=None, help="models stepped at once (cores)")
     parser.add_argument("--poll-seconds", type=float, default=10.0, help="manifest checks")
     parser.add_argument(
@@ -52,10 +69,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace) -> None:
     if args.top_k < 1 or args.max_batch < 1 or args.max_waiting < 1 or args.poll_seconds <= 0:
         raise BadInputError("serve: --top-k, --max-batch, --max-waiting and --poll-seconds >= 1")
+    per_key = args.max_concurrent_per_key
+    if (per_key is not None and per_key < 1) or args.request_timeout <= 0:
+        raise BadInputError("serve: --max-concurrent-per-key >= 1 and --request-timeout > 0")
     # torch, transformers and aiohttp: only when it runs (see elmtrain.cli).
     import torch
 
     from elmtrain.runtime import setup_runtime
+    from elmtrain.serving.admission import Admission
     from elmtrain.serving.app import Server, ServingState
     from elmtrain.serving.engine import Engine
     from elmtrain.serving.follow import Follower
@@ -68,7 +89,9 @@ def run(args: argparse.Namespace) -> None:
     torch.set_grad_enabled(False)
     metrics = ServeMetrics()
     state = ServingState()
-    engine = Engine(args.top_k, args.max_batch, args.max_waiting, metrics.engine_hook, args.lanes)
+    engine = Engine(args.top_k, args.max_batch, metrics.engine_hook, args.lanes)
+    in_flight = args.max_batch + args.max_waiting  # requests, and prompts, at once
+    admission = Admission(in_flight, in_flight, per_key)
     dtype = serving_dtype(args.dtype, runtime.device)
     follower = Follower(
         forest,
@@ -86,7 +109,12 @@ def run(args: argparse.Namespace) -> None:
     follower.start()
     try:
         asyncio.run(
-            _serve(Server(engine, state, metrics), args.host, args.port, args.grace_seconds)
+            _serve(
+                Server(engine, state, metrics, admission, args.request_timeout),
+                args.host,
+                args.port,
+                args.grace_seconds,
+            )
         )
     finally:
         follower.stop()
@@ -96,7 +124,9 @@ def run(args: argparse.Namespace) -> None:
 async def _serve(server: Server, host: str, port: int, grace: float) -> None:
     from aiohttp import web
 
-    runner = web.AppRunner(server.app(), shutdown_timeout=grace)
+    # handler_cancellation: a client that disconnects cancels its handler, which stops its
+    # completions at the engine's next step (streaming or not).
+    runner = web.AppRunner(server.app(), shutdown_timeout=grace, handler_cancellation=True)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     log.info("serve.listening", host=host, port=port)

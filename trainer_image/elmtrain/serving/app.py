@@ -1,8 +1,11 @@
 """The HTTP side: OpenAI's ``/v1/completions`` and ``/v1/models``, probes, Prometheus metrics.
 
-Handlers validate, tokenize and hand jobs to the engine thread; its events come back through an
-asyncio queue per request. Every failure answers with OpenAI's error body: a malformed request
-is a 400 naming the parameter, never a crash.
+Handlers validate (serving/protocol.py), admit (serving/admission.py), tokenize (off the event
+loop: serving/prompts.py) and hand completions to the engine thread; its updates come back
+through an asyncio queue per request. Every failure answers with OpenAI's error body: a
+malformed request is a 400 naming the parameter, never a crash; every request ends, answered
+or refused, within ``request_timeout`` seconds; a client that goes away stops its work at once
+(aiohttp cancels the handler: ``handler_cancellation``).
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +22,12 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from elmtrain.serving.engine import Engine, Event, Job, OverloadedError
+from elmtrain.serving.admission import Admission, Ticket, client_key
+from elmtrain.serving.completion import Completion, Done, Failed, Routed, Text, Update
+from elmtrain.serving.engine import Engine
 from elmtrain.serving.metrics import ServeMetrics
-from elmtrain.serving.modelset import ModelSet
+from elmtrain.serving.modelset import ModelSet, Target
+from elmtrain.serving.prompts import Prompt, check_lengths, tokenize
 from elmtrain.serving.protocol import (
     ApiError,
     CompletionRequest,
@@ -32,51 +39,64 @@ from elmtrain.serving.protocol import (
 
 log = structlog.get_logger(__name__)
 MAX_BODY = 1 << 20  # bytes of one request
+# Past its deadline, a stream still gets this long to take its error event and the end.
+CLOSING_SECONDS = 5.0
+CLIENT_CLOSED = 499  # the status metrics count a request with when its client went away
 
 
 class ServingState:
-    """The model set new requests get; swapped whole by the follower (an assignment)."""
+    """The model set new requests get; swapped whole by the follower (an assignment). When the
+    newest revision fails to load, what failed and how often (``/readyz`` shows it)."""
 
     def __init__(self) -> None:
         self.current: ModelSet | None = None
         self.load_error: str | None = None
+        self.failing_revision: int | None = None
+        self.failures = 0  # consecutive failed attempts
+
+
+@dataclass(frozen=True)
+class _Update:
+    """An update of one choice (``index``) of a request."""
+
+    index: int
+    update: Update
 
 
 @dataclass
 class _Choices:
-    """The jobs of one request and the queue their events arrive on, tagged by choice."""
+    """The completions of one request and the queue their updates arrive on."""
 
-    jobs: list[Job]
-    events: asyncio.Queue[tuple[int, Event]]
+    completions: list[Completion]
+    updates: asyncio.Queue[_Update]
+    deadline: float  # the event loop's clock
+    started: float  # time.monotonic() when the request arrived
 
     def cancel(self) -> None:
-        for job in self.jobs:
-            job.cancelled.set()
+        for completion in self.completions:
+            completion.cancelled.set()
 
 
-def _tokenize(model_set: ModelSet, request: CompletionRequest) -> list[tuple[list[int], int]]:
-    """(prompt ids with the leading end-of-text, max new tokens) per prompt; too long: 400."""
-    limit = model_set.context_length - 1  # the leading end-of-text takes one position
-    out = []
-    for prompt in request.prompts:
-        ids = model_set.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        wanted = request.max_tokens if request.max_tokens is not None else limit - len(ids)
-        if len(ids) + wanted > limit or wanted < 1:
-            raise ApiError(
-                400,
-                f"This model's maximum context length is {limit} tokens, however you requested "
-                f"{len(ids) + wanted} tokens ({len(ids)} in your prompt; {wanted} for the "
-                "completion). Please reduce your prompt or completion length.",
-                param="prompt" if len(ids) >= limit else "max_tokens",
-                code="context_length_exceeded",
-            )
-        out.append(([model_set.eos, *ids], wanted))
-    return out
+def _timed_out(timeout: float) -> ApiError:
+    return ApiError(
+        504, f"the request took longer than {timeout:g} s", "timeout", code="request_timeout"
+    )
 
 
 class Server:
-    def __init__(self, engine: Engine, state: ServingState, metrics: ServeMetrics) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        state: ServingState,
+        metrics: ServeMetrics,
+        admission: Admission,
+        request_timeout: float = 600.0,
+    ) -> None:
         self.engine, self.state, self.metrics = engine, state, metrics
+        self.admission, self.request_timeout = admission, request_timeout
+        # Tokenizing has its own two threads: a burst of long prompts waits for them, it
+        # does not take every thread of the loop's default executor.
+        self._tokenizers = ThreadPoolExecutor(2, thread_name_prefix="tokenize")
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors])
@@ -85,7 +105,11 @@ class Server:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.prometheus)
+        app.on_cleanup.append(self._close)
         return app
+
+    async def _close(self, _: web.Application) -> None:
+        self._tokenizers.shutdown(wait=False, cancel_futures=True)
 
     @web.middleware
     async def _errors(
@@ -94,7 +118,7 @@ class Server:
         try:
             return await handler(request)
         except ApiError as error:
-            return web.json_response(error.body(), status=error.status)
+            return web.json_response(error.body(), status=error.status, headers=error.headers())
         except web.HTTPException as error:  # unknown route, wrong method, body too large
             kind = "invalid_request_error" if error.status < 500 else "server_error"
             body = ApiError(error.status, error.reason, kind).body()
@@ -104,62 +128,110 @@ class Server:
             body = ApiError(500, "internal error", "server_error").body()
             return web.json_response(body, status=500)
 
-    async def completions(self, request: web.Request) -> web.StreamResponse:
+    async def completions(self, http: web.Request) -> web.StreamResponse:
         started = time.monotonic()
+        deadline = asyncio.get_running_loop().time() + self.request_timeout
+        label, code = "unknown", 200  # a model label only for models served (bounded)
         try:
-            data = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ApiError(400, f"the request body is not valid JSON ({error})") from None
-        parsed = parse_request(data)
-        model_set = self.state.current
-        if model_set is None:
-            raise ApiError(503, "the forest is not loaded yet", "server_error", code="not_ready")
-        target = model_set.resolve(parsed.model)
-        if target is None:
-            raise ApiError(
-                404,
-                f"The model `{parsed.model}` does not exist (GET /v1/models lists them)",
-                param="model",
-                code="model_not_found",
-            )
-        prompts = _tokenize(model_set, parsed)
-        choices = self._submit(parsed, model_set, target, prompts)
-        self.metrics.in_flight.inc()
-        self.metrics.tokens.labels("prompt").inc(sum(len(ids) - 1 for ids, _ in prompts))
-        code = 200
-        try:
-            if parsed.stream:
-                return await self._stream(request, parsed, choices, started)
-            return await self._whole(parsed, choices, started)
+            with self.admission.enter(
+                client_key(http.headers.get("Authorization"), http.remote)
+            ) as ticket:
+                request, model_set, target = await self._read(http, deadline)
+                label = request.model
+                return await self._complete(
+                    http, ticket, request, model_set, target, deadline, started
+                )
         except ApiError as error:
             code = error.status
             raise
+        except asyncio.CancelledError:
+            code = CLIENT_CLOSED
+            raise
+        except Exception:
+            code = 500
+            raise
+        finally:
+            seconds = time.monotonic() - started
+            if code == 200:  # what a request that is served takes: Retry-After's estimate
+                self.admission.observe(seconds)
+            self.metrics.requests.labels(label, str(code)).inc()
+            self.metrics.latency.observe(seconds)
+
+    async def _read(
+        self, http: web.Request, deadline: float
+    ) -> tuple[CompletionRequest, ModelSet, Target]:
+        """The request, validated, with the model set and the model it asks for."""
+        try:
+            async with asyncio.timeout_at(deadline):  # a body that trickles in ends too
+                data = json.loads(await http.text())
+        except TimeoutError:
+            raise _timed_out(self.request_timeout) from None
+        except (ValueError, RecursionError) as error:  # JSON, UTF-8, digits, nesting
+            message = f"the request body is not valid JSON ({str(error)[:200]})"
+            raise ApiError(400, message) from None
+        request = parse_request(data)
+        model_set = self.state.current
+        if model_set is None:
+            raise ApiError(503, "the forest is not loaded yet", "server_error", code="not_ready")
+        target = model_set.resolve(request.model)
+        if target is None:
+            raise ApiError(
+                404,
+                f"The model `{request.model[:256]}` does not exist (GET /v1/models lists them)",
+                param="model",
+                code="model_not_found",
+            )
+        return request, model_set, target
+
+    async def _complete(
+        self,
+        http: web.Request,
+        ticket: Ticket,
+        request: CompletionRequest,
+        model_set: ModelSet,
+        target: Target,
+        deadline: float,
+        started: float,
+    ) -> web.StreamResponse:
+        ticket.take_prompts(len(request.prompts))
+        check_lengths(model_set, request)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout_at(deadline):
+                prompts = await loop.run_in_executor(self._tokenizers, tokenize, model_set, request)
+        except TimeoutError:
+            raise _timed_out(self.request_timeout) from None
+        choices = _Choices([], asyncio.Queue(), deadline, started)
+        self._submit(request, model_set, target, prompts, choices)
+        self.metrics.in_flight.inc()
+        self.metrics.tokens.labels("prompt").inc(sum(len(p.ids) - 1 for p in prompts))
+        try:
+            if request.stream:
+                return await self._stream(http, request, choices)
+            return await self._whole(request, choices)
         finally:
             choices.cancel()  # whatever is still running (the client went away) stops
             self.metrics.in_flight.dec()
-            self.metrics.requests.labels(parsed.model, str(code)).inc()
-            self.metrics.latency.observe(time.monotonic() - started)
 
     def _submit(
         self,
         request: CompletionRequest,
         model_set: ModelSet,
-        target: Any,
-        prompts: list[tuple[list[int], int]],
-    ) -> _Choices:
+        target: Target,
+        prompts: list[Prompt],
+        choices: _Choices,
+    ) -> None:
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-        choices = _Choices([], events)
-        for index, (ids, max_tokens) in enumerate(prompts):
+        for index, prompt in enumerate(prompts):
 
-            def emit(event: Event, index: int = index) -> None:
-                loop.call_soon_threadsafe(events.put_nowait, (index, event))
+            def emit(update: Update, index: int = index) -> None:
+                loop.call_soon_threadsafe(choices.updates.put_nowait, _Update(index, update))
 
-            job = Job(
+            completion = Completion(
                 model_set=model_set,
                 target=target,
-                prompt_ids=ids,
-                max_tokens=max_tokens,
+                prompt_ids=prompt.ids,
+                max_tokens=prompt.max_tokens,
                 temperature=request.temperature,
                 top_p=request.top_p,
                 stop=request.stops,
@@ -167,44 +239,44 @@ class Server:
                 emit=emit,
                 stream=request.stream,
             )
-            try:
-                self.engine.submit(job)
-            except OverloadedError as error:
-                choices.cancel()
-                raise ApiError(503, f"the server is overloaded: {error}", "server_error") from None
-            choices.jobs.append(job)
-        return choices
+            self.engine.submit(completion)
+            choices.completions.append(completion)
 
-    async def _events(self, choices: _Choices, started: float) -> Any:
-        """Events until every choice is done; an engine error ends the request."""
-        open_choices, first = len(choices.jobs), True
+    async def _updates(self, choices: _Choices) -> AsyncIterator[_Update]:
+        """Updates until every choice is done; a failed choice or the deadline ends the
+        request."""
+        open_choices, first = len(choices.completions), True
         while open_choices:
-            index, event = await choices.events.get()
-            if event.kind == "error":
-                raise ApiError(500, event.text, "server_error")
-            if event.kind == "text" and first and choices.jobs[0].stream:
-                self.metrics.first_token.observe(time.monotonic() - started)
+            try:
+                async with asyncio.timeout_at(choices.deadline):
+                    tagged = await choices.updates.get()
+            except TimeoutError:
+                raise _timed_out(self.request_timeout) from None
+            update = tagged.update
+            if isinstance(update, Failed):
+                raise ApiError(500, update.message, "server_error")
+            if isinstance(update, Text) and first and choices.completions[0].stream:
+                self.metrics.first_token.observe(time.monotonic() - choices.started)
                 first = False
-            if event.kind == "done":
+            if isinstance(update, Done):
                 open_choices -= 1
-            yield index, event
+            yield tagged
 
-    async def _whole(
-        self, request: CompletionRequest, choices: _Choices, started: float
-    ) -> web.Response:
-        texts = [""] * len(choices.jobs)
-        reasons: list[str | None] = [None] * len(choices.jobs)
+    async def _whole(self, request: CompletionRequest, choices: _Choices) -> web.Response:
+        texts = [""] * len(choices.completions)
+        reasons: list[str | None] = [None] * len(choices.completions)
         routing: list[dict[str, Any]] = []
         prompt_tokens = completion_tokens = 0
-        async for index, event in self._events(choices, started):
-            if event.kind == "routed":
-                routing.append({"index": index, "experts": event.routing})
-            elif event.kind == "text":
-                texts[index] += event.text
-            elif event.kind == "done":
-                reasons[index] = event.finish_reason
-                prompt_tokens += event.prompt_tokens
-                completion_tokens += event.completion_tokens
+        async for tagged in self._updates(choices):
+            index, update = tagged.index, tagged.update
+            if isinstance(update, Routed):
+                routing.append({"index": index, "experts": update.routing})
+            elif isinstance(update, Text):
+                texts[index] += update.text
+            elif isinstance(update, Done):
+                reasons[index] = update.finish_reason
+                prompt_tokens += update.prompt_tokens
+                completion_tokens += update.completion_tokens
         body = completion_body(
             completion_id(),
             request.model,
@@ -214,12 +286,12 @@ class Server:
             ],
             usage(prompt_tokens, completion_tokens),
             routing,
-            choices.jobs[0].model_set.revision,
+            choices.completions[0].model_set.revision,
         )
         return web.json_response(body)
 
     async def _stream(
-        self, http: web.Request, request: CompletionRequest, choices: _Choices, started: float
+        self, http: web.Request, request: CompletionRequest, choices: _Choices
     ) -> web.StreamResponse:
         """Server-sent events: one chunk per piece of text, as OpenAI streams completions."""
         response = web.StreamResponse(
@@ -227,41 +299,59 @@ class Server:
         )
         await response.prepare(http)
         ident = completion_id()
+        revision = choices.completions[0].model_set.revision
         prompt_tokens = completion_tokens = 0
 
-        async def send(body: dict[str, Any]) -> None:
-            await response.write(f"data: {json.dumps(body)}\n\n".encode())
+        async def send(data: bytes) -> None:
+            # A client that stops reading blocks the write: it too ends by the deadline.
+            async with asyncio.timeout_at(choices.deadline + CLOSING_SECONDS):
+                await response.write(data)
+
+        def event(body: dict[str, Any]) -> bytes:
+            return f"data: {json.dumps(body)}\n\n".encode()
+
+        def chunk(index: int, text: str, reason: str | None) -> dict[str, Any]:
+            return {"text": text, "index": index, "logprobs": None, "finish_reason": reason}
 
         try:
-            async for index, event in self._events(choices, started):
-                routing = [{"index": index, "experts": event.routing}]
-                if event.kind == "routed":
-                    choice = {"text": "", "index": index, "logprobs": None, "finish_reason": None}
-                    revision = choices.jobs[0].model_set.revision
-                    await send(
-                        completion_body(ident, request.model, [choice], None, routing, revision)
+            try:
+                async for tagged in self._updates(choices):
+                    index, update = tagged.index, tagged.update
+                    if isinstance(update, Routed):
+                        routing = [{"index": index, "experts": update.routing}]
+                        body = completion_body(
+                            ident, request.model, [chunk(index, "", None)], None, routing, revision
+                        )
+                        await send(event(body))
+                    elif isinstance(update, Text):
+                        body = completion_body(
+                            ident, request.model, [chunk(index, update.text, None)], None, []
+                        )
+                        await send(event(body))
+                    elif isinstance(update, Done):
+                        body = completion_body(
+                            ident,
+                            request.model,
+                            [chunk(index, "", update.finish_reason)],
+                            None,
+                            [],
+                        )
+                        await send(event(body))
+                        prompt_tokens += update.prompt_tokens
+                        completion_tokens += update.completion_tokens
+            except ApiError as error:  # the stream has begun: the error is its last event
+                await send(event(error.body()))
+            else:
+                if request.stream_options and request.stream_options.include_usage:
+                    final = completion_body(
+                        ident, request.model, [], usage(prompt_tokens, completion_tokens), []
                     )
-                elif event.kind in ("text", "done"):
-                    choice = {
-                        "text": event.text,
-                        "index": index,
-                        "logprobs": None,
-                        "finish_reason": event.finish_reason,
-                    }
-                    await send(completion_body(ident, request.model, [choice], None, []))
-                if event.kind == "done":
-                    prompt_tokens += event.prompt_tokens
-                    completion_tokens += event.completion_tokens
-        except ApiError as error:  # the stream has begun: the error is its last event
-            await send(error.body())
-        else:
-            if request.stream_options and request.stream_options.include_usage:
-                final = completion_body(
-                    ident, request.model, [], usage(prompt_tokens, completion_tokens), []
-                )
-                await send(final)
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+                    await send(event(final))
+            await send(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except TimeoutError:  # the client does not read: drop the connection
+            if http.transport is not None:
+                http.transport.close()
         return response
 
     async def models(self, _: web.Request) -> web.Response:
@@ -287,11 +377,19 @@ class Server:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, _: web.Request) -> web.Response:
-        model_set = self.state.current
+        state = self.state
+        model_set = state.current
         if model_set is None:
-            reason = self.state.load_error or "loading the forest"
+            reason = state.load_error or "loading the forest"
             return web.json_response({"ready": False, "reason": reason}, status=503)
-        return web.json_response({"ready": True, "revision": model_set.revision})
+        body: dict[str, Any] = {"ready": True, "revision": model_set.revision}
+        if state.load_error:  # still serving the last good revision: say what fails
+            body["load_error"] = {
+                "message": state.load_error,
+                "revision": state.failing_revision,
+                "attempts": state.failures,
+            }
+        return web.json_response(body)
 
     async def prometheus(self, _: web.Request) -> web.Response:
         return web.Response(

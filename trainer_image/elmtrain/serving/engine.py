@@ -1,12 +1,18 @@
 """The decoding engine: one thread that runs every model, so requests batch together.
 
-Each loop: admit waiting jobs (read their prompts, route them), then one token for every active
-sequence. A sequence routed to experts {a, b} sits in a's and b's decode batches; each model runs
-once per step for all the sequences that use it, whatever else they use, and each sequence mixes
-its experts' next-token laws by its posterior (Bayes rule, updated as its context grows).
+Each loop: admit waiting completions (read their prompts, route them), then one token for every
+active sequence. A sequence routed to experts {a, b} sits in a's and b's decode batches; each
+model runs once per step for all the sequences that use it, whatever else they use, and each
+sequence mixes its experts' next-token laws by its posterior (Bayes rule, updated as its context
+grows).
 
-Jobs carry the model set they were admitted under: a swap (``swap``) sends new jobs to the new
-set while running ones finish on theirs; an old set is dropped once nothing uses it.
+Completions carry the model set they were admitted under: a swap sends new ones to the new set
+while running ones finish on theirs; an old set is dropped once nothing uses it.
+
+One request never harms another: whatever fails while starting or decoding a sequence fails
+that sequence alone (``Failed``). Work done for many at once (reading prompts together, drawing
+tokens together, a model's forward pass over its batch) is redone one sequence at a time when
+it fails, so that only the sequence it fails for is dropped.
 """
 
 from __future__ import annotations
@@ -25,47 +31,18 @@ import structlog
 import torch
 
 from elmtrain.scoring.logprobs import log_posterior, route
+from elmtrain.serving.completion import Completion, Done, Failed, Routed, Text, Update
 from elmtrain.serving.kvbatch import DecodeBatch, Prefill, concat, prefill
-from elmtrain.serving.modelset import AVERAGE, EXPERT, SEED, Member, ModelSet, Target
+from elmtrain.serving.modelset import AVERAGE, ENSEMBLE, EXPERT, SEED, Member, ModelSet
 from elmtrain.serving.sampling import TextStream, sample
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass
-class Event:
-    kind: str  # "routed", "text", "done", "error"
-    text: str = ""
-    finish_reason: str | None = None
-    routing: list[dict[str, Any]] = field(default_factory=list)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-@dataclass
-class Job:
-    """One choice of one request, as the HTTP side hands it over."""
-
-    model_set: ModelSet
-    target: Target
-    prompt_ids: list[int]  # begins with the end-of-text token (the context of the first token)
-    max_tokens: int
-    temperature: float
-    top_p: float
-    stop: list[str]
-    seed: int | None
-    emit: Callable[[Event], None]  # called from the engine thread; must be thread-safe
-    stream: bool = True  # text as it comes; False: all of it with "done" (fewer wake-ups)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-
-class OverloadedError(Exception):
-    """More jobs wait than the engine accepts."""
+SEEDS = 2**64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
 
 
 @dataclass(eq=False)
 class _Sequence:
-    job: Job
+    completion: Completion
     members: list[Member]
     log_prior: torch.Tensor  # [k] over members
     context_loglik: torch.Tensor  # [k]: log p_j(tokens so far)
@@ -80,11 +57,53 @@ class _Sequence:
         self.slot = {member.key: i for i, member in enumerate(self.members)}
 
 
+@dataclass(frozen=True)
+class _BatchKey:
+    """A decode batch: one member of one model set."""
+
+    model_set: int  # id() of the ModelSet
+    member: str  # Member.key
+
+
+@dataclass
+class _ExpertReads:
+    """The routed completions' prompts as one expert read them, in one forward pass."""
+
+    prefill: Prefill
+    rows: dict[int, int]  # id(completion) -> its row in ``prefill``
+
+    def of(self, completion: Completion) -> Prefill:
+        return self.prefill.select([self.rows[id(completion)]])
+
+
+@dataclass
+class _Route:
+    """Where one completion decodes: its members with their reads of its prompt, the prior over
+    them, and what the answer reports (the experts and their weights)."""
+
+    members: list[Member]
+    reads: list[Prefill]
+    log_prior: torch.Tensor  # [k] float64
+    routing: list[dict[str, Any]]
+
+
+@dataclass
+class _Started:
+    sequence: _Sequence
+    reads: list[Prefill]  # per member: the cache rows it joins the member's batch with
+    routing: list[dict[str, Any]]
+
+
 Hook = Callable[[str, Any], None]  # (what, value): the server's metrics
 
 
-def _step_batch(batch: DecodeBatch[_Sequence], tokens: list[int]) -> torch.Tensor:
-    return batch.step(tokens)
+def _step_batch(batch: DecodeBatch[_Sequence], tokens: list[int]) -> torch.Tensor | Exception:
+    """One batch's forward pass (on a lane); a failure is returned, so that the others' steps
+    are still collected and only this batch is retried apart."""
+    try:
+        return batch.step(tokens)
+    except Exception as error:
+        return error
 
 
 INLINE, LANES = "inline", "lanes"
@@ -119,12 +138,15 @@ class _ModeChooser:
         )
 
 
+def _weight(member: Member, weight: float) -> dict[str, Any]:
+    return {"expert": member.domain or SEED, "version": member.version, "weight": weight}
+
+
 class Engine:
     def __init__(
         self,
         top_k: int,
         max_active: int = 64,
-        max_waiting: int = 256,
         hook: Hook | None = None,
         lanes: int | None = None,
     ) -> None:
@@ -134,9 +156,10 @@ class Engine:
         self._lanes = ThreadPoolExecutor(lanes or self._cores, thread_name_prefix="lane")
         self._intra_op = torch.get_num_threads()
         self._modes = _ModeChooser()
-        self._inbox: queue.Queue[Job] = queue.Queue(maxsize=max_waiting)
+        # Unbounded: the HTTP side's admission (serving/admission.py) bounds what is in flight.
+        self._inbox: queue.SimpleQueue[Completion] = queue.SimpleQueue()
         self._active: list[_Sequence] = []
-        self._batches: dict[tuple[int, str], DecodeBatch[_Sequence]] = {}  # (set id, member)
+        self._batches: dict[_BatchKey, DecodeBatch[_Sequence]] = {}
         self._hook = hook or (lambda what, value: None)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -156,11 +179,13 @@ class Engine:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def submit(self, job: Job) -> None:
-        try:
-            self._inbox.put_nowait(job)
-        except queue.Full:
-            raise OverloadedError(f"{self._inbox.maxsize} requests are waiting already") from None
+    @property
+    def active(self) -> int:
+        """Sequences decoding now (read across threads: a snapshot)."""
+        return len(self._active)
+
+    def submit(self, completion: Completion) -> None:
+        self._inbox.put(completion)
 
     # ---- the engine thread ----------------------------------------------------------------
 
@@ -172,149 +197,221 @@ class Engine:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            admitted = self._admit()
             try:
+                admitted = self._admit()
                 with torch.inference_mode():
                     if admitted:
                         self._start(admitted)
                     if self._active:
                         self._step()
-            except Exception as error:  # a bug or OOM must not take the server down with it
+            except Exception as error:  # a bug outside any one sequence's work: the last resort
                 log.exception("serve.engine_failed")
                 for sequence in self._active:
-                    sequence.job.emit(Event("error", text=f"generation failed: {error}"))
+                    self._fail(sequence, error)
                 self._active, self._batches = [], {}
 
-    def _admit(self) -> list[Job]:
+    def _admit(self) -> list[Completion]:
         room = self.max_active - len(self._active)
-        jobs: list[Job] = []
-        if room > 0 and not self._active:  # idle: wait for work
+        admitted: list[Completion] = []
+        wait = room > 0 and not self._active  # idle: wait for work
+        while len(admitted) < room:
             try:
-                jobs.append(self._inbox.get(timeout=0.2))
-            except queue.Empty:
-                return []
-        while len(jobs) < room:
-            try:
-                jobs.append(self._inbox.get_nowait())
+                completion = self._inbox.get(timeout=0.2) if wait else self._inbox.get_nowait()
             except queue.Empty:
                 break
-        return [j for j in jobs if not j.cancelled.is_set()]
+            wait = False
+            if not completion.cancelled.is_set():  # gone while it waited: costs nothing
+                admitted.append(completion)
+        return admitted
 
-    def _batch(self, model_set: ModelSet, member: Member) -> DecodeBatch[_Sequence]:
-        key = (id(model_set), member.key)
+    def _tell(self, completion: Completion, update: Update) -> None:
+        """Hand an update over; a hand-over that fails (the server is shutting down) is the
+        caller's to act on for this completion alone."""
+        completion.emit(update)
+
+    def _fail(self, sequence: _Sequence | Completion, error: BaseException) -> None:
+        completion = sequence.completion if isinstance(sequence, _Sequence) else sequence
+        log.warning("serve.completion_failed", error=repr(error)[:500])
+        completion.cancelled.set()
+        try:
+            self._tell(completion, Failed(f"generation failed: {error}"))
+        except Exception:  # nobody left to tell
+            log.warning("serve.tell_failed", exc_info=True)
+
+    def _batch(self, key: _BatchKey, model_set: ModelSet, member: Member) -> DecodeBatch[_Sequence]:
         if key not in self._batches:
             self._batches[key] = DecodeBatch(member.model, model_set.runtime.device)
         return self._batches[key]
 
-    def _start(self, jobs: list[Job]) -> None:
-        """Read the prompts (on every expert, where routing needs the posterior), route, and
-        join each new sequence to its members' decode batches."""
-        by_set: dict[int, list[Job]] = {}
-        for job in jobs:
-            by_set.setdefault(id(job.model_set), []).append(job)
+    # ---- starting: read the prompts, route, join the batches ------------------------------
+
+    def _start(self, completions: list[Completion]) -> None:
+        by_set: dict[int, list[Completion]] = {}
+        for completion in completions:
+            by_set.setdefault(id(completion.model_set), []).append(completion)
         for group in by_set.values():
             model_set = group[0].model_set
-            routed = [j for j in group if j.target.kind in ("ensemble", AVERAGE)]
-            reads: dict[str, tuple[Member, list[Job], Prefill]] = {}
-            if routed:  # every expert reads the prompts, to route them (many tokens: all cores)
-                self._threads(self._cores)
-                for member in model_set.experts:
-                    reads[member.key] = (member, routed, self._prefill(model_set, member, routed))
-            joins: dict[str, tuple[Member, list[_Sequence], list[Prefill]]] = {}
-            for job in group:
-                sequence, states = self._route(job, model_set, reads)
-                self._active.append(sequence)
-                for member, state in zip(sequence.members, states, strict=True):
-                    entry = joins.setdefault(member.key, (member, [], []))
-                    entry[1].append(sequence)
-                    entry[2].append(state)
-            for member, sequences, states in joins.values():
-                self._batch(model_set, member).join(sequences, concat([s.rows for s in states]))
+            try:
+                started = self._prepare(model_set, group)
+            except Exception as error:
+                if len(group) == 1:
+                    self._fail(group[0], error)
+                    continue
+                started = []  # one of them may be the cause: each alone, so only it fails
+                for completion in group:
+                    try:
+                        started += self._prepare(model_set, [completion])
+                    except Exception as alone:
+                        self._fail(completion, alone)
+            self._join(model_set, started)
 
-    def _prefill(self, model_set: ModelSet, member: Member, jobs: list[Job]) -> Prefill:
-        self._hook("prefill", len(jobs))
-        return prefill(member.model, [j.prompt_ids for j in jobs], model_set.runtime.device)
-
-    def _route(
-        self,
-        job: Job,
-        model_set: ModelSet,
-        reads: dict[str, tuple[Member, list[Job], Prefill]],
-    ) -> tuple[_Sequence, list[Prefill]]:
-        kind = job.target.kind
-        if kind in ("ensemble", AVERAGE):
-            row = [reads[m.key][1].index(job) for m in model_set.experts]
-            states = [
-                reads[m.key][2].select([r]) for m, r in zip(model_set.experts, row, strict=True)
-            ]
-            loglik = torch.cat([s.prompt_loglik for s in states])
-            posterior = log_posterior(loglik, model_set.log_prior.exp())
-            if kind == "ensemble":
-                chosen = route(posterior.exp(), self.top_k)
-                members = [model_set.experts[i] for i in chosen]
-                prior = model_set.log_prior[chosen]
-                states = [states[i] for i in chosen]
-                weights = log_posterior(loglik[chosen], prior.exp()).exp().tolist()
+    def _prepare(self, model_set: ModelSet, group: list[Completion]) -> list[_Started]:
+        """Read the prompts (on every expert, where routing needs the posterior) and route
+        each; the engine's state is not touched, so a failure here can be retried apart."""
+        routed = [c for c in group if c.target.kind in (ENSEMBLE, AVERAGE)]
+        reads: dict[str, _ExpertReads] = {}
+        if routed:  # every expert reads the prompts, to route them (many tokens: all cores)
+            self._threads(self._cores)
+            rows = {id(c): row for row, c in enumerate(routed)}
+            for member in model_set.experts:
+                reads[member.key] = _ExpertReads(self._prefill(model_set, member, routed), rows)
+        started = []
+        for completion in group:
+            kind = completion.target.kind
+            if kind == ENSEMBLE:
+                where = self._route_ensemble(completion, model_set, reads)
+            elif kind == AVERAGE:
+                where = self._route_average(completion, model_set, reads)
             else:
-                mix = model_set.average_weights(posterior, self.top_k)
-                members = [model_set.average(mix)]
-                states = [self._prefill(model_set, members[0], [job])]
-                chosen, weights, prior = list(mix), list(mix.values()), torch.zeros(1)
-            routing = [
-                {
-                    "expert": model_set.experts[i].domain or SEED,
-                    "version": model_set.experts[i].version,
-                    "weight": round(float(w), 6),
-                }
-                for i, w in zip(chosen, weights, strict=True)
-            ]
-        else:
-            member = model_set.seed if kind == SEED else model_set.experts[job.target.member or 0]
-            members, prior = [member], torch.zeros(1, dtype=torch.float64)
-            states = [self._prefill(model_set, member, [job])]
-            routing = (
-                [{"expert": member.domain or SEED, "version": member.version, "weight": 1.0}]
-                if kind == EXPERT
-                else []
-            )
-        for entry in routing:
-            self._hook("expert", entry["expert"])
-        seed = job.seed if job.seed is not None else self._rng.getrandbits(63)
-        sequence = _Sequence(
-            job=job,
-            members=members,
-            log_prior=prior.double(),
-            context_loglik=torch.cat([s.prompt_loglik for s in states]),
-            next_logp=torch.cat([s.next_logp for s in states]),
-            text=TextStream(model_set.tokenizer, job.stop),
-            generator=torch.Generator().manual_seed(seed),
+                where = self._route_single(completion, model_set)
+            started.append(_Started(self._sequence(completion, where), where.reads, where.routing))
+        return started
+
+    def _prefill(self, model_set: ModelSet, member: Member, group: list[Completion]) -> Prefill:
+        self._hook("prefill", len(group))
+        return prefill(member.model, [c.prompt_ids for c in group], model_set.runtime.device)
+
+    def _posterior(
+        self, completion: Completion, model_set: ModelSet, reads: dict[str, _ExpertReads]
+    ) -> tuple[list[Prefill], torch.Tensor]:
+        """Each expert's read of the prompt, and the log posterior over the experts."""
+        states = [reads[m.key].of(completion) for m in model_set.experts]
+        loglik = torch.cat([s.prompt_loglik for s in states])
+        return states, log_posterior(loglik, model_set.log_prior.exp())
+
+    def _route_ensemble(
+        self, completion: Completion, model_set: ModelSet, reads: dict[str, _ExpertReads]
+    ) -> _Route:
+        """The top-k experts by the prompt's posterior decode together, mixed by it."""
+        states, posterior = self._posterior(completion, model_set, reads)
+        chosen = route(posterior.exp(), self.top_k)
+        prior = model_set.log_prior[chosen]
+        loglik = torch.cat([states[i].prompt_loglik for i in chosen])
+        weights = log_posterior(loglik, prior.exp()).exp().tolist()
+        members = [model_set.experts[i] for i in chosen]
+        routing = [_weight(m, round(float(w), 6)) for m, w in zip(members, weights, strict=True)]
+        return _Route(members, [states[i] for i in chosen], prior.double(), routing)
+
+    def _route_average(
+        self, completion: Completion, model_set: ModelSet, reads: dict[str, _ExpertReads]
+    ) -> _Route:
+        """One model, the experts' parameters averaged by the prompt's posterior, decodes."""
+        _, posterior = self._posterior(completion, model_set, reads)
+        mix = model_set.average_weights(posterior, self.top_k)
+        member = model_set.average(mix)
+        routing = [_weight(model_set.experts[i], round(w, 6)) for i, w in mix.items()]
+        read = self._prefill(model_set, member, [completion])
+        return _Route([member], [read], torch.zeros(1, dtype=torch.float64), routing)
+
+    def _route_single(self, completion: Completion, model_set: ModelSet) -> _Route:
+        """An expert or the seed alone."""
+        target = completion.target
+        member = model_set.seed if target.kind == SEED else model_set.experts[target.member or 0]
+        routing = [_weight(member, 1.0)] if target.kind == EXPERT else []
+        read = self._prefill(model_set, member, [completion])
+        return _Route([member], [read], torch.zeros(1, dtype=torch.float64), routing)
+
+    def _sequence(self, completion: Completion, where: _Route) -> _Sequence:
+        seed = completion.seed if completion.seed is not None else self._rng.getrandbits(63)
+        return _Sequence(
+            completion=completion,
+            members=where.members,
+            log_prior=where.log_prior,
+            context_loglik=torch.cat([s.prompt_loglik for s in where.reads]),
+            next_logp=torch.cat([s.next_logp for s in where.reads]),
+            text=TextStream(completion.model_set.tokenizer, completion.stop),
+            generator=torch.Generator().manual_seed(seed % SEEDS),
         )
-        job.emit(Event("routed", routing=routing, prompt_tokens=len(job.prompt_ids) - 1))
-        return sequence, states
+
+    def _join(self, model_set: ModelSet, started: list[_Started]) -> None:
+        """Join each new sequence to its members' decode batches (one concatenation per
+        member); a sequence whose join fails leaves the batches it did join, and fails."""
+        joining: dict[_BatchKey, tuple[Member, list[_Started]]] = {}
+        for entry in started:
+            for member in entry.sequence.members:
+                key = _BatchKey(id(model_set), member.key)
+                joining.setdefault(key, (member, []))[1].append(entry)
+        failed: dict[_Sequence, Exception] = {}
+        for key, (member, entries) in joining.items():
+            try:
+                rows = [e.reads[e.sequence.slot[member.key]].rows for e in entries]
+                self._batch(key, model_set, member).join(
+                    [e.sequence for e in entries], concat(rows)
+                )
+            except Exception as joined:
+                failed.update((e.sequence, joined) for e in entries)
+                if not self._batches.get(key, True):
+                    del self._batches[key]
+        for entry in started:
+            sequence = entry.sequence
+            if sequence in failed:
+                continue
+            self._active.append(sequence)
+            for weight in entry.routing:
+                self._hook("expert", weight["expert"])
+            try:
+                prompt_tokens = len(sequence.completion.prompt_ids) - 1
+                self._tell(sequence.completion, Routed(entry.routing, prompt_tokens))
+            except Exception as told:
+                failed[sequence] = told
+        for sequence, why in failed.items():
+            self._fail(sequence, why)
+        self._leave(list(failed))
+
+    # ---- decoding: one token for every sequence --------------------------------------------
 
     def _step(self) -> None:
         """Draw one token for every sequence, then feed them all, one forward per model."""
-        finished = [s for s in self._active if s.job.cancelled.is_set()]
-        live = [s for s in self._active if not s.job.cancelled.is_set()]
+        finished = [s for s in self._active if s.completion.cancelled.is_set()]
+        live = [s for s in self._active if not s.completion.cancelled.is_set()]
         for sequence, token in zip(live, self._draw(live), strict=True):
-            reason = self._advance(sequence, token)
-            if reason is None:
+            if token is None:  # its draw failed (and said so)
+                finished.append(sequence)
                 continue
-            finished.append(sequence)
-            tail = sequence.text.finish()
-            if not sequence.job.stream:
-                tail = sequence.text.text  # the whole completion, in one event
-            if tail:
-                sequence.job.emit(Event("text", text=tail))
-            sequence.job.emit(
-                Event(
-                    "done",
-                    finish_reason=reason,
-                    prompt_tokens=len(sequence.job.prompt_ids) - 1,
-                    completion_tokens=sequence.generated,
-                )
-            )
+            try:
+                reason = self._advance(sequence, token)
+                if reason is not None:
+                    self._finish(sequence, reason)
+            except Exception as error:  # its text, its stop sequences, its hand-over
+                self._fail(sequence, error)
+                finished.append(sequence)
+                continue
+            if reason is not None:
+                finished.append(sequence)
         self._leave(finished)
+        self._decode()
+
+    def _finish(self, sequence: _Sequence, reason: str) -> None:
+        completion = sequence.completion
+        tail = sequence.text.finish()
+        if not completion.stream:
+            tail = sequence.text.text  # the whole completion, in one update
+        if tail:
+            self._tell(completion, Text(tail))
+        prompt_tokens = len(completion.prompt_ids) - 1
+        self._tell(completion, Done(reason, prompt_tokens, sequence.generated))
+
+    def _decode(self) -> None:
         batches = list(self._batches.items())
         feeds = [[s.token or 0 for s in batch.members] for _, batch in batches]
         models = [b for _, b in batches]
@@ -322,7 +419,7 @@ class Engine:
         started = time.perf_counter()
         if mode == INLINE:  # one model at a time, all cores inside its operations
             self._threads(self._cores)
-            steps = [batch.step(feed) for batch, feed in zip(models, feeds, strict=True)]
+            steps = [_step_batch(batch, feed) for batch, feed in zip(models, feeds, strict=True)]
         else:  # models side by side, a core each: small operations spend less on threading,
             # and one model's Python overhead overlaps another's arithmetic
             self._threads(1)
@@ -330,15 +427,73 @@ class Engine:
         if len(batches) > 1:
             rows = sum(len(feed) for feed in feeds)
             self._modes.observe(mode, (time.perf_counter() - started) / rows)
-        for ((_, member_key), batch), logp in zip(batches, steps, strict=True):
+        failed: list[_Sequence] = []
+        for (key, batch), feed, stepped in zip(batches, feeds, steps, strict=True):
+            logp = (
+                self._step_apart(batch, feed, stepped, failed)
+                if isinstance(stepped, Exception)
+                else stepped
+            )
             self._hook("batch", len(batch))
             for row, sequence in enumerate(batch.members):
-                sequence.next_logp[sequence.slot[member_key]] = logp[row]
+                sequence.next_logp[sequence.slot[key.member]] = logp[row]
+        self._leave(failed)
 
-    def _draw(self, live: list[_Sequence]) -> list[int]:
-        """Every sequence's next token, the sequences with as many members drawn together:
-        each mixes its members' next-token laws by its posterior (Bayes rule over the context
-        so far), then samples with its own settings and its own generator."""
+    def _step_apart(
+        self,
+        batch: DecodeBatch[_Sequence],
+        feed: list[int],
+        error: Exception,
+        failed: list[_Sequence],
+    ) -> torch.Tensor:
+        """A model's forward pass over its whole batch failed: step each member alone, so that
+        only the members it fails for fail; the others go on in the batch, rebuilt."""
+        log.warning("serve.batch_step_failed", size=len(batch), error=repr(error)[:500])
+        parts: list[DecodeBatch[_Sequence]] = []
+        rows: list[torch.Tensor] = []
+        for row, (sequence, token) in enumerate(zip(list(batch.members), feed, strict=True)):
+            try:
+                alone = batch.subset([row])
+                rows.append(alone.step([token]))
+                parts.append(alone)
+            except Exception as why:
+                self._fail(sequence, why)
+                failed.append(sequence)
+        batch.rebuild(parts)
+        if not rows:
+            return torch.zeros(0)
+        return torch.cat(rows)
+
+    def _draw(self, live: list[_Sequence]) -> list[int | None]:
+        """Every sequence's next token (None where drawing failed: it failed alone). Each
+        draws its own uniform number first, so a retry apart draws what it would have."""
+        uniforms: list[torch.Tensor | None] = []
+        for sequence in live:
+            try:
+                uniforms.append(torch.rand(1, generator=sequence.generator))
+            except Exception as error:
+                self._fail(sequence, error)
+                uniforms.append(None)
+        drawing = [i for i, u in enumerate(uniforms) if u is not None]
+        tokens: list[int | None] = [None] * len(live)
+        try:
+            picked = self._draw_together([live[i] for i in drawing], [uniforms[i] for i in drawing])
+            for i, token in zip(drawing, picked, strict=True):
+                tokens[i] = token
+        except Exception:
+            for i in drawing:
+                try:
+                    (tokens[i],) = self._draw_together([live[i]], [uniforms[i]])
+                except Exception as error:
+                    self._fail(live[i], error)
+        return tokens
+
+    def _draw_together(
+        self, live: list[_Sequence], uniforms: list[torch.Tensor | None]
+    ) -> list[int]:
+        """The sequences with as many members drawn together: each mixes its members'
+        next-token laws by its posterior (Bayes rule over the context so far), then samples
+        with its own settings and its own uniform number."""
         tokens: dict[int, int] = {}
         groups: dict[int, list[int]] = {}
         for i, sequence in enumerate(live):
@@ -351,29 +506,32 @@ class Engine:
             mixture = torch.logsumexp(weights[:, :, None] + laws, dim=1)
             drawn = sample(
                 mixture,
-                torch.tensor([s.job.temperature for s in group]),
-                torch.tensor([s.job.top_p for s in group]),
-                torch.cat([torch.rand(1, generator=s.generator) for s in group]),
+                torch.tensor([s.completion.temperature for s in group]),
+                torch.tensor([s.completion.top_p for s in group]),
+                torch.cat([u for u in (uniforms[i] for i in rows) if u is not None]),
             )
             tokens.update(zip(rows, drawn, strict=True))
         return [tokens[i] for i in range(len(live))]
 
     def _advance(self, sequence: _Sequence, token: int) -> str | None:
         """Take the drawn token; a finish reason if the sequence is done instead."""
-        job = sequence.job
-        if token == job.model_set.eos:
+        completion = sequence.completion
+        if token == completion.model_set.eos:
             return "stop"
         sequence.context_loglik = sequence.context_loglik + sequence.next_logp[:, token].double()
         sequence.generated += 1
         sequence.token = token
         self._hook("token", 1)
         piece = sequence.text.add(token)
-        if piece and job.stream:
-            job.emit(Event("text", text=piece))
+        if piece and completion.stream:
+            self._tell(completion, Text(piece))
         if sequence.text.stopped:
             return "stop"
-        context = len(job.prompt_ids) + sequence.generated
-        if sequence.generated >= job.max_tokens or context >= job.model_set.context_length:
+        context = len(completion.prompt_ids) + sequence.generated
+        if (
+            sequence.generated >= completion.max_tokens
+            or context >= completion.model_set.context_length
+        ):
             return "length"
         return None
 

@@ -186,6 +186,21 @@ class DecodeBatch(Generic[M]):
         first = int(rows.mask[:, : rows.length].any(0).nonzero()[0])
         self.rows = rows.trimmed(first, rows.mask.shape[1]) if first else rows
 
+    def subset(self, index: Sequence[int]) -> DecodeBatch[M]:
+        """These members alone, in a batch of their own (copies of their cache rows)."""
+        assert self.rows is not None
+        part: DecodeBatch[M] = DecodeBatch(self.model, self.device)
+        part.decoder = self.decoder
+        part.members = [self.members[i] for i in index]
+        part.rows = self.rows.select(index)
+        return part
+
+    def rebuild(self, parts: Sequence[DecodeBatch[M]]) -> None:
+        """Become the members of ``parts`` (batches stepped alike, from ``subset``)."""
+        self.members = [m for part in parts for m in part.members]
+        rows = [part.rows for part in parts if part.rows is not None]
+        self.rows = concat(rows, spare=max(16, *(r.length for r in rows))) if rows else None
+
     @torch.inference_mode()
     def step(self, tokens: Sequence[int]) -> torch.Tensor:
         """Feed each member its next token (in ``members`` order); [B, V] float32 log-probs."""

@@ -58,6 +58,12 @@ class ServeMetrics:
         self.reloads = Counter(
             "elmserve_reloads", "Loads of a new manifest revision", ["outcome"], registry=r
         )
+        self.load_failures = Gauge(
+            "elmserve_load_failures",
+            "Failed attempts in a row at the newest revision (0: it serves); the last good "
+            "revision serves meanwhile",
+            registry=r,
+        )
 
     def engine_hook(self, what: str, value: Any) -> None:
         """What the engine thread reports (prometheus_client is thread-safe)."""

@@ -11,6 +11,7 @@ A forest without experts yet serves its seed as the ensemble's only member.
 
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
 from collections import OrderedDict
@@ -31,7 +32,7 @@ from elmtrain.runtime import Runtime
 from elmtrain.scoring.priors import forest_prior
 
 log = structlog.get_logger(__name__)
-AVERAGE, EXPERT, SEED = "average", "expert", "seed"
+ENSEMBLE, AVERAGE, EXPERT, SEED = "ensemble", "average", "expert", "seed"
 AVERAGE_GRID = 20  # average weights are rounded to 1/20: nearby prompts share one model
 AVERAGES_KEPT = 4
 
@@ -50,7 +51,7 @@ class Member:
 class Target:
     """What a request's model name asks for."""
 
-    kind: str  # "ensemble", AVERAGE, EXPERT or SEED
+    kind: str  # ENSEMBLE, AVERAGE, EXPERT or SEED
     member: int | None = None  # EXPERT: index into ``experts``
 
 
@@ -90,6 +91,14 @@ class ModelSet:
     def context_length(self) -> int:
         return context_length(self.seed.model)
 
+    @functools.cached_property
+    def longest_token(self) -> int:
+        """Characters of the longest token: a prompt of more than ``context_length`` times
+        this many characters cannot fit, known without tokenizing it. (Byte-level BPE's
+        vocabulary spells each byte as one character, so a token's spelling is as long as
+        its bytes, which are at least its characters.)"""
+        return max(1, max((len(t) for t in self.tokenizer.get_vocab()), default=1))
+
     def model_names(self) -> list[str]:
         names = [self.name, f"{self.name}/{SEED}"]
         if self.expert_dirs:
@@ -98,7 +107,7 @@ class ModelSet:
 
     def resolve(self, model: str) -> Target | None:
         if model == self.name:
-            return Target("ensemble")
+            return Target(ENSEMBLE)
         if model == f"{self.name}/{SEED}":
             return Target(SEED)
         if model == f"{self.name}/{AVERAGE}" and self.expert_dirs:

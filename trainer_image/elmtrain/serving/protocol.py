@@ -14,6 +14,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MAX_STOP_SEQUENCES = 4  # as OpenAI
+MAX_STOP_CHARS = 1024  # per stop sequence: text this long is held back from a stream
+# OpenAI's seed is a 64-bit signed integer; the engine maps it (plus the choice's index) onto
+# torch's generator seeds, 0 to 2**64 - 1.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+MAX_PROMPTS = 32
 
 
 class StreamOptions(BaseModel):
@@ -22,7 +27,10 @@ class StreamOptions(BaseModel):
 
 
 class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Every value bounded here, where the request is read: the engine, which every request
+    shares, is never handed a number it cannot use (NaN, infinities, a seed out of range)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = Field(min_length=1, max_length=256)
     prompt: str | list[str] = ""
@@ -33,7 +41,7 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     user: str | None = None
     echo: Literal[False] = False
     logprobs: None = None
@@ -48,13 +56,16 @@ class CompletionRequest(BaseModel):
     def _few_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        stops = [value] if isinstance(value, str) else value or []
+        if any(len(stop) > MAX_STOP_CHARS for stop in stops):
+            raise ValueError(f"a stop sequence has at most {MAX_STOP_CHARS} characters")
         return value
 
     @field_validator("prompt")
     @classmethod
     def _some_prompts(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and not 1 <= len(value) <= 32:
-            raise ValueError("a list prompt needs 1 to 32 strings")
+        if isinstance(value, list) and not 1 <= len(value) <= MAX_PROMPTS:
+            raise ValueError(f"a list prompt needs 1 to {MAX_PROMPTS} strings")
         return value
 
     @property
@@ -85,6 +96,10 @@ class ApiError(Exception):
             param,
             code,
         )
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers (a 429's Retry-After)."""
+        return {}
 
     def body(self) -> dict[str, Any]:
         return {
