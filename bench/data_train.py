@@ -10,6 +10,12 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported at run time inside main(), after the start time is taken
+    import torch
+
+    from elmtrain.data.shards import TokenSequences
 
 STARTED = time.monotonic()
 
@@ -34,7 +40,7 @@ def main() -> None:
     forest = Forest.open(args.forest)
     store = forest.token_store()
     cfg = TrainingConfig(steps=args.steps, batch_size=16, seq_len=128, checkpoint_interval=10**6)
-    sequences = store.sequences([args.data], cfg.seq_len)
+    sequences: torch.Tensor | TokenSequences = store.sequences([args.data], cfg.seq_len)
     if args.in_memory:
         sequences = sequences[:]  # the whole (small) corpus as one tensor, as before shards
     tokenizer = store.tokenizer
@@ -43,6 +49,9 @@ def main() -> None:
     steps_done: list[float] = []
 
     class Timed(ProgressReporter):
+        def due(self, force: bool = False) -> bool:
+            return True  # every step: the loop reports (and reads its loss) only when due
+
         def report(self, progress: Progress, force: bool = False) -> None:
             if progress.phase == "training":
                 steps_done.append(time.monotonic())

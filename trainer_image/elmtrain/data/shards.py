@@ -6,7 +6,10 @@ byte ranges (``pread`` on local storage, ranged GETs on S3), never the whole cor
 from __future__ import annotations
 
 import bisect
+import os
+import threading
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -15,10 +18,13 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from elmcore.errors import BadInputError
+from elmcore.errors import BadInputError, NotFoundError
 from elmcore.storage import Storage
 
 SHARD_TOKENS = 1 << 26  # 64 Mi tokens: 128 MiB of uint16 per shard file
+# Windows read at once from remote storage: one ranged GET each, so a batch costs about one
+# round trip instead of one per sequence; within botocore's default pool of 10 connections.
+REMOTE_READS = 8
 INDEX = "index.json"
 
 
@@ -95,6 +101,11 @@ class TokenStream:
         self.starts = [0]
         for shard in self.files:
             self.starts.append(self.starts[-1] + shard.tokens)
+        # Local storage: each shard file is opened once and read by ``pread``, not opened and
+        # closed for every window; remote storage reads several windows at once.
+        self.local = bool(self.files) and storage.local_path(self.files[0].key) is not None
+        self._descriptors: dict[int, int | None] = {}
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return self.starts[-1]
@@ -102,17 +113,39 @@ class TokenStream:
     def read(self, position: int, count: int) -> np.ndarray:
         """``count`` tokens from ``position``, across shard files where a window spans them."""
         out = np.empty(count, dtype=self.dtype)
-        filled = 0
-        while filled < count:
+        self.read_into(position, out)
+        return out
+
+    def read_into(self, position: int, out: np.ndarray) -> None:
+        """``len(out)`` tokens from ``position`` into ``out`` (of this stream's dtype)."""
+        filled, size = 0, self.dtype.itemsize
+        while filled < len(out):
             at = position + filled
             number = bisect.bisect_right(self.starts, at) - 1
             offset = at - self.starts[number]
-            take = min(count - filled, self.files[number].tokens - offset)
-            size = self.dtype.itemsize
-            data = self.storage.read_range(self.files[number].key, offset * size, take * size)
+            take = min(len(out) - filled, self.files[number].tokens - offset)
+            descriptor = self._descriptor(number)
+            if descriptor is None:
+                data = self.storage.read_range(self.files[number].key, offset * size, take * size)
+            else:
+                data = os.pread(descriptor, take * size, offset * size)
+                if len(data) != take * size:
+                    raise NotFoundError(f"{self.files[number].key}: shorter than its index says")
             out[filled : filled + take] = np.frombuffer(data, dtype=self.dtype)
             filled += take
-        return out
+
+    def _descriptor(self, number: int) -> int | None:
+        if number not in self._descriptors:
+            with self._lock:
+                if number not in self._descriptors:
+                    path = self.storage.local_path(self.files[number].key) if self.local else None
+                    self._descriptors[number] = None if path is None else os.open(path, os.O_RDONLY)
+        return self._descriptors[number]
+
+    def __del__(self) -> None:
+        for descriptor in getattr(self, "_descriptors", {}).values():
+            if descriptor is not None:
+                os.close(descriptor)
 
 
 class TokenSequences:
@@ -139,10 +172,19 @@ class TokenSequences:
         chosen = [int(i) for i in indices]
         if any(not 0 <= i < self.count for i in chosen):
             raise IndexError(f"sequence index out of range (0..{self.count - 1})")
-        windows = [self.stream.read(i * self.seq_len, self.seq_len) for i in chosen]
-        if not windows:
-            return torch.empty(0, self.seq_len, dtype=torch.long)
-        return torch.from_numpy(np.stack(windows).astype(np.int64))
+        # Each window straight into its row of one array, widened to int64 once.
+        out = np.empty((len(chosen), self.seq_len), dtype=self.stream.dtype)
+
+        def read(row: int) -> None:
+            self.stream.read_into(chosen[row] * self.seq_len, out[row])
+
+        if self.stream.local or len(chosen) < 2:
+            for row in range(len(chosen)):
+                read(row)
+        else:
+            with ThreadPoolExecutor(REMOTE_READS, thread_name_prefix="read-range") as pool:
+                list(pool.map(read, range(len(chosen))))
+        return torch.from_numpy(out.astype(np.int64))
 
     def __getitem__(self, index: int | slice | Sequence[int] | torch.Tensor) -> torch.Tensor:
         if isinstance(index, slice):

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-# Logits held at once, per chunk of rows: bounds peak memory for large vocabularies while
-# keeping each matmul large enough to run at full speed (small chunks are slower on CPU).
+# Logits held at once, per chunk of rows (twice that for a moment: the logits and their
+# log-softmax): bounds peak memory for large vocabularies while keeping each matmul large
+# enough to run at full speed (small chunks are slower on CPU).
 CHUNK_BYTES = 256 * 1024 * 1024
 
 
@@ -57,10 +58,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits = (h @ w.t()).float()
                 if bias is not None:
                     logits += bias.float()
-                lse = torch.logsumexp(logits, dim=1)
-                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-                # d(loss)/d(logits) = softmax - one_hot, computed in the logits' own buffer.
-                grad = logits.sub_(lse[:, None]).exp_()
+                # One fused pass for the log-probabilities (logsumexp, then subtracting it and
+                # exponentiating, took three passes and a temporary of the logits' size).
+                log_probs = torch.log_softmax(logits, dim=1)
+                del logits
+                total -= log_probs.gather(1, y[:, None]).sum()
+                # d(loss)/d(logits) = softmax - one_hot, computed in the log-probabilities' buffer.
+                grad = log_probs.exp_()
                 grad[torch.arange(grad.shape[0], device=grad.device), y] -= 1.0
                 grad_hidden[start : start + rows] = grad.to(dtype) @ w
                 grad_weight += grad.to(dtype).t() @ h

@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import PreTrainedModel
@@ -27,6 +28,7 @@ from elmcore.records import CurvePoint, Progress
 from elmtrain.config import TrainingConfig
 from elmtrain.data import TokenSequences, batch_indices
 from elmtrain.model.fused_loss import CausalLMLoss
+from elmtrain.model.kernels import fuse_activations
 from elmtrain.run.checkpoint import Checkpointer
 from elmtrain.run.progress import ProgressReporter
 from elmtrain.runtime import Runtime
@@ -64,6 +66,38 @@ class _Preemption:
         # own) must not kill the process while it exits 75 with its checkpoint committed.
         if not self.requested:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+class _StopVote:
+    """Whether any rank was asked to stop, agreed on without stalling a step.
+
+    Each step starts an all-reduce of this rank's flag before its forward pass and reads the
+    result after the optimizer step, by which time it has long arrived: every rank starts and
+    reads the same votes at the same steps, so all stop at one step. The flag is a CPU tensor
+    reduced over gloo (the default group on CPU, a gloo group beside NCCL on GPUs), so the
+    vote never waits for the GPU's queue; a blocking all-reduce every step did.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.distributed = runtime.distributed
+        self.group: Any = None
+        if self.distributed and dist.get_backend() != "gloo":
+            self.group = dist.new_group(backend="gloo")  # every rank creates it, here
+        self.flag = torch.zeros(1, dtype=torch.int32)
+        self.work: Any = None
+
+    def start(self, requested: bool) -> None:
+        self.flag.fill_(int(requested))
+        if self.distributed:
+            self.work = dist.all_reduce(
+                self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True
+            )
+
+    def result(self) -> bool:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return bool(self.flag.item())
 
 
 def lr_factor(step: int, cfg: TrainingConfig) -> float:
@@ -141,6 +175,7 @@ def train(
                 f"or delete runs/{checkpointer.run_id}/checkpoints to start over"
             )
     model.to(runtime.device).train()
+    fuse_activations(model)  # same math, one kernel (model/kernels.py)
     optimizer = _optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     if resumed is not None:
@@ -170,7 +205,8 @@ def train(
             checkpointer.save(step, model, state)
         runtime.barrier()
 
-    # 3. The loop.
+    # 3. The loop. Nothing in a step waits for the device: the loss stays on it until a
+    # progress record is due, and the ranks' vote on stopping arrives during the step.
     tokens_per_step = cfg.batch_size * sequences.shape[1]
     loss_value: float | None = None
     started = time.monotonic()
@@ -184,22 +220,29 @@ def train(
         dynamic_ncols=True,
         mininterval=2.0,
     )
+    pin = runtime.device.type == "cuda"
 
     def read_step(step: int) -> list[torch.Tensor]:
-        """This rank's micro-batches of ``step``, read from the sequences (shards: by range)."""
+        """This rank's micro-batches of ``step``, read from the sequences (shards: by range),
+        in pinned memory on a GPU so that copying them there does not wait."""
         indices = batch_indices(step, cfg.batch_size, len(sequences), cfg.seed)
-        return [sequences[micro] for micro in _micro_batches(indices, runtime, cfg)]
+        batches = [sequences[micro] for micro in _micro_batches(indices, runtime, cfg)]
+        return [rows.pin_memory() for rows in batches] if pin else batches
 
     # The next step's data is read while this one computes.
     reader = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
     upcoming = reader.submit(read_step, start_step) if start_step < cfg.steps else None
-    with _Preemption() as preemption, reader:
+    stop_vote = _StopVote(runtime)
+    with _Preemption() as preemption, reader, reporter.in_background():
         for step in range(start_step, cfg.steps):
             assert upcoming is not None
             micro_batches = upcoming.result()
             if step + 1 < cfg.steps:
                 upcoming = reader.submit(read_step, step + 1)
-            step_loss = 0.0
+            # Ranks agree on stopping: SIGTERM may reach one rank only, or each at another
+            # step, and a rank saving alone would leave the others at the next all-reduce.
+            stop_vote.start(preemption.requested)
+            step_loss = torch.zeros((), device=runtime.device)
             for i, rows in enumerate(micro_batches):
                 batch = rows.to(runtime.device, non_blocking=True)
                 last = i == len(micro_batches) - 1
@@ -207,45 +250,45 @@ def train(
                 with sync, runtime.autocast():
                     loss = engine(batch) / len(micro_batches)
                 loss.backward()
-                step_loss += float(loss.detach())
+                step_loss += loss.detach()  # the step's loss: the mean over its micro-batches
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_value = step_loss
             done = step + 1
             window_steps += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.3f}", refresh=False)
 
-            # Progress for the operator; throughput over the recent window.
-            elapsed = time.monotonic() - window_start
-            rate = window_steps * tokens_per_step / elapsed if elapsed > 0 else 0.0
-            remaining = (cfg.steps - done) * (elapsed / window_steps) if window_steps else None
+            # Progress for the operator, when a record is due: only then is the loss read
+            # from the device; throughput over the recent window.
             force = done == cfg.steps or done % cfg.checkpoint_interval == 0
-            reporter.report(
-                Progress(
-                    run_id=checkpointer.run_id,
-                    phase="training",
-                    step=done,
-                    total_steps=cfg.steps,
-                    tokens_per_second=round(rate, 1),
-                    loss=round(step_loss, 5),
-                    eta_seconds=remaining,
-                ),
-                force=force,
-            )
-            if elapsed > 30:
-                window_start, window_steps = time.monotonic(), 0
+            if reporter.due(force) or done == cfg.steps:
+                loss_value = float(step_loss)
+                bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+                elapsed = time.monotonic() - window_start
+                rate = window_steps * tokens_per_step / elapsed if elapsed > 0 else 0.0
+                remaining = (cfg.steps - done) * (elapsed / window_steps)
+                reporter.report(
+                    Progress(
+                        run_id=checkpointer.run_id,
+                        phase="training",
+                        step=done,
+                        total_steps=cfg.steps,
+                        tokens_per_second=round(rate, 1),
+                        loss=round(loss_value, 5),
+                        eta_seconds=remaining,
+                    ),
+                    force=force,
+                )
+                if elapsed > 30:
+                    window_start, window_steps = time.monotonic(), 0
             # Every rank validates (a small set), so none waits at the next all-reduce; the
             # last point is the job's own evaluation after training.
             curve_point = cfg.eval_interval and done % cfg.eval_interval == 0 and done < cfg.steps
             if val is not None and curve_point:
                 curve.append(_validate(model, val, done, runtime))
-            # Ranks agree every step: SIGTERM may reach one rank only, or each at another
-            # step, and a rank saving alone would leave the others at the next all-reduce.
-            preempted = done < cfg.steps and runtime.any_rank(preemption.requested)
+            preempted = stop_vote.result() and done < cfg.steps
             if preempted or (done % cfg.checkpoint_interval == 0 and done < cfg.steps):
                 save(done)  # once, also when preempted at a checkpoint step
             if preempted:
