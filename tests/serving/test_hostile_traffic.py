@@ -153,10 +153,10 @@ def json_cases(tally: Tally) -> dict[str, Callable[[random.Random], bytes | dict
                 [
                     {"temperature": "hot"},
                     {"n": 3},
-                    {"echo": True},
+                    {"echo": "loud"},
                     {"top_p": 0},
                     {"max_tokens": -1},
-                    {"logprobs": 5},
+                    {"logprobs": 21},
                     {"stream": "maybe"},
                 ]
             )

@@ -123,7 +123,7 @@ def test_bad_requests_get_openai_errors(client: openai.OpenAI, server: Served) -
         ({"bogus": 1}, "bogus"),
         ({"n": 2}, "n"),
         ({"temperature": 5}, "temperature"),
-        ({"logprobs": 3}, "logprobs"),
+        ({"logprobs": 21}, "logprobs"),
     ):
         with pytest.raises(openai.BadRequestError) as refused:
             client.completions.create(model=NAME, prompt="x", extra_body=extra)

@@ -1,8 +1,11 @@
-"""The HTTP side: OpenAI's ``/v1/completions`` and ``/v1/models``, probes, Prometheus metrics.
+"""The HTTP side: OpenAI's ``/v1/completions`` and ``/v1/models``, vLLM's tokenizer endpoints,
+probes, Prometheus metrics.
 
 Handlers validate (serving/protocol.py), admit (serving/admission.py), tokenize (off the event
 loop: serving/prompts.py) and hand completions to the engine thread; its updates come back
-through an asyncio queue per request. Every failure answers with OpenAI's error body: a
+through an asyncio queue per request. A request with ``echo`` or ``logprobs`` has its prompt and
+completion scored on a thread of its own (serving/scoring.py) once the engine is done with it.
+Every failure answers with OpenAI's error body: a
 malformed request is a 400 naming the parameter, never a crash; every request ends, answered
 or refused, within ``request_timeout`` seconds; a client that goes away stops its work at once
 (aiohttp cancels the handler: ``handler_cancellation``).
@@ -22,6 +25,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from elmtrain.serving import tokenizing
 from elmtrain.serving.admission import Admission, Ticket, client_key
 from elmtrain.serving.completion import Completion, Done, Failed, Routed, Text, Update
 from elmtrain.serving.engine import Engine
@@ -36,6 +40,7 @@ from elmtrain.serving.protocol import (
     parse_request,
     usage,
 )
+from elmtrain.serving.scoring import logprobs_body, score
 
 log = structlog.get_logger(__name__)
 MAX_BODY = 1 << 20  # bytes of one request
@@ -97,11 +102,16 @@ class Server:
         # Tokenizing has its own two threads: a burst of long prompts waits for them, it
         # does not take every thread of the loop's default executor.
         self._tokenizers = ThreadPoolExecutor(2, thread_name_prefix="tokenize")
+        # Scoring (echo, logprobs) has one: its forward passes queue there, not in the engine.
+        self._scorer = ThreadPoolExecutor(1, thread_name_prefix="score")
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
+        app.router.add_get("/tokenizer_info", self.tokenizer_info)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.prometheus)
@@ -110,6 +120,7 @@ class Server:
 
     async def _close(self, _: web.Application) -> None:
         self._tokenizers.shutdown(wait=False, cancel_futures=True)
+        self._scorer.shutdown(wait=False, cancel_futures=True)
 
     @web.middleware
     async def _errors(
@@ -157,22 +168,28 @@ class Server:
             self.metrics.requests.labels(label, str(code)).inc()
             self.metrics.latency.observe(seconds)
 
-    async def _read(
-        self, http: web.Request, deadline: float
-    ) -> tuple[CompletionRequest, ModelSet, Target]:
-        """The request, validated, with the model set and the model it asks for."""
+    async def _json(self, http: web.Request, deadline: float) -> object:
         try:
             async with asyncio.timeout_at(deadline):  # a body that trickles in ends too
-                data = json.loads(await http.text())
+                return json.loads(await http.text())
         except TimeoutError:
             raise _timed_out(self.request_timeout) from None
         except (ValueError, RecursionError) as error:  # JSON, UTF-8, digits, nesting
             message = f"the request body is not valid JSON ({str(error)[:200]})"
             raise ApiError(400, message) from None
-        request = parse_request(data)
+
+    def _model_set(self) -> ModelSet:
         model_set = self.state.current
         if model_set is None:
             raise ApiError(503, "the forest is not loaded yet", "server_error", code="not_ready")
+        return model_set
+
+    async def _read(
+        self, http: web.Request, deadline: float
+    ) -> tuple[CompletionRequest, ModelSet, Target]:
+        """The request, validated, with the model set and the model it asks for."""
+        request = parse_request(await self._json(http, deadline))
+        model_set = self._model_set()
         target = model_set.resolve(request.model)
         if target is None:
             raise ApiError(
@@ -202,13 +219,15 @@ class Server:
         except TimeoutError:
             raise _timed_out(self.request_timeout) from None
         choices = _Choices([], asyncio.Queue(), deadline, started)
-        self._submit(request, model_set, target, prompts, choices)
         self.metrics.in_flight.inc()
         self.metrics.tokens.labels("prompt").inc(sum(len(p.ids) - 1 for p in prompts))
         try:
+            if request.max_tokens == 0:  # scored only: the engine has nothing to do
+                return await self._scored_only(request, model_set, target, prompts, deadline)
+            self._submit(request, model_set, target, prompts, choices)
             if request.stream:
                 return await self._stream(http, request, choices)
-            return await self._whole(request, choices)
+            return await self._whole(request, model_set, target, prompts, choices)
         finally:
             choices.cancel()  # whatever is still running (the client went away) stops
             self.metrics.in_flight.dec()
@@ -262,9 +281,17 @@ class Server:
                 open_choices -= 1
             yield tagged
 
-    async def _whole(self, request: CompletionRequest, choices: _Choices) -> web.Response:
+    async def _whole(
+        self,
+        request: CompletionRequest,
+        model_set: ModelSet,
+        target: Target,
+        prompts: list[Prompt],
+        choices: _Choices,
+    ) -> web.Response:
         texts = [""] * len(choices.completions)
         reasons: list[str | None] = [None] * len(choices.completions)
+        generated: list[tuple[int, ...]] = [()] * len(choices.completions)
         routing: list[dict[str, Any]] = []
         prompt_tokens = completion_tokens = 0
         async for tagged in self._updates(choices):
@@ -275,20 +302,88 @@ class Server:
                 texts[index] += update.text
             elif isinstance(update, Done):
                 reasons[index] = update.finish_reason
+                generated[index] = update.tokens
                 prompt_tokens += update.prompt_tokens
                 completion_tokens += update.completion_tokens
+        logprobs: list[dict[str, Any] | None] = [None] * len(texts)
+        if request.scores:
+            for index, prompt in enumerate(prompts):
+                logprobs[index] = await self._logprobs(
+                    request, model_set, target, prompt, list(generated[index]), choices.deadline
+                )
+                if request.echo:
+                    texts[index] = prompt.text + texts[index]
         body = completion_body(
             completion_id(),
             request.model,
             [
-                {"text": t, "index": i, "logprobs": None, "finish_reason": r}
-                for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
+                {"text": t, "index": i, "logprobs": lp, "finish_reason": r}
+                for i, (t, lp, r) in enumerate(zip(texts, logprobs, reasons, strict=True))
             ],
             usage(prompt_tokens, completion_tokens),
             routing,
-            choices.completions[0].model_set.revision,
+            model_set.revision,
         )
         return web.json_response(body)
+
+    async def _scored_only(
+        self,
+        request: CompletionRequest,
+        model_set: ModelSet,
+        target: Target,
+        prompts: list[Prompt],
+        deadline: float,
+    ) -> web.Response:
+        """``echo`` with ``max_tokens`` 0: each prompt back, scored."""
+        choices = []
+        for index, prompt in enumerate(prompts):
+            logprobs = None
+            if request.logprobs is not None:
+                logprobs = await self._logprobs(request, model_set, target, prompt, [], deadline)
+            choices.append(
+                {
+                    "text": prompt.text,
+                    "index": index,
+                    "logprobs": logprobs,
+                    "finish_reason": "length",
+                }
+            )
+        prompt_tokens = sum(len(p.ids) - 1 for p in prompts)
+        body = completion_body(
+            completion_id(), request.model, choices, usage(prompt_tokens, 0), [], model_set.revision
+        )
+        return web.json_response(body)
+
+    async def _logprobs(
+        self,
+        request: CompletionRequest,
+        model_set: ModelSet,
+        target: Target,
+        prompt: Prompt,
+        generated: list[int],
+        deadline: float,
+    ) -> dict[str, Any] | None:
+        """OpenAI's ``logprobs`` of one choice: the prompt's tokens too with ``echo`` (the
+        first of them has no context: null), else the completion's alone, whose text offsets
+        count from the prompt's end. An empty prompt's completion is scored after the
+        end-of-text it was generated after."""
+        if request.logprobs is None:
+            return None
+        ids = prompt.ids[1:] + generated
+        hidden = 0
+        if len(prompt.ids) == 1:  # no prompt: the end-of-text is the first token's context
+            ids, hidden = prompt.ids + generated, 1
+        first = hidden if request.echo else len(ids) - len(generated)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout_at(deadline):
+                scores = await loop.run_in_executor(
+                    self._scorer, score, model_set, target, self.engine.top_k, ids, request.logprobs
+                )
+        except TimeoutError:
+            raise _timed_out(self.request_timeout) from None
+        offset = 0 if request.echo else len(prompt.text)
+        return logprobs_body(model_set.tokenizer, ids, scores, first, offset)
 
     async def _stream(
         self, http: web.Request, request: CompletionRequest, choices: _Choices
@@ -370,6 +465,27 @@ class Server:
             for name in model_set.model_names()
         ]
         return web.json_response({"object": "list", "data": data})
+
+    async def tokenize(self, http: web.Request) -> web.Response:
+        deadline = asyncio.get_running_loop().time() + self.request_timeout
+        data = await self._json(http, deadline)
+        model_set = self._model_set()
+        loop = asyncio.get_running_loop()
+        answer = await loop.run_in_executor(self._tokenizers, tokenizing.tokenize, model_set, data)
+        return web.json_response(answer)
+
+    async def detokenize(self, http: web.Request) -> web.Response:
+        deadline = asyncio.get_running_loop().time() + self.request_timeout
+        data = await self._json(http, deadline)
+        model_set = self._model_set()
+        loop = asyncio.get_running_loop()
+        answer = await loop.run_in_executor(
+            self._tokenizers, tokenizing.detokenize, model_set, data
+        )
+        return web.json_response(answer)
+
+    async def tokenizer_info(self, _: web.Request) -> web.Response:
+        return web.json_response(tokenizing.tokenizer_info(self._model_set()))
 
     async def healthz(self, _: web.Request) -> web.Response:
         if not self.engine.alive:

@@ -31,6 +31,7 @@ class Done:
     finish_reason: str  # "stop" or "length"
     prompt_tokens: int
     completion_tokens: int
+    tokens: tuple[int, ...] = ()  # the completion's token ids (what its logprobs score)
 
 
 @dataclass(frozen=True)

@@ -409,7 +409,8 @@ class Engine:
         if tail:
             self._tell(completion, Text(tail))
         prompt_tokens = len(completion.prompt_ids) - 1
-        self._tell(completion, Done(reason, prompt_tokens, sequence.generated))
+        tokens = tuple(sequence.text.tokens)
+        self._tell(completion, Done(reason, prompt_tokens, sequence.generated, tokens))
 
     def _decode(self) -> None:
         batches = list(self._batches.items())

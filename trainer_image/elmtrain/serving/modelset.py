@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import tempfile
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -82,6 +83,8 @@ class ModelSet:
     runtime: Runtime
     dtype: torch.dtype = torch.float32  # the weights' (and the caches') dtype
     averages: OrderedDict[tuple[float, ...], Member] = field(default_factory=OrderedDict)
+    # The engine and the scorer (serving/scoring.py) both build and keep averages.
+    averages_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def eos(self) -> int:
@@ -129,6 +132,10 @@ class ModelSet:
 
     def average(self, weights: dict[int, float]) -> Member:
         """The parameter average with these weights, built once and kept (a few, LRU)."""
+        with self.averages_lock:
+            return self._average(weights)
+
+    def _average(self, weights: dict[int, float]) -> Member:
         key = tuple(round(weights.get(i, 0.0), 6) for i in range(len(self.experts)))
         if key in self.averages:
             self.averages.move_to_end(key)

@@ -1,8 +1,10 @@
 """OpenAI's completions API as pydantic models: what a request may say, what answers look like.
 
+A prompt is a string, a list of strings, a list of token ids or a list of such lists; ``echo``
+and ``logprobs`` (0 to 20) are the scoring API that evaluation harnesses use (serving/scoring.py).
 Parameters OpenAI defines but this server does not implement are accepted only at their neutral
-value (``n=1``, ``echo=false``, ``logprobs=null``, penalties 0), so a client that asks for more is
-told so with a 400 instead of being answered as if it had not asked.
+value (``n=1``, penalties 0), so a client that asks for more is told so with a 400 instead of being
+answered as if it had not asked.
 """
 
 from __future__ import annotations
@@ -11,7 +13,14 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 MAX_STOP_CHARS = 1024  # per stop sequence: text this long is held back from a stream
@@ -19,6 +28,9 @@ MAX_STOP_CHARS = 1024  # per stop sequence: text this long is held back from a s
 # torch's generator seeds, 0 to 2**64 - 1.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 MAX_PROMPTS = 32
+MAX_LOGPROBS = 20  # as OpenAI's legacy completions
+TokenIds = list[int]
+PromptText = str | TokenIds
 
 
 class StreamOptions(BaseModel):
@@ -33,8 +45,9 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = Field(min_length=1, max_length=256)
-    prompt: str | list[str] = ""
-    max_tokens: int | None = Field(16, ge=1)
+    # Token ids before strings: a list of numbers is token ids, never refused as strings.
+    prompt: str | list[str] | TokenIds | list[TokenIds] = ""
+    max_tokens: int | None = Field(16, ge=0)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: Literal[1] = 1
@@ -43,8 +56,8 @@ class CompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     user: str | None = None
-    echo: Literal[False] = False
-    logprobs: None = None
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: Literal[1] | None = None
     presence_penalty: Literal[0] = 0
     frequency_penalty: Literal[0] = 0
@@ -63,14 +76,42 @@ class CompletionRequest(BaseModel):
 
     @field_validator("prompt")
     @classmethod
-    def _some_prompts(cls, value: str | list[str]) -> str | list[str]:
+    def _some_prompts(
+        cls, value: str | list[str] | TokenIds | list[TokenIds]
+    ) -> str | list[str] | TokenIds | list[TokenIds]:
+        if isinstance(value, list) and value and isinstance(value[0], int):
+            if any(token < 0 for token in value):
+                raise ValueError("token ids are not negative")
+            return value
         if isinstance(value, list) and not 1 <= len(value) <= MAX_PROMPTS:
-            raise ValueError(f"a list prompt needs 1 to {MAX_PROMPTS} strings")
+            raise ValueError(f"a list prompt needs 1 to {MAX_PROMPTS} prompts")
+        for item in value if isinstance(value, list) else []:
+            if isinstance(item, list) and any(token < 0 for token in item):
+                raise ValueError("token ids are not negative")
         return value
 
+    @model_validator(mode="after")
+    def _scoring(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 only with echo (the prompt scored, nothing generated)")
+        if self.stream and self.scores:
+            raise ValueError("stream: echo and logprobs are answered whole, not streamed")
+        return self
+
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def scores(self) -> bool:
+        """Whether the answer carries the prompt (echo) or log-probabilities."""
+        return self.echo or self.logprobs is not None
+
+    @property
+    def prompts(self) -> list[PromptText]:
+        """Each prompt: text, or token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if all(isinstance(item, int) for item in prompt):
+            return [[item for item in prompt if isinstance(item, int)]]
+        return [item for item in prompt if not isinstance(item, int)]
 
     @property
     def stops(self) -> list[str]:

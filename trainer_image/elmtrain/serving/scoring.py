@@ -1,0 +1,122 @@
+"""Scoring text: each token's log-probability given the tokens before it, under the model a
+request names, and OpenAI's legacy ``logprobs`` object built from it.
+
+The forest (the routed ensemble) scores as ``elmtrain ensemble-eval`` does: every expert reads
+the text, and each position mixes their laws by the posterior over experts given the text before
+it (Bayes' rule from the served prior), keeping the engine's top-k most probable experts at each
+position (``ensemble-eval --top-k``'s ``top<k>`` row; the math is elmtrain.scoring.logprobs').
+``/average`` scores with the parameter average for the text's posterior, ``/expert/<d>`` and
+``/seed`` with that one model.
+
+Runs on a worker thread of its own (one): a request costs one forward pass per model over at
+most the context, and memory of experts x tokens x vocabulary floats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from elmtrain.scoring.logprobs import ensemble_logprobs, log_posterior
+from elmtrain.serving.modelset import AVERAGE, ENSEMBLE, SEED, ModelSet, Target
+
+CHUNK = 64  # positions whose mixed laws over the vocabulary are built at once
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Of a text of T tokens: for t = 1..T-1, the log-probability of token t given the tokens
+    before it, and the ``k`` most probable tokens there (id, log-probability)."""
+
+    token_logprobs: list[float]
+    top: list[list[tuple[int, float]]]
+
+
+def _laws(model: PreTrainedModel, ids: list[int], device: torch.device) -> torch.Tensor:
+    """[T-1, V]: the model's next-token log-probabilities after each prefix."""
+    logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, :-1]
+    return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
+def _chosen(laws: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    return laws.gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1).double()
+
+
+def _top(laws: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    if k == 0:
+        return [[] for _ in range(len(laws))]
+    values, indices = torch.topk(laws, k, dim=-1)
+    return [
+        list(zip(row_ids, row_values, strict=True))
+        for row_ids, row_values in zip(indices.tolist(), values.double().tolist(), strict=True)
+    ]
+
+
+@torch.inference_mode()
+def score(model_set: ModelSet, target: Target, top_k: int, ids: list[int], k: int) -> Scores:
+    """``ids``' scores under the model ``target`` names (``top_k``: the engine's)."""
+    if len(ids) < 2:
+        return Scores([], [])
+    device = model_set.runtime.device
+    if target.kind not in (ENSEMBLE, AVERAGE):
+        member = model_set.seed if target.kind == SEED else model_set.experts[target.member or 0]
+        laws = _laws(member.model, ids, device)
+        return Scores(_chosen(laws, ids).tolist(), _top(laws, k))
+    every = [_laws(m.model, ids, device) for m in model_set.experts]  # K x [T-1, V]
+    chosen = torch.stack([_chosen(laws, ids) for laws in every])  # [K, T-1]
+    prior = model_set.log_prior.exp()
+    if target.kind == AVERAGE:
+        posterior = log_posterior(chosen.sum(-1), prior)
+        member = model_set.average(model_set.average_weights(posterior, top_k))
+        laws = _laws(member.model, ids, device)
+        return Scores(_chosen(laws, ids).tolist(), _top(laws, k))
+    mixed = ensemble_logprobs(chosen[:, None, :], prior, top_k)[0]
+    top: list[list[tuple[int, float]]] = []
+    if k:
+        context = torch.cumsum(chosen, dim=-1) - chosen  # log p_j(tokens before t)
+        weights = log_posterior(context, prior[:, None], top_k)  # [K, T-1]
+        stacked = torch.stack(every)  # [K, T-1, V]
+        for start in range(0, stacked.shape[1], CHUNK):
+            part = slice(start, start + CHUNK)
+            laws = torch.logsumexp(weights[:, part, None] + stacked[:, part].double(), dim=0)
+            top += _top(laws, k)
+    else:
+        top = [[] for _ in range(len(ids) - 1)]
+    return Scores(mixed.tolist(), top)
+
+
+def logprobs_body(
+    tokenizer: PreTrainedTokenizerFast,
+    ids: list[int],
+    scores: Scores,
+    first: int,
+    offset: int,
+) -> dict[str, Any]:
+    """OpenAI's ``logprobs`` for ``ids[first:]``: ``tokens``, ``token_logprobs`` and
+    ``top_logprobs`` (null for the text's first token, which has no context), ``text_offset``
+    (each token's first character in the prompt and completion, counted from ``offset``)."""
+    tokens: list[str] = []
+    logprobs: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    at = offset
+    for position in range(first, len(ids)):
+        piece = tokenizer.decode([ids[position]])
+        tokens.append(piece)
+        offsets.append(at)
+        at += len(piece)
+        if position == 0:
+            logprobs.append(None)
+            tops.append(None)
+        else:
+            logprobs.append(scores.token_logprobs[position - 1])
+            tops.append({tokenizer.decode([t]): lp for t, lp in scores.top[position - 1]})
+    return {
+        "tokens": tokens,
+        "token_logprobs": logprobs,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
