@@ -2,8 +2,9 @@
 
 ``elmforest up -f DIR`` runs the operator's planners locally (trainer Jobs as processes),
 ``elmforest serve -f DIR`` serves what it trained (OpenAI's completions API);
-``elmforest operator`` wraps ``kopf run`` with this project's defaults: peering off (one
-replica; the Deployment uses the Recreate strategy), a liveness endpoint, Prometheus metrics.
+``elmforest operator`` wraps ``kopf run`` with this project's defaults: Kopf's peering off,
+optionally behind a Lease-based leader election (``--leader-election``; see leadership.py),
+a liveness endpoint, Prometheus metrics.
 """
 
 from __future__ import annotations
@@ -32,13 +33,41 @@ def _operator(args: argparse.Namespace) -> int:
     import elmforest.handlers  # noqa: F401  (registers the handlers)
 
     namespaces = args.namespace or []
-    kopf.run(
-        standalone=args.peering is None,
-        peering_name=args.peering,
-        clusterwide=not namespaces,
-        namespaces=namespaces,
-        liveness_endpoint=args.liveness or None,
-    )
+    elector = None
+    if args.leader_election:
+        from elmforest.adapters.kube import load_config
+        from elmforest.leadership import ElectionSettings, Elector, standby_health
+
+        load_config()
+        elector = Elector(
+            ElectionSettings(
+                name=args.lease_name,
+                namespace=args.lease_namespace,
+                identity=args.identity,
+                lease_duration=args.lease_duration,
+                renew_deadline=args.renew_deadline,
+                retry_period=args.retry_period,
+            )
+        )
+        health = standby_health(args.liveness) if args.liveness else None
+        elector.acquire()  # the standby blocks here, reading only the Lease
+        if health is not None:
+            health.shutdown()
+            health.server_close()
+        elector.start_renewing()
+    try:
+        kopf.run(
+            standalone=args.peering is None,
+            peering_name=args.peering,
+            clusterwide=not namespaces,
+            namespaces=namespaces,
+            liveness_endpoint=args.liveness or None,
+        )
+    finally:
+        # Kopf returns after a SIGTERM has stopped its handlers: only then is it safe to hand
+        # the Lease over at once (a crash never gets here: the Lease then expires).
+        if elector is not None:
+            elector.release()
     return 0
 
 
@@ -152,6 +181,19 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="'' disables")
     op.add_argument("--metrics-port", type=int, default=9090, help="0 disables")
     op.add_argument("--resync", type=float, default=15.0, help="seconds between re-checks")
+    env = os.environ.get
+    op.add_argument(
+        "--leader-election",
+        action="store_true",
+        default=env("ELMFOREST_LEADER_ELECTION", "") == "true",
+        help="act only while holding a coordination.k8s.io Lease (for several replicas)",
+    )
+    op.add_argument("--lease-name", default=env("ELMFOREST_LEASE_NAME", "elmforest-operator"))
+    op.add_argument("--lease-namespace", default=env("POD_NAMESPACE", "default"))
+    op.add_argument("--identity", default=env("POD_NAME", ""), help="default: $POD_NAME")
+    op.add_argument("--lease-duration", type=float, default=15.0, help="seconds")
+    op.add_argument("--renew-deadline", type=float, default=10.0, help="seconds")
+    op.add_argument("--retry-period", type=float, default=2.0, help="seconds")
     op.set_defaults(func=_operator)
 
     crd = sub.add_parser("crds", help="print the CRDs (or --write them to a folder)")

@@ -119,21 +119,46 @@ def test_pods_meet_restricted_and_pin_images(name: str) -> None:
 def test_deployment_shape() -> None:
     (deployment,) = [o for o in render(VALUE_SETS["everything"]) if o["kind"] == "Deployment"]
     spec = deployment["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate"
+    assert spec["replicas"] == 2 and spec["strategy"]["type"] == "RollingUpdate"
     container = spec["template"]["spec"]["containers"][0]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert container["args"][:2] == ["--log-level=debug", "operator"]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     assert '"queueName":"team-a"' in env["ELMFOREST_TRAINER_DEFAULTS"]
     assert container["resources"]["limits"]["memory"] == "512Mi"
     assert "checksum/crds" in spec["template"]["metadata"]["annotations"]
+
+
+def test_two_replicas_one_leader_by_default() -> None:
+    objects = render(VALUE_SETS["cluster-wide"])
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert "--leader-election" in container["args"]
+    assert "--lease-duration=15" in container["args"]
+    names = {e["name"]: e.get("valueFrom") for e in container["env"]}
+    assert names["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    (pdb,) = [o for o in objects if o["kind"] == "PodDisruptionBudget"]
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    # One replica without election: the old shape, no PDB (it would block every drain).
+    single = render(
+        {**VALUE_SETS["cluster-wide"], "replicas": 1, "leaderElection": {"enabled": False}}
+    )
+    (deployment,) = [o for o in single if o["kind"] == "Deployment"]
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert (
+        "--leader-election" not in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
+    assert not [o for o in single if o["kind"] in ("PodDisruptionBudget", "Role")]
+    with pytest.raises(helm.HelmError, match=r"needs leaderElection\.enabled"):
+        render({**VALUE_SETS["cluster-wide"], "leaderElection": {"enabled": False}})
 
 
 def test_chart_trainer_defaults_reach_the_operator() -> None:
     """The JSON the chart renders is what the operator parses into a forest's defaults."""
     (deployment,) = [o for o in render(VALUE_SETS["everything"]) if o["kind"] == "Deployment"]
     env = {
-        e["name"]: e["value"]
+        e["name"]: e.get("value", "")
         for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
     }
     spec = ElmForestSpec.model_validate({"storage": {"uri": "s3://bucket/f"}})
@@ -152,12 +177,21 @@ def test_rbac_is_exactly_the_operators_calls() -> None:
         {"apiGroups": [p.group], "resources": [p.resource], "verbs": list(p.verbs)}
         for p in PERMISSIONS
     ]
+    leases = [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"]}]
+    leases[0]["verbs"] = ["get", "create", "update"]
     cluster = render(VALUE_SETS["cluster-wide"])
     (role,) = [o for o in cluster if o["kind"] == "ClusterRole"]
     assert rules_of(role) == expected
-    assert not [o for o in cluster if o["kind"] in ("Role", "RoleBinding")]
+    # The only namespaced Role of a cluster-wide install: the Lease, in the release's namespace.
+    (lease_role,) = [o for o in cluster if o["kind"] == "Role"]
+    assert lease_role["metadata"]["namespace"] == "elmforest"
+    assert rules_of(lease_role) == leases
     namespaced = render(VALUE_SETS["namespaced"])
-    roles = [o for o in namespaced if o["kind"] == "Role"]
+    roles = [
+        o
+        for o in namespaced
+        if o["kind"] == "Role" and not o["metadata"]["name"].endswith("-leader")
+    ]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     assert all(rules_of(r) == expected for r in roles)
     assert not [o for o in namespaced if o["kind"].startswith("Cluster")]
@@ -218,7 +252,7 @@ def test_the_operators_network_policy_allows_only_what_it_needs() -> None:
 def test_policy_values_reach_the_operator() -> None:
     (deployment,) = [o for o in render(VALUE_SETS["everything"]) if o["kind"] == "Deployment"]
     env = {
-        e["name"]: e["value"]
+        e["name"]: e.get("value", "")
         for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
     }
     policy = Policy.from_env(env)
@@ -226,7 +260,7 @@ def test_policy_values_reach_the_operator() -> None:
     assert policy.operator_identity is False  # cluster-wide, and the value left null
     namespaced = [o for o in render(VALUE_SETS["namespaced"]) if o["kind"] == "Deployment"]
     env = {
-        e["name"]: e["value"]
+        e["name"]: e.get("value", "")
         for e in namespaced[0]["spec"]["template"]["spec"]["containers"][0]["env"]
     }
     assert Policy.from_env(env).operator_identity is True

@@ -143,6 +143,17 @@ class PolicyValues(SpecModel):
     )
 
 
+class LeaderElectionValues(SpecModel):
+    """A coordination.k8s.io Lease that only its holder acts under (operator/leadership.py):
+    the standby takes over within leaseDurationSeconds + retryPeriodSeconds of a crash, at
+    once after a graceful stop."""
+
+    enabled: bool = Field(True, description="required when replicas > 1")
+    lease_duration_seconds: int = Field(15, ge=2, le=300)
+    renew_deadline_seconds: int = Field(10, ge=1, le=299, description="< leaseDurationSeconds")
+    retry_period_seconds: int = Field(2, ge=1, le=60, description="< renewDeadlineSeconds")
+
+
 class ChartValues(SpecModel):
     """Every value of ``helm/elmforest`` (camelCase in YAML)."""
 
@@ -153,6 +164,10 @@ class ChartValues(SpecModel):
         json_schema_extra={"items": {"type": "string", "pattern": DNS1123_LABEL, "maxLength": 63}},
         description="namespaces to watch, each with a Role; empty: all, with a ClusterRole",
     )
+    replicas: int = Field(
+        2, ge=1, le=5, description="operator pods; one leads, the others wait as standbys"
+    )
+    leader_election: LeaderElectionValues = Field(default_factory=LeaderElectionValues)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     resync_seconds: float = Field(15.0, gt=0, le=3600, description="re-check interval")
     health_port: int = Field(8080, ge=1024, le=65535, description="Kopf's liveness endpoint")
