@@ -28,15 +28,24 @@ def token_kubeconfig(kube: Kube, release: Release, folder: Path, server: str = "
     return path
 
 
-def operator_command(kube: Kube, release: Release) -> tuple[list[str], dict[str, str]]:
+ELECTION_FLAGS = ("--leader-election", "--lease-", "--renew-deadline", "--retry-period")
+
+
+def operator_command(
+    kube: Kube, release: Release, election: bool = False
+) -> tuple[list[str], dict[str, str]]:
     """``elmforest`` arguments and environment from the chart's Deployment, with no liveness
-    file or metrics port (several may run on one machine) and a 1 s resync."""
+    file or metrics port (several may run on one machine) and a 1 s resync. Without
+    ``election`` the chart's leader-election flags are dropped: those tests run one operator
+    and check its exact requests against the watched namespace's Role
+    (tests/cluster/test_leader_election.py runs the election)."""
     deployment = kube.json("get", "deployment", release.account, "-n", release.namespace)
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     args = [
         a
         for a in container["args"]
         if not a.startswith(("--liveness", "--metrics-port", "--resync"))
+        and (election or not a.startswith(ELECTION_FLAGS))
     ]
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     env.pop("TMPDIR", None)

@@ -41,7 +41,8 @@ class Candidates:
 
     def __init__(self, kube: Kube, release: Release, folder: Path) -> None:
         self.kube, self.release, self.folder = kube, release, folder
-        self.args, self.env = operator_command(kube, release)
+        self.args, self.env = operator_command(kube, release, election=True)
+        assert "--leader-election" in self.args  # the chart's default
         self.kubeconfig = token_kubeconfig(kube, release, folder)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
