@@ -131,6 +131,8 @@ class Elector:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_renew = 0.0  # monotonic
+        # A hung request must not keep a leader acting past its renew deadline.
+        self._timeout = settings.retry_period
 
     def _body(self, record: LeaseRecord | None, now: datetime, acquire: bool) -> dict[str, Any]:
         s = self.settings
@@ -158,7 +160,9 @@ class Elector:
 
         try:
             return _record(
-                self.api.read_namespaced_lease(self.settings.name, self.settings.namespace)
+                self.api.read_namespaced_lease(
+                    self.settings.name, self.settings.namespace, _request_timeout=self._timeout
+                )
             )
         except ApiException as e:
             if e.status == 404:
@@ -177,12 +181,16 @@ class Elector:
             return False
         try:
             if action is Action.CREATE:
-                self.api.create_namespaced_lease(s.namespace, self._body(None, now, True))
+                self.api.create_namespaced_lease(
+                    s.namespace, self._body(None, now, True), _request_timeout=self._timeout
+                )
             else:
                 body = self._body(record, now, acquire=action is Action.TAKE)
                 if action is Action.RENEW and record is not None:
                     body["spec"]["leaseTransitions"] = record.transitions
-                self.api.replace_namespaced_lease(s.name, s.namespace, body)
+                self.api.replace_namespaced_lease(
+                    s.name, s.namespace, body, _request_timeout=self._timeout
+                )
         except ApiException as e:
             if e.status in (409, 422) or (e.status == 404 and action is not Action.CREATE):
                 return False  # someone else wrote first: they won this round
