@@ -148,3 +148,21 @@ def test_names_are_valid_service_names(forest: str) -> None:
     name = serving_name(forest)
     assert len(name) <= 63 and name[0].isalpha() and "." not in name
     assert name == serving_name(forest)
+
+
+def test_an_api_key_secret_is_mounted_and_passed_to_the_server() -> None:
+    deploy = applied(plan(spec({"apiKeySecret": "endpoint-keys"}))[0])["Deployment"]
+    pod = deploy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")
+    assert volume["secret"]["secretName"] == "endpoint-keys"
+    assert volume["secret"]["items"] == [{"key": "api-keys", "path": "api-keys"}]
+    assert volume["secret"]["defaultMode"] == 0o440  # the pod's group (fsGroup) reads it
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "api-keys")
+    assert mount["readOnly"] is True
+    args = container["args"]
+    assert args[args.index("--api-key-file") + 1] == f"{mount['mountPath']}/api-keys"
+    assert restricted_violations(pod) == []
+    # Without the field: no flag, no volume (an open endpoint, as before).
+    plain = applied(plan(spec({}))[0])["Deployment"]
+    assert "--api-key-file" not in plain["spec"]["template"]["spec"]["containers"][0]["args"]

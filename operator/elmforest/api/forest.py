@@ -216,6 +216,13 @@ class ServingSpec(SpecModel):
     node_selector: dict[str, str] = Field(default_factory=dict, max_length=32)
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
     priority_class_name: str | None = Field(None, max_length=253, pattern=DNS1123_SUBDOMAIN)
+    api_key_secret: str | None = Field(
+        None,
+        max_length=253,
+        pattern=DNS1123_SUBDOMAIN,
+        description="a Secret in the forest's namespace whose key `api-keys` holds the "
+        "endpoint's API keys, one per line; unset: no authentication",
+    )
 
 
 class MergePolicy(SpecModel):

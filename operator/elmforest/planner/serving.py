@@ -38,6 +38,9 @@ from elmforest.planner.observed import SPEC_HASH, OwnedObject
 ROLE = "serve"
 CONTAINER = "server"
 KINDS = ("Deployment", "Service")
+# Where ``spec.serving.apiKeySecret``'s key ``api-keys`` is mounted (``--api-key-file``).
+API_KEYS_DIR = "/etc/elmforest/api-keys"
+API_KEYS_KEY = "api-keys"
 # A replica's record older than this is a pod that is gone (it rewrites it every minute).
 STALE_AFTER = timedelta(minutes=3)
 
@@ -67,12 +70,27 @@ def _argv(forest: str, spec: ElmForestSpec, serving: ServingSpec) -> list[str]:
         str(serving.max_batch),
         "--poll-seconds",
         str(serving.poll_seconds),
+        *(["--api-key-file", f"{API_KEYS_DIR}/{API_KEYS_KEY}"] if serving.api_key_secret else []),
     ]
 
 
 def deployment(forest: str, namespace: str, owner: Owner, spec: ElmForestSpec) -> dict[str, Any]:
     serving = spec.serving or ServingSpec()
     volumes, mounts = scratch_volumes()
+    if serving.api_key_secret:
+        # Readable by the pod's group (fsGroup, the server's uid) only, never by others; the
+        # pod does not start without the Secret.
+        volumes.append(
+            {
+                "name": "api-keys",
+                "secret": {
+                    "secretName": serving.api_key_secret,
+                    "items": [{"key": API_KEYS_KEY, "path": API_KEYS_KEY}],
+                    "defaultMode": 0o440,
+                },
+            }
+        )
+        mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
     probe = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5}
     env = [
         *storage_env(spec.storage),

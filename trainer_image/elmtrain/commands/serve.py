@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import signal
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
@@ -46,6 +47,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=600.0,
         help="seconds a request may take, answered or refused",
     )
+    parser.add_argument(
+        "--api-key-file",
+        type=Path,
+        help="API keys, one per line: every request but the probes and /metrics needs "
+        "'Authorization: Bearer <key>' (default: no authentication)",
+    )
     parser.add_argument("--lanes", type=int, default=None, help="models stepped at once (cores)")
     parser.add_argument("--poll-seconds", type=float, default=10.0, help="manifest checks")
     parser.add_argument(
@@ -72,6 +79,10 @@ def run(args: argparse.Namespace) -> None:
     per_key = args.max_concurrent_per_key
     if (per_key is not None and per_key < 1) or args.request_timeout <= 0:
         raise BadInputError("serve: --max-concurrent-per-key >= 1 and --request-timeout > 0")
+    from elmtrain.serving.auth import ApiKeys
+
+    # Bad keys fail before any model loads.
+    api_keys = ApiKeys.load(args.api_key_file) if args.api_key_file else None
     # torch, transformers and aiohttp: only when it runs (see elmtrain.cli).
     import torch
 
@@ -110,7 +121,7 @@ def run(args: argparse.Namespace) -> None:
     try:
         asyncio.run(
             _serve(
-                Server(engine, state, metrics, admission, args.request_timeout),
+                Server(engine, state, metrics, admission, args.request_timeout, api_keys),
                 args.host,
                 args.port,
                 args.grace_seconds,

@@ -1,13 +1,14 @@
 """The HTTP side: OpenAI's ``/v1/completions`` and ``/v1/models``, vLLM's tokenizer endpoints,
 probes, Prometheus metrics.
 
-Handlers validate (serving/protocol.py), admit (serving/admission.py), tokenize (off the event
-loop: serving/prompts.py) and hand completions to the engine thread; its updates come back
-through an asyncio queue per request. A request with ``echo`` or ``logprobs`` has its prompt and
-completion scored on a thread of its own (serving/scoring.py) once the engine is done with it.
-Every failure answers with OpenAI's error body: a
-malformed request is a 400 naming the parameter, never a crash; every request ends, answered
-or refused, within ``request_timeout`` seconds; a client that goes away stops its work at once
+With ``--api-key-file``, every path but the probes and ``/metrics`` needs a bearer key first
+(serving/auth.py). Handlers validate (serving/protocol.py), admit (serving/admission.py),
+tokenize (off the event loop: serving/prompts.py) and hand completions to the engine thread;
+its updates come back through an asyncio queue per request. A request with ``echo`` or
+``logprobs`` has its prompt and completion scored on a thread of its own (serving/scoring.py)
+once the engine is done with it. Every failure answers with OpenAI's error body: a malformed
+request is a 400 naming the parameter, never a crash; every request ends, answered or refused,
+within ``request_timeout`` seconds; a client that goes away stops its work at once
 (aiohttp cancels the handler: ``handler_cancellation``).
 """
 
@@ -27,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from elmtrain.serving import tokenizing
 from elmtrain.serving.admission import Admission, Ticket, client_key
+from elmtrain.serving.auth import OPEN_PATHS, ApiKeys
 from elmtrain.serving.completion import Completion, Done, Failed, Routed, Text, Update
 from elmtrain.serving.engine import Engine
 from elmtrain.serving.metrics import ServeMetrics
@@ -96,8 +98,10 @@ class Server:
         metrics: ServeMetrics,
         admission: Admission,
         request_timeout: float = 600.0,
+        api_keys: ApiKeys | None = None,
     ) -> None:
         self.engine, self.state, self.metrics = engine, state, metrics
+        self.api_keys = api_keys  # None: no authentication (a trusted network only)
         self.admission, self.request_timeout = admission, request_timeout
         # Tokenizing has its own two threads: a burst of long prompts waits for them, it
         # does not take every thread of the loop's default executor.
@@ -106,7 +110,8 @@ class Server:
         self._scorer = ThreadPoolExecutor(1, thread_name_prefix="score")
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors])
+        middlewares = [self._errors, self._authenticate]  # errors outermost: 401s get a body
+        app = web.Application(client_max_size=MAX_BODY, middlewares=middlewares)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/tokenize", self.tokenize)
@@ -138,6 +143,15 @@ class Server:
             log.exception("serve.handler_failed", path=request.path)
             body = ApiError(500, "internal error", "server_error").body()
             return web.json_response(body, status=500)
+
+    @web.middleware
+    async def _authenticate(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        # Before the body is read: a request without a key costs the server nothing more.
+        if self.api_keys is not None and request.path not in OPEN_PATHS:
+            self.api_keys.check(request.headers.get("Authorization"))
+        return await handler(request)
 
     async def completions(self, http: web.Request) -> web.StreamResponse:
         started = time.monotonic()
