@@ -154,6 +154,10 @@ def test_a_forest_is_admitted_two_gpus_at_a_time_by_kueue(
         "queued",
         "queued",
         healthPort=str(free_port()),
+        # One replica (still behind the Lease): the process kubelet runs pods in this machine's
+        # network, where a standby's health port would clash with the leader's; the handover
+        # of two replicas is tests/cluster/test_leader_election.py's.
+        replicas="1",
         **{
             "metrics.port": str(free_port()),
             "resyncSeconds": "2",
