@@ -5,7 +5,9 @@ Kueue v0.17.0 is built from its module and installed from its own manifests
 pods when no manager answers) never touch the other tests' cluster. A ClusterQueue holds 2
 ``nvidia.com/gpu`` of quota; the node has 4; every trainer Job asks for one GPU. The operator
 creates its Jobs suspended; Kueue's webhook and controller make a Workload of each, admit them
-in order as quota frees, and unsuspend them; the Job controller then starts their pods.
+in order as quota frees, and unsuspend them; the Job controller then starts their pods. The
+LocalQueue is held (Kueue's stopPolicy) while the four branches reach it, so that every one of
+them waits and says so, and released: two are admitted, then the other two.
 
 The pods run the stand-in trainer (tests/harness/standin.py: real records and committed
 artifacts, copied from a forest the real trainer made once per session), each "training" for a
@@ -134,6 +136,12 @@ def _condition(obj: dict[str, Any], kind: str) -> datetime.datetime | None:
     return None
 
 
+def _stop_policy(kube: Kube, namespace: str, policy: str) -> None:
+    """Hold or release the LocalQueue (Kueue's own switch: held, nothing new is admitted)."""
+    patch = f'{{"spec": {{"stopPolicy": "{policy}"}}}}'
+    kube.kubectl("patch", "localqueue", QUEUE, "-n", namespace, "--type=merge", "-p", patch)
+
+
 def _queue_name(body: dict[str, Any]) -> None:
     if body["kind"] == "ElmForest":
         body["spec"]["trainer"] = {"queueName": QUEUE}
@@ -173,7 +181,30 @@ def test_a_forest_is_admitted_two_gpus_at_a_time_by_kueue(
     folder = quickstart.on_s3(
         kube, ns, s3_endpoint, s3_bucket, tmp_path / "quickstart", seed_steps=20, edit=_queue_name
     )
-    kube.kubectl("apply", "-f", str(folder), "-n", ns)
+    # The seed first, through the queue; then the queue is held while the four branches reach
+    # it, so that all four wait for certain (their prepare Jobs end at different times: left
+    # alone, a branch may find free quota, and none need wait) and the release admits them two
+    # at a time. Kueue's own stopPolicy holds the LocalQueue: Workloads are still made.
+    kube.kubectl("apply", "-f", str(folder / "forest.yaml"), "-n", ns)
+    wait(
+        "the seed merged",
+        lambda: (kube.json("get", "ef", quickstart.FOREST, "-n", ns).get("status") or {}).get(
+            "phase"
+        )
+        == "Ready",
+        timeout=600,
+        alive=kueue.exited,
+    )
+    _stop_policy(kube, ns, "Hold")
+    for domain in quickstart.DOMAINS:
+        kube.kubectl("apply", "-f", str(folder / f"branch-{domain}.yaml"), "-n", ns)
+
+    def all_waiting() -> bool:
+        statuses = quickstart.branches(kube, ns)
+        return all(statuses.get(d, {}).get("phase") == "Waiting" for d in quickstart.DOMAINS)
+
+    wait("four branches waiting for the held queue", all_waiting, timeout=600, alive=kueue.exited)
+    _stop_policy(kube, ns, "None")
 
     wait(
         "four merged branches",
@@ -229,15 +260,13 @@ def test_a_forest_is_admitted_two_gpus_at_a_time_by_kueue(
         name = job["metadata"]["name"]
         start = _time(job["status"]["startTime"])
         assert start >= _condition(by_job[name], "Admitted"), name  # type: ignore[operator]
-    # Branches held by the queue said so (the operator's status and Event), then merged. Their
-    # prepare Jobs end at different times, so they reach the queue staggered: at least one
-    # waits (the quota was reached, above), not necessarily all but two.
+    # Every branch held by the queue said so in an Event too (its status was seen above).
     events = kube.json("get", "events", "-n", ns)["items"]
     queued = {
         e["involvedObject"]["name"]
         for e in events
         if e["reason"] == "Waiting" and f"admission by queue {QUEUE}" in e["message"]
     }
-    assert len(queued) >= 1, queued
+    assert queued >= set(quickstart.DOMAINS), queued
     manifest_experts = kube.json("get", "ef", quickstart.FOREST, "-n", ns)["status"]["expertCount"]
     assert manifest_experts == len(quickstart.DOMAINS)
