@@ -125,10 +125,32 @@ def service_index(
     return {_serving_key(namespace, labels): owned_object("Service", dict(body))}
 
 
+@kopf.index("networking.k8s.io", "v1", "networkpolicies", labels=SERVING_LABELS)
+def network_policy_index(
+    namespace: str | None, body: kopf.Body, labels: kopf.Labels, **_: Any
+) -> dict[Any, Any]:
+    return {_serving_key(namespace, labels): owned_object("NetworkPolicy", dict(body))}
+
+
+@kopf.index("policy", "v1", "poddisruptionbudgets", labels=SERVING_LABELS)
+def disruption_budget_index(
+    namespace: str | None, body: kopf.Body, labels: kopf.Labels, **_: Any
+) -> dict[Any, Any]:
+    return {_serving_key(namespace, labels): owned_object("PodDisruptionBudget", dict(body))}
+
+
+SERVING_INDEXES = (
+    "deployment_index",
+    "service_index",
+    "network_policy_index",
+    "disruption_budget_index",
+)
+
+
 def _serving(indexes: Mapping[str, Any], namespace: str, forest: str) -> dict[str, OwnedObject]:
-    """The forest's Deployment and Service, by kind, as last watched."""
+    """The forest's serving objects (planner/serving.py's kinds), by kind, as last watched."""
     found = {}
-    for index in (indexes["deployment_index"], indexes["service_index"]):
+    for index in (indexes[name] for name in SERVING_INDEXES):
         for owned in index.get((namespace, forest), []):
             found[owned.kind] = owned
     return found

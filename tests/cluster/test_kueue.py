@@ -188,10 +188,10 @@ def test_a_forest_is_admitted_two_gpus_at_a_time_by_kueue(
     kube.kubectl("apply", "-f", str(folder / "forest.yaml"), "-n", ns)
     wait(
         "the seed merged",
-        lambda: (kube.json("get", "ef", quickstart.FOREST, "-n", ns).get("status") or {}).get(
-            "phase"
-        )
-        == "Ready",
+        lambda: (
+            (kube.json("get", "ef", quickstart.FOREST, "-n", ns).get("status") or {}).get("phase")
+            == "Ready"
+        ),
         timeout=600,
         alive=kueue.exited,
     )

@@ -2,8 +2,9 @@
 
 The operator runs here as a process (no kubelet runs its pod) with a token from the
 TokenRequest API for the chart's ServiceAccount, the args and env of the chart's Deployment.
-It reconciles forests and a branch to created Jobs, serves a forest (Deployment and Service)
-and stops serving it, supersedes a Job, deletes a branch and the forests. The API server's
+It reconciles forests and a branch to created Jobs, serves a forest (Deployment, Service,
+NetworkPolicy and, with two replicas, a PodDisruptionBudget, which goes at one replica) and
+stops serving it, supersedes a Job, deletes a branch and the forests. The API server's
 audit log then shows every request it made: none was refused, and every rule of the chart's
 Role was used by some request (least privilege).
 """
@@ -128,7 +129,13 @@ def test_operator_as_its_service_account_is_least_privilege(
     }
     _upload(seeded_forest, s3_endpoint, s3_bucket, "forests/seeded")
     seeded = _forest("seeded", s3_bucket, s3_endpoint)
-    seeded["spec"]["serving"] = {"replicas": 1}
+    # Two replicas (a PodDisruptionBudget), ingress from one labelled namespace, credentials
+    # of their own for the servers.
+    seeded["spec"]["serving"] = {
+        "replicas": 2,
+        "credentialsSecret": "serve-creds",
+        "allowFrom": [{"namespaceSelector": {"matchLabels": {"team": "eval"}}}],
+    }
     kube.apply([secret, _forest("fresh", s3_bucket, s3_endpoint), seeded], "-n", ns)
 
     # A new forest starts its tokenizer Job; a forest whose seed is in storage becomes Ready.
@@ -160,6 +167,31 @@ def test_operator_as_its_service_account_is_least_privilege(
     )
     services = kube.json("get", "services", "-n", ns, "-l", serve)["items"]
     assert [s["metadata"]["name"] for s in services] == ["seeded-serve"]
+    # What the API server stored: the NetworkPolicy, the budget, the servers' own Secret.
+    policy = wait(
+        "the servers' NetworkPolicy",
+        lambda: kube.json("get", "networkpolicies", "-n", ns, "-l", serve)["items"],
+    )[0]
+    assert policy["spec"]["ingress"][0]["from"] == [
+        {"namespaceSelector": {"matchLabels": {"team": "eval"}}}
+    ]
+    assert policy["spec"]["podSelector"]["matchLabels"]["btm.elmforest.io/role"] == "serve"
+    budget = wait(
+        "the servers' PodDisruptionBudget",
+        lambda: kube.json("get", "poddisruptionbudgets", "-n", ns, "-l", serve)["items"],
+    )[0]
+    assert budget["spec"]["maxUnavailable"] == 1
+    pod = kube.json("get", "deployment", "seeded-serve", "-n", ns)["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "serve-creds"
+    assert pod["containers"][0]["resources"]["requests"] == {"cpu": "1", "memory": "2Gi"}
+    # One replica: the budget goes (it would block every drain of that node).
+    one = '{"spec": {"serving": {"replicas": 1}}}'
+    kube.kubectl("patch", "ef", "seeded", "-n", ns, "--type=merge", "-p", one)
+    wait(
+        "the budget gone",
+        lambda: not kube.json("get", "poddisruptionbudgets", "-n", ns, "-l", serve)["items"],
+    )
     kube.apply(branch, "-n", ns)
     selector = "btm.elmforest.io/branch=seeded-code"
     # Its first Job is the prepare step's (it never ends here: no node runs its pod).
@@ -172,14 +204,18 @@ def test_operator_as_its_service_account_is_least_privilege(
     kube.apply(branch, "-n", ns)
     wait("version 2's Job alone", lambda: _jobs(kube, ns, selector) == ["seeded-code-v2-prep"])
 
-    # Serving unset: the operator deletes its Deployment and Service.
+    # Serving unset: the operator deletes its Deployment, Service and NetworkPolicy.
     kube.kubectl(
         "patch", "ef", "seeded", "-n", ns, "--type=json",
         "-p", '[{"op": "remove", "path": "/spec/serving"}]',
     )  # fmt: skip
     wait(
         "the servers gone",
-        lambda: not kube.json("get", "deployments,services", "-n", ns, "-l", serve)["items"],
+        lambda: (
+            not kube.json("get", "deployments,services,networkpolicies", "-n", ns, "-l", serve)[
+                "items"
+            ]
+        ),
     )
     kube.kubectl("delete", "eb", "seeded-code", "-n", ns, "--timeout=60s")
     kube.kubectl("delete", "ef", "fresh", "seeded", "-n", ns, "--timeout=60s")

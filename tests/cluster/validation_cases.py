@@ -283,6 +283,31 @@ REFUSED = [
         "Required value",
     ),
     Case(
+        "serving-allow-from",
+        forest(
+            serving={
+                "allowFrom": [
+                    {"namespaceSelector": {"matchLabels": {"team": "eval"}}},
+                    {"podSelector": {"matchExpressions": [{"key": "app", "operator": "Exists"}]}},
+                ],
+                "credentialsSecret": "serving-creds",
+                "excludeExperts": ["legal"],
+            }
+        ),
+    ),
+    Case(
+        "serving-peer-needs-a-selector",
+        forest(serving={"allowFrom": [{}]}),
+        "spec.serving.allowFrom[0]",
+        "an allowFrom entry needs",
+    ),
+    Case(
+        "serving-exclude-not-a-domain",
+        forest(serving={"excludeExperts": ["Legal"]}),
+        "spec.serving.excludeExperts[0]",
+        "should match",
+    ),
+    Case(
         "toleration-enum",
         forest(trainer={"image": IMAGE, "tolerations": [{"effect": "Never"}]}),
         "spec.trainer.tolerations[0].effect",

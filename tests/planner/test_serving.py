@@ -13,7 +13,7 @@ from elmforest.api.forest import ElmForestSpec, ElmForestStatus
 from elmforest.planner.actions import ApplyObject, DeleteObject, PatchStatus
 from elmforest.planner.forest import ForestInput, plan_forest
 from elmforest.planner.observed import SPEC_HASH, OwnedObject, StorageView
-from elmforest.planner.serving import serving_name
+from elmforest.planner.serving import KINDS, serving_name
 from tests.harness.pss import restricted_violations
 
 IMAGE = "r.example/t@sha256:" + "b" * 64
@@ -111,11 +111,84 @@ def test_a_steady_forest_writes_nothing_and_an_edit_reapplies_what_changed() -> 
 
 
 def test_unset_serving_deletes_the_servers() -> None:
-    observed = {k: OwnedObject(k, "books-serve", "h") for k in ("Deployment", "Service")}
+    observed = {k: OwnedObject(k, "books-serve", "h") for k in KINDS}
     actions, status = plan(spec(), observed)
     deleted = {(a.kind, a.name) for a in actions if isinstance(a, DeleteObject)}
-    assert deleted == {("Deployment", "books-serve"), ("Service", "books-serve")}
+    assert deleted == {(kind, "books-serve") for kind in KINDS}
     assert status.serving is None
+
+
+def test_ingress_is_the_forests_namespace_unless_allow_from_says() -> None:
+    policy = applied(plan(spec({"port": 9000}))[0])["NetworkPolicy"]
+    deployment = applied(plan(spec({"port": 9000}))[0])["Deployment"]
+    selected = policy["spec"]["podSelector"]["matchLabels"]
+    assert selected.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["from"] == [{"podSelector": {}}]  # every pod of the forest's namespace
+    assert rule["ports"] == [{"port": 9000, "protocol": "TCP"}]
+    peers = [
+        {"namespaceSelector": {"matchLabels": {"team": "eval"}}},
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gw"}},
+            "podSelector": {
+                "matchExpressions": [{"key": "app", "operator": "In", "values": ["a"]}]
+            },
+        },
+    ]
+    (rule,) = applied(plan(spec({"allowFrom": peers}))[0])["NetworkPolicy"]["spec"]["ingress"]
+    assert [_without_empty(peer) for peer in rule["from"]] == peers
+
+
+def _without_empty(node: Any) -> Any:
+    """A peer as the user wrote it (the planner may spell out empty defaults)."""
+    if isinstance(node, dict):
+        return {k: _without_empty(v) for k, v in node.items() if v not in ({}, [])}
+    if isinstance(node, list):
+        return [_without_empty(v) for v in node]
+    return node
+
+
+def test_a_disruption_budget_only_with_more_than_one_replica() -> None:
+    two = applied(plan(spec({"replicas": 2}))[0])
+    budget = two["PodDisruptionBudget"]
+    assert budget["spec"]["maxUnavailable"] == 1
+    labels = two["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert "PodDisruptionBudget" not in applied(plan(spec({"replicas": 1}))[0])
+    # Scaled down to one: the budget goes (it would block every drain of that node).
+    observed = {
+        kind: OwnedObject(
+            kind, body["metadata"]["name"], body["metadata"]["annotations"][SPEC_HASH]
+        )
+        for kind, body in two.items()
+    }
+    actions, _ = plan(spec({"replicas": 1}), observed)
+    deleted = [(a.kind, a.name) for a in actions if isinstance(a, DeleteObject)]
+    assert deleted == [("PodDisruptionBudget", "books-serve")]
+
+
+def test_servers_get_default_requests_and_their_own_credentials() -> None:
+    container = applied(plan(spec({}))[0])["Deployment"]["spec"]["template"]["spec"]["containers"][
+        0
+    ]
+    assert container["resources"]["requests"] == {"cpu": "1", "memory": "2Gi"}
+    sized = spec({"resources": {"requests": {"cpu": "4"}, "limits": {"memory": "8Gi"}}})
+    container = applied(plan(sized)[0])["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    resources = container["resources"]  # the user's value wins; the other default stays
+    assert str(resources["requests"]["cpu"]) == "4" and resources["requests"]["memory"] == "2Gi"
+    assert resources["limits"] == {"memory": "8Gi"}
+    # The trainer Jobs' Secret by default; spec.serving.credentialsSecret for the servers.
+    for serving, secret in (({}, "keys"), ({"credentialsSecret": "read-only"}, "read-only")):
+        pod = applied(plan(spec(serving))[0])["Deployment"]["spec"]["template"]["spec"]
+        env = {e["name"]: e for e in pod["containers"][0]["env"]}
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[key]["valueFrom"]["secretKeyRef"]["name"] == secret
+
+
+def test_an_allow_from_entry_needs_a_selector() -> None:
+    with pytest.raises(ValueError, match="needs namespaceSelector, podSelector or both"):
+        spec({"allowFrom": [{}]})
 
 
 def test_no_servers_before_the_seed_exists() -> None:
@@ -166,3 +239,15 @@ def test_an_api_key_secret_is_mounted_and_passed_to_the_server() -> None:
     # Without the field: no flag, no volume (an open endpoint, as before).
     plain = applied(plan(spec({}))[0])["Deployment"]
     assert "--api-key-file" not in plain["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_excluded_experts_are_passed_to_the_server() -> None:
+    """spec.serving.excludeExperts: the server's --exclude-experts, a name per argument
+    (argparse reads them up to the next flag)."""
+    deploy = applied(plan(spec({"excludeExperts": ["legal", "code"]}))[0])["Deployment"]
+    args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    at = args.index("--exclude-experts")
+    assert args[at + 1 : at + 3] == ["legal", "code"]
+    assert at + 3 == len(args) or args[at + 3].startswith("--")
+    plain = applied(plan(spec({}))[0])["Deployment"]
+    assert "--exclude-experts" not in plain["spec"]["template"]["spec"]["containers"][0]["args"]

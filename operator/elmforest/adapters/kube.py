@@ -45,6 +45,10 @@ PERMISSIONS = (
     # server checks "create" then), deleted when unset.
     Permission("apps", "deployments", ("list", "watch", "create", "patch", "delete")),
     Permission("", "services", ("list", "watch", "create", "patch", "delete")),
+    Permission(
+        "networking.k8s.io", "networkpolicies", ("list", "watch", "create", "patch", "delete")
+    ),
+    Permission("policy", "poddisruptionbudgets", ("list", "watch", "create", "patch", "delete")),
     Permission("", "secrets", ("get",)),
     Permission("", "events", ("create",)),
 )
@@ -85,6 +89,8 @@ class Kube:
         self.apps = client.AppsV1Api(self.api)
         self.core = client.CoreV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
+        self.networking = client.NetworkingV1Api(self.api)
+        self.policy = client.PolicyV1Api(self.api)
 
     def create_job(self, body: dict[str, Any]) -> bool:
         """Create the Job; False if it exists already (same deterministic name: a repeat)."""
@@ -111,15 +117,27 @@ class Kube:
             if error.status != 404:
                 _raise(error, f"delete Job {name}")
 
+    def _patch(self, kind: str) -> Any:
+        return {
+            "Deployment": self.apps.patch_namespaced_deployment,
+            "Service": self.core.patch_namespaced_service,
+            "NetworkPolicy": self.networking.patch_namespaced_network_policy,
+            "PodDisruptionBudget": self.policy.patch_namespaced_pod_disruption_budget,
+        }[kind]
+
+    def _delete(self, kind: str) -> Any:
+        return {
+            "Deployment": self.apps.delete_namespaced_deployment,
+            "Service": self.core.delete_namespaced_service,
+            "NetworkPolicy": self.networking.delete_namespaced_network_policy,
+            "PodDisruptionBudget": self.policy.delete_namespaced_pod_disruption_budget,
+        }[kind]
+
     def apply(self, body: dict[str, Any]) -> None:
-        """Server-side apply of a Deployment or Service the operator owns (creates it, or
-        sets the fields it manages; another manager's fields stay)."""
+        """Server-side apply of a serving object the operator owns (planner/serving.py's
+        kinds): creates it, or sets the fields it manages; another manager's fields stay."""
         meta = body["metadata"]
-        patch = (
-            self.apps.patch_namespaced_deployment
-            if body["kind"] == "Deployment"
-            else self.core.patch_namespaced_service
-        )
+        patch = self._patch(body["kind"])
         try:
             response = patch(
                 meta["name"],
@@ -136,11 +154,7 @@ class Kube:
             _raise(error, f"apply {body['kind']} {meta['name']}")
 
     def delete_object(self, kind: str, namespace: str, name: str) -> None:
-        delete = (
-            self.apps.delete_namespaced_deployment
-            if kind == "Deployment"
-            else self.core.delete_namespaced_service
-        )
+        delete = self._delete(kind)
         try:
             delete(name, namespace, propagation_policy="Background")
         except ApiException as error:

@@ -201,6 +201,41 @@ class PrepareSpec(SpecModel):
     backoff_limit: int = Field(3, ge=0, le=100, description="pod failures per prepare Job")
 
 
+class SelectorRequirement(SpecModel):
+    key: str = Field(max_length=317)
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: list[Annotated[str, StringConstraints(max_length=63)]] = Field(
+        default_factory=list, max_length=64
+    )
+
+
+class LabelSelector(SpecModel):
+    """Kubernetes' label selector; empty selects everything."""
+
+    match_labels: dict[str, Annotated[str, StringConstraints(max_length=63)]] = Field(
+        default_factory=dict, max_length=32
+    )
+    match_expressions: list[SelectorRequirement] = Field(default_factory=list, max_length=16)
+
+
+class IngressPeer(SpecModel):
+    """Who may connect to the servers: pods of the namespaces ``namespaceSelector`` selects
+    (with ``podSelector``: only those pods), or the pods ``podSelector`` selects in the forest's
+    own namespace (a NetworkPolicy peer)."""
+
+    model_config = SpecModel.model_config | {
+        "json_schema_extra": validations(rules.PEER_HAS_SELECTOR)
+    }
+
+    namespace_selector: LabelSelector | None = None
+    pod_selector: LabelSelector | None = None
+
+    @model_validator(mode="after")
+    def _rules(self) -> IngressPeer:
+        rules.enforce(self, rules.PEER_HAS_SELECTOR)
+        return self
+
+
 class ServingSpec(SpecModel):
     """An OpenAI-compatible endpoint for the forest (``elmtrain serve``): a Deployment and a
     Service owned by the forest, from the trainer image, following the manifest as experts
@@ -222,6 +257,28 @@ class ServingSpec(SpecModel):
         pattern=DNS1123_SUBDOMAIN,
         description="a Secret in the forest's namespace whose key `api-keys` holds the "
         "endpoint's API keys, one per line; unset: no authentication",
+    )
+    allow_from: list[IngressPeer] = Field(
+        default_factory=list,
+        max_length=32,
+        description="who may connect (a NetworkPolicy's ingress peers); empty: the pods of the "
+        "forest's namespace only",
+    )
+    credentials_secret: str | None = Field(
+        None,
+        max_length=253,
+        pattern=DNS1123_SUBDOMAIN,
+        description="the servers' storage credentials (keys as spec.storage.credentialsSecret), "
+        "e.g. ones that can read the forest and write only serving/ and priors/; unset: "
+        "spec.storage.credentialsSecret",
+    )
+    exclude_experts: list[
+        Annotated[str, StringConstraints(max_length=63, pattern=DNS1123_LABEL)]
+    ] = Field(
+        default_factory=list,
+        max_length=256,
+        description="domains whose experts this endpoint never loads or serves (their data "
+        "owners opted out); requests may exclude more (elmforest.experts)",
     )
 
 

@@ -70,3 +70,11 @@ NAME_IS_LABEL = Rule(
 )
 
 ALL = (IMMUTABLE, COPY_NEEDS_SOURCE, BUCKET_WITHOUT_DOUBLE_DOTS, NAME_IS_LABEL)
+
+# A NetworkPolicy peer with neither selector is refused by the API server when the operator
+# applies it: refused here, on the forest, instead.
+PEER_HAS_SELECTOR = Rule(
+    "has(self.namespaceSelector) || has(self.podSelector)",
+    "an allowFrom entry needs namespaceSelector, podSelector or both",
+    lambda peer: peer.namespace_selector is not None or peer.pod_selector is not None,
+)

@@ -65,7 +65,10 @@ def merge_trainer(base: TrainerSpec, overrides: dict[str, Any]) -> TrainerSpec:
     return base.model_copy(update={k: v for k, v in overrides.items() if v is not None})
 
 
-def storage_env(storage: StorageSpec) -> list[dict[str, Any]]:
+def storage_env(storage: StorageSpec, credentials: str | None = None) -> list[dict[str, Any]]:
+    """The trainer image's environment for the forest's storage; ``credentials``: a Secret
+    other than ``storage.credentialsSecret`` (the servers' own)."""
+    secret = credentials or storage.credentials_secret
     env: list[dict[str, Any]] = [
         {"name": "ELMFOREST_LOG_FORMAT", "value": "json"},
         {"name": "ELMTRAIN_CACHE", "value": f"{CACHE}/elmtrain"},
@@ -77,9 +80,9 @@ def storage_env(storage: StorageSpec) -> list[dict[str, Any]]:
         env.append({"name": "ELMFOREST_S3_ENDPOINT", "value": storage.endpoint})
     if storage.region:
         env.append({"name": "AWS_REGION", "value": storage.region})
-    if storage.credentials_secret:
+    if secret:
         for key in CREDENTIAL_KEYS:
-            ref: dict[str, Any] = {"name": storage.credentials_secret, "key": key}
+            ref: dict[str, Any] = {"name": secret, "key": key}
             if key == "AWS_SESSION_TOKEN":
                 ref["optional"] = True
             env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})

@@ -1,6 +1,7 @@
 """The forest's servers (``spec.serving``), built purely: a Deployment of ``elmtrain serve`` from
-the trainer image and a Service in front of it, both owned by the forest; and what the forest's
-status says of them.
+the trainer image, a Service in front of it, a NetworkPolicy that lets in only ``allowFrom`` (the
+forest's namespace by default) and, with more than one replica, a PodDisruptionBudget, all owned
+by the forest; and what the forest's status says of them.
 
 Each object carries the hash of its desired state; the planner applies one only when what the
 watch shows differs (or is missing), so a steady forest writes nothing.
@@ -37,7 +38,9 @@ from elmforest.planner.observed import SPEC_HASH, OwnedObject
 
 ROLE = "serve"
 CONTAINER = "server"
-KINDS = ("Deployment", "Service")
+KINDS = ("Deployment", "Service", "NetworkPolicy", "PodDisruptionBudget")
+# What a server asks of the scheduler when the spec does not say (a floor, not a size).
+DEFAULT_REQUESTS = {"cpu": "1", "memory": "2Gi"}
 # Where ``spec.serving.apiKeySecret``'s key ``api-keys`` is mounted (``--api-key-file``).
 API_KEYS_DIR = "/etc/elmforest/api-keys"
 API_KEYS_KEY = "api-keys"
@@ -71,6 +74,7 @@ def _argv(forest: str, spec: ElmForestSpec, serving: ServingSpec) -> list[str]:
         "--poll-seconds",
         str(serving.poll_seconds),
         *(["--api-key-file", f"{API_KEYS_DIR}/{API_KEYS_KEY}"] if serving.api_key_secret else []),
+        *(["--exclude-experts", *serving.exclude_experts] if serving.exclude_experts else []),
     ]
 
 
@@ -93,7 +97,7 @@ def deployment(forest: str, namespace: str, owner: Owner, spec: ElmForestSpec) -
         mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
     probe = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5}
     env = [
-        *storage_env(spec.storage),
+        *storage_env(spec.storage, serving.credentials_secret),
         # The replica's name for its record in storage (serving/<pod>.json).
         {"name": "ELMTRAIN_REPLICA", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
     ]
@@ -107,7 +111,12 @@ def deployment(forest: str, namespace: str, owner: Owner, spec: ElmForestSpec) -
         "ports": [{"name": "http", "containerPort": serving.port, "protocol": "TCP"}],
         "readinessProbe": probe,
         "livenessProbe": {**probe, "httpGet": {"path": "/healthz", "port": "http"}},
-        "resources": container_resources(serving.resources, serving.gpus),
+        "resources": container_resources(
+            serving.resources.model_copy(
+                update={"requests": DEFAULT_REQUESTS | serving.resources.requests}
+            ),
+            serving.gpus,
+        ),
         "securityContext": container_security_context(),
         "volumeMounts": mounts,
     }
@@ -123,7 +132,7 @@ def deployment(forest: str, namespace: str, owner: Owner, spec: ElmForestSpec) -
             serving.tolerations,
         ),
     }
-    labels = {MANAGED_BY: OPERATOR, "app.kubernetes.io/name": "elmforest-serve", **_labels(forest)}
+    labels = _object_labels(forest)
     return _owned(
         {
             "apiVersion": "apps/v1",
@@ -143,7 +152,7 @@ def deployment(forest: str, namespace: str, owner: Owner, spec: ElmForestSpec) -
 
 def service(forest: str, namespace: str, owner: Owner, spec: ElmForestSpec) -> dict[str, Any]:
     serving = spec.serving or ServingSpec()
-    labels = {MANAGED_BY: OPERATOR, "app.kubernetes.io/name": "elmforest-serve", **_labels(forest)}
+    labels = _object_labels(forest)
     return _owned(
         {
             "apiVersion": "v1",
@@ -160,6 +169,59 @@ def service(forest: str, namespace: str, owner: Owner, spec: ElmForestSpec) -> d
     )
 
 
+def network_policy(
+    forest: str, namespace: str, owner: Owner, spec: ElmForestSpec
+) -> dict[str, Any]:
+    """Ingress to the servers' port from ``allowFrom`` only; by default from the pods of the
+    forest's namespace. (Kubelet probes are the node's own traffic, which network plugins let
+    through.)"""
+    serving = spec.serving or ServingSpec()
+    peers = [
+        peer.model_dump(by_alias=True, exclude_none=True, mode="json")
+        for peer in serving.allow_from
+    ] or [{"podSelector": {}}]
+    return _owned(
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {
+                "name": serving_name(forest),
+                "namespace": namespace,
+                "labels": _object_labels(forest),
+            },
+            "spec": {
+                "podSelector": {"matchLabels": _labels(forest)},
+                "policyTypes": ["Ingress"],
+                "ingress": [{"from": peers, "ports": [{"port": serving.port, "protocol": "TCP"}]}],
+            },
+        },
+        owner,
+    )
+
+
+def disruption_budget(
+    forest: str, namespace: str, owner: Owner, spec: ElmForestSpec
+) -> dict[str, Any]:
+    """A voluntary eviction (a node drain) takes one server at a time."""
+    return _owned(
+        {
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": {
+                "name": serving_name(forest),
+                "namespace": namespace,
+                "labels": _object_labels(forest),
+            },
+            "spec": {"selector": {"matchLabels": _labels(forest)}, "maxUnavailable": 1},
+        },
+        owner,
+    )
+
+
+def _object_labels(forest: str) -> dict[str, str]:
+    return {MANAGED_BY: OPERATOR, "app.kubernetes.io/name": "elmforest-serve", **_labels(forest)}
+
+
 def _owned(body: dict[str, Any], owner: Owner) -> dict[str, Any]:
     body["metadata"]["annotations"] = {SPEC_HASH: digest(body, 16)}
     body["metadata"]["ownerReferences"] = [owner.reference()]
@@ -174,16 +236,24 @@ def serving_actions(
     observed: Mapping[str, OwnedObject],
 ) -> list[Action]:
     """Apply what is missing or changed; delete what ``spec.serving`` no longer asks for."""
-    if spec.serving is None:
-        return [DeleteObject(kind, observed[kind].name) for kind in KINDS if kind in observed]
+    wanted: list[dict[str, Any]] = []
+    if spec.serving is not None:
+        wanted = [
+            deployment(forest, namespace, owner, spec),
+            service(forest, namespace, owner, spec),
+            network_policy(forest, namespace, owner, spec),
+        ]
+        if spec.serving.replicas > 1:
+            wanted.append(disruption_budget(forest, namespace, owner, spec))
     actions: list[Action] = []
-    for body in (
-        deployment(forest, namespace, owner, spec),
-        service(forest, namespace, owner, spec),
-    ):
+    for body in wanted:
         seen = observed.get(body["kind"])
         if seen is None or seen.spec_hash != body["metadata"]["annotations"][SPEC_HASH]:
             actions.append(ApplyObject(body))
+    kinds = {body["kind"] for body in wanted}
+    actions += [
+        DeleteObject(k, observed[k].name) for k in KINDS if k in observed and k not in kinds
+    ]
     return actions
 
 

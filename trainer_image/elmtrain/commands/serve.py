@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from elmcore.errors import BadInputError
+from elmcore.names import validate_label
 from elmcore.uris import StorageURI
 from elmtrain.commands.common import add_forest_args, open_forest
 
@@ -53,6 +54,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="API keys, one per line: every request but the probes and /metrics needs "
         "'Authorization: Bearer <key>' (default: no authentication)",
     )
+    parser.add_argument(
+        "--exclude-experts",
+        nargs="*",
+        default=[],
+        metavar="DOMAIN",
+        help="experts this endpoint never loads or serves (their data owners opted out); "
+        "requests may exclude more (elmforest.experts)",
+    )
     parser.add_argument("--lanes", type=int, default=None, help="models stepped at once (cores)")
     parser.add_argument("--poll-seconds", type=float, default=10.0, help="manifest checks")
     parser.add_argument(
@@ -81,8 +90,9 @@ def run(args: argparse.Namespace) -> None:
         raise BadInputError("serve: --max-concurrent-per-key >= 1 and --request-timeout > 0")
     from elmtrain.serving.auth import ApiKeys
 
-    # Bad keys fail before any model loads.
+    # Bad keys and names fail before any model loads.
     api_keys = ApiKeys.load(args.api_key_file) if args.api_key_file else None
+    excluded = [validate_label(d, "--exclude-experts") for d in args.exclude_experts]
     # torch, transformers and aiohttp: only when it runs (see elmtrain.cli).
     import torch
 
@@ -114,6 +124,7 @@ def run(args: argparse.Namespace) -> None:
         args.prior_data,
         args.report_as,
         dtype=dtype,
+        excluded=excluded,
     )
     log.info("serve.dtype", dtype=str(dtype).removeprefix("torch."))
     engine.start()

@@ -33,6 +33,7 @@ from elmtrain.serving.completion import Completion, Done, Failed, Routed, Text, 
 from elmtrain.serving.engine import Engine
 from elmtrain.serving.metrics import ServeMetrics
 from elmtrain.serving.modelset import ModelSet, Target
+from elmtrain.serving.optout import Scope, scope
 from elmtrain.serving.prompts import Prompt, check_lengths, tokenize
 from elmtrain.serving.protocol import (
     ApiError,
@@ -60,6 +61,20 @@ class ServingState:
         self.load_error: str | None = None
         self.failing_revision: int | None = None
         self.failures = 0  # consecutive failed attempts
+
+
+@dataclass(frozen=True)
+class _Asked:
+    """A validated request with what it asks for: the model set it is served from (the one
+    current when it arrived), the model it names, the experts it lets serve it."""
+
+    request: CompletionRequest
+    model_set: ModelSet
+    target: Target
+    scope: Scope
+
+    def experts_body(self) -> dict[str, Any]:
+        return self.scope.body(self.model_set)
 
 
 @dataclass(frozen=True)
@@ -161,11 +176,9 @@ class Server:
             with self.admission.enter(
                 client_key(http.headers.get("Authorization"), http.remote)
             ) as ticket:
-                request, model_set, target = await self._read(http, deadline)
-                label = request.model
-                return await self._complete(
-                    http, ticket, request, model_set, target, deadline, started
-                )
+                asked = await self._read(http, deadline)
+                label = asked.request.model
+                return await self._complete(http, ticket, asked, deadline, started)
         except ApiError as error:
             code = error.status
             raise
@@ -198,10 +211,8 @@ class Server:
             raise ApiError(503, "the forest is not loaded yet", "server_error", code="not_ready")
         return model_set
 
-    async def _read(
-        self, http: web.Request, deadline: float
-    ) -> tuple[CompletionRequest, ModelSet, Target]:
-        """The request, validated, with the model set and the model it asks for."""
+    async def _read(self, http: web.Request, deadline: float) -> _Asked:
+        """The request, validated, with the model set, the model and the experts it asks for."""
         request = parse_request(await self._json(http, deadline))
         model_set = self._model_set()
         target = model_set.resolve(request.model)
@@ -212,18 +223,16 @@ class Server:
                 param="model",
                 code="model_not_found",
             )
-        return request, model_set, target
+        experts = scope(model_set, target, request.elmforest.experts)
+        for domain in experts.excluded:
+            if domain not in model_set.excluded:  # the request's own opt-outs
+                self.metrics.expert_excluded.labels(domain).inc()
+        return _Asked(request, model_set, target, experts)
 
     async def _complete(
-        self,
-        http: web.Request,
-        ticket: Ticket,
-        request: CompletionRequest,
-        model_set: ModelSet,
-        target: Target,
-        deadline: float,
-        started: float,
+        self, http: web.Request, ticket: Ticket, asked: _Asked, deadline: float, started: float
     ) -> web.StreamResponse:
+        request, model_set = asked.request, asked.model_set
         ticket.take_prompts(len(request.prompts))
         check_lengths(model_set, request)
         loop = asyncio.get_running_loop()
@@ -237,23 +246,17 @@ class Server:
         self.metrics.tokens.labels("prompt").inc(sum(len(p.ids) - 1 for p in prompts))
         try:
             if request.max_tokens == 0:  # scored only: the engine has nothing to do
-                return await self._scored_only(request, model_set, target, prompts, deadline)
-            self._submit(request, model_set, target, prompts, choices)
+                return await self._scored_only(asked, prompts, deadline)
+            self._submit(asked, prompts, choices)
             if request.stream:
-                return await self._stream(http, request, choices)
-            return await self._whole(request, model_set, target, prompts, choices)
+                return await self._stream(http, asked, choices)
+            return await self._whole(asked, prompts, choices)
         finally:
             choices.cancel()  # whatever is still running (the client went away) stops
             self.metrics.in_flight.dec()
 
-    def _submit(
-        self,
-        request: CompletionRequest,
-        model_set: ModelSet,
-        target: Target,
-        prompts: list[Prompt],
-        choices: _Choices,
-    ) -> None:
+    def _submit(self, asked: _Asked, prompts: list[Prompt], choices: _Choices) -> None:
+        request = asked.request
         loop = asyncio.get_running_loop()
         for index, prompt in enumerate(prompts):
 
@@ -261,8 +264,8 @@ class Server:
                 loop.call_soon_threadsafe(choices.updates.put_nowait, _Update(index, update))
 
             completion = Completion(
-                model_set=model_set,
-                target=target,
+                model_set=asked.model_set,
+                target=asked.target,
                 prompt_ids=prompt.ids,
                 max_tokens=prompt.max_tokens,
                 temperature=request.temperature,
@@ -271,6 +274,7 @@ class Server:
                 seed=None if request.seed is None else request.seed + index,
                 emit=emit,
                 stream=request.stream,
+                experts=asked.scope.allowed,
             )
             self.engine.submit(completion)
             choices.completions.append(completion)
@@ -295,14 +299,8 @@ class Server:
                 open_choices -= 1
             yield tagged
 
-    async def _whole(
-        self,
-        request: CompletionRequest,
-        model_set: ModelSet,
-        target: Target,
-        prompts: list[Prompt],
-        choices: _Choices,
-    ) -> web.Response:
+    async def _whole(self, asked: _Asked, prompts: list[Prompt], choices: _Choices) -> web.Response:
+        request = asked.request
         texts = [""] * len(choices.completions)
         reasons: list[str | None] = [None] * len(choices.completions)
         generated: list[tuple[int, ...]] = [()] * len(choices.completions)
@@ -323,7 +321,7 @@ class Server:
         if request.scores:
             for index, prompt in enumerate(prompts):
                 logprobs[index] = await self._logprobs(
-                    request, model_set, target, prompt, list(generated[index]), choices.deadline
+                    asked, prompt, list(generated[index]), choices.deadline
                 )
                 if request.echo:
                     texts[index] = prompt.text + texts[index]
@@ -336,24 +334,21 @@ class Server:
             ],
             usage(prompt_tokens, completion_tokens),
             routing,
-            model_set.revision,
+            asked.model_set.revision,
+            asked.experts_body(),
         )
         return web.json_response(body)
 
     async def _scored_only(
-        self,
-        request: CompletionRequest,
-        model_set: ModelSet,
-        target: Target,
-        prompts: list[Prompt],
-        deadline: float,
+        self, asked: _Asked, prompts: list[Prompt], deadline: float
     ) -> web.Response:
         """``echo`` with ``max_tokens`` 0: each prompt back, scored."""
+        request = asked.request
         choices = []
         for index, prompt in enumerate(prompts):
             logprobs = None
             if request.logprobs is not None:
-                logprobs = await self._logprobs(request, model_set, target, prompt, [], deadline)
+                logprobs = await self._logprobs(asked, prompt, [], deadline)
             choices.append(
                 {
                     "text": prompt.text,
@@ -364,23 +359,24 @@ class Server:
             )
         prompt_tokens = sum(len(p.ids) - 1 for p in prompts)
         body = completion_body(
-            completion_id(), request.model, choices, usage(prompt_tokens, 0), [], model_set.revision
+            completion_id(),
+            request.model,
+            choices,
+            usage(prompt_tokens, 0),
+            [],
+            asked.model_set.revision,
+            asked.experts_body(),
         )
         return web.json_response(body)
 
     async def _logprobs(
-        self,
-        request: CompletionRequest,
-        model_set: ModelSet,
-        target: Target,
-        prompt: Prompt,
-        generated: list[int],
-        deadline: float,
+        self, asked: _Asked, prompt: Prompt, generated: list[int], deadline: float
     ) -> dict[str, Any] | None:
         """OpenAI's ``logprobs`` of one choice: the prompt's tokens too with ``echo`` (the
         first of them has no context: null), else the completion's alone, whose text offsets
         count from the prompt's end. An empty prompt's completion is scored after the
         end-of-text it was generated after."""
+        request, model_set = asked.request, asked.model_set
         if request.logprobs is None:
             return None
         ids = prompt.ids[1:] + generated
@@ -392,7 +388,15 @@ class Server:
         try:
             async with asyncio.timeout_at(deadline):
                 scores = await loop.run_in_executor(
-                    self._scorer, score, model_set, target, self.engine.top_k, ids, request.logprobs
+                    self._scorer,
+                    score,
+                    model_set,
+                    asked.target,
+                    self.engine.top_k,
+                    ids,
+                    request.logprobs,
+                    asked.scope.allowed,
+                    self.metrics.ran,
                 )
         except TimeoutError:
             raise _timed_out(self.request_timeout) from None
@@ -400,13 +404,14 @@ class Server:
         return logprobs_body(model_set.tokenizer, ids, scores, first, offset)
 
     async def _stream(
-        self, http: web.Request, request: CompletionRequest, choices: _Choices
+        self, http: web.Request, asked: _Asked, choices: _Choices
     ) -> web.StreamResponse:
         """Server-sent events: one chunk per piece of text, as OpenAI streams completions."""
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await response.prepare(http)
+        request = asked.request
         ident = completion_id()
         revision = choices.completions[0].model_set.revision
         prompt_tokens = completion_tokens = 0
@@ -429,7 +434,13 @@ class Server:
                     if isinstance(update, Routed):
                         routing = [{"index": index, "experts": update.routing}]
                         body = completion_body(
-                            ident, request.model, [chunk(index, "", None)], None, routing, revision
+                            ident,
+                            request.model,
+                            [chunk(index, "", None)],
+                            None,
+                            routing,
+                            revision,
+                            asked.experts_body(),
                         )
                         await send(event(body))
                     elif isinstance(update, Text):
@@ -474,7 +485,11 @@ class Server:
                 "object": "model",
                 "created": 0,
                 "owned_by": "elmforest",
-                "elmforest": {"revision": model_set.revision, "experts": experts},
+                "elmforest": {
+                    "revision": model_set.revision,
+                    "experts": experts,
+                    "excluded": list(model_set.excluded),  # the endpoint's opt-outs
+                },
             }
             for name in model_set.model_names()
         ]

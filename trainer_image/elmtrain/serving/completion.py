@@ -59,3 +59,12 @@ class Completion:
     emit: Callable[[Update], None]  # called from the engine thread; must be thread-safe
     stream: bool = True  # text as it comes; False: all of it with Done (fewer wake-ups)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # Indices into model_set.experts it may be served by (serving/optout.py); None: all.
+    experts: tuple[int, ...] | None = None
+
+    @property
+    def allowed(self) -> tuple[int, ...]:
+        """The experts it may be served by (indices into ``model_set.experts``)."""
+        if self.experts is None:
+            return tuple(range(len(self.model_set.experts)))
+        return self.experts

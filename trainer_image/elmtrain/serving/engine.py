@@ -33,7 +33,15 @@ import torch
 from elmtrain.scoring.logprobs import log_posterior, route
 from elmtrain.serving.completion import Completion, Done, Failed, Routed, Text, Update
 from elmtrain.serving.kvbatch import DecodeBatch, Prefill, concat, prefill
-from elmtrain.serving.modelset import AVERAGE, ENSEMBLE, EXPERT, SEED, Member, ModelSet
+from elmtrain.serving.modelset import (
+    AVERAGE,
+    ENSEMBLE,
+    EXPERT,
+    SEED,
+    Member,
+    ModelSet,
+    member_label,
+)
 from elmtrain.serving.sampling import TextStream, sample
 
 log = structlog.get_logger(__name__)
@@ -270,11 +278,15 @@ class Engine:
         each; the engine's state is not touched, so a failure here can be retried apart."""
         routed = [c for c in group if c.target.kind in (ENSEMBLE, AVERAGE)]
         reads: dict[str, _ExpertReads] = {}
-        if routed:  # every expert reads the prompts, to route them (many tokens: all cores)
+        if routed:  # each expert reads the prompts that allow it, to route them (all cores)
             self._threads(self._cores)
-            rows = {id(c): row for row, c in enumerate(routed)}
-            for member in model_set.experts:
-                reads[member.key] = _ExpertReads(self._prefill(model_set, member, routed), rows)
+            allowed = [set(c.allowed) for c in routed]
+            for index, member in enumerate(model_set.experts):
+                readers = [c for c, its in zip(routed, allowed, strict=True) if index in its]
+                if readers:  # an expert every one of them opted out of does not run
+                    rows = {id(c): row for row, c in enumerate(readers)}
+                    prompts = self._prefill(model_set, member, readers)
+                    reads[member.key] = _ExpertReads(prompts, rows)
         started = []
         for completion in group:
             kind = completion.target.kind
@@ -289,26 +301,29 @@ class Engine:
 
     def _prefill(self, model_set: ModelSet, member: Member, group: list[Completion]) -> Prefill:
         self._hook("prefill", len(group))
+        self._hook("forward", member.label)
         return prefill(member.model, [c.prompt_ids for c in group], model_set.runtime.device)
 
     def _posterior(
         self, completion: Completion, model_set: ModelSet, reads: dict[str, _ExpertReads]
-    ) -> tuple[list[Prefill], torch.Tensor]:
-        """Each expert's read of the prompt, and the log posterior over the experts."""
-        states = [reads[m.key].of(completion) for m in model_set.experts]
+    ) -> tuple[list[int], list[Prefill], torch.Tensor]:
+        """The experts the completion allows, each one's read of its prompt, and the log
+        posterior over them (the prior renormalised over them, by Bayes' rule)."""
+        allowed = list(completion.allowed)
+        states = [reads[model_set.experts[i].key].of(completion) for i in allowed]
         loglik = torch.cat([s.prompt_loglik for s in states])
-        return states, log_posterior(loglik, model_set.log_prior.exp())
+        return allowed, states, log_posterior(loglik, model_set.log_prior[allowed].exp())
 
     def _route_ensemble(
         self, completion: Completion, model_set: ModelSet, reads: dict[str, _ExpertReads]
     ) -> _Route:
         """The top-k experts by the prompt's posterior decode together, mixed by it."""
-        states, posterior = self._posterior(completion, model_set, reads)
-        chosen = route(posterior.exp(), self.top_k)
-        prior = model_set.log_prior[chosen]
+        allowed, states, posterior = self._posterior(completion, model_set, reads)
+        chosen = route(posterior.exp(), self.top_k)  # positions in ``allowed``
+        prior = model_set.log_prior[[allowed[i] for i in chosen]]
         loglik = torch.cat([states[i].prompt_loglik for i in chosen])
         weights = log_posterior(loglik, prior.exp()).exp().tolist()
-        members = [model_set.experts[i] for i in chosen]
+        members = [model_set.experts[allowed[i]] for i in chosen]
         routing = [_weight(m, round(float(w), 6)) for m, w in zip(members, weights, strict=True)]
         return _Route(members, [states[i] for i in chosen], prior.double(), routing)
 
@@ -316,8 +331,9 @@ class Engine:
         self, completion: Completion, model_set: ModelSet, reads: dict[str, _ExpertReads]
     ) -> _Route:
         """One model, the experts' parameters averaged by the prompt's posterior, decodes."""
-        _, posterior = self._posterior(completion, model_set, reads)
-        mix = model_set.average_weights(posterior, self.top_k)
+        allowed, _, posterior = self._posterior(completion, model_set, reads)
+        weights = model_set.average_weights(posterior, self.top_k)  # by position in ``allowed``
+        mix = {allowed[i]: w for i, w in weights.items()}
         member = model_set.average(mix)
         routing = [_weight(model_set.experts[i], round(w, 6)) for i, w in mix.items()]
         read = self._prefill(model_set, member, [completion])
@@ -436,6 +452,7 @@ class Engine:
                 else stepped
             )
             self._hook("batch", len(batch))
+            self._hook("forward", member_label(key.member))
             for row, sequence in enumerate(batch.members):
                 sequence.next_logp[sequence.slot[key.member]] = logp[row]
         self._leave(failed)

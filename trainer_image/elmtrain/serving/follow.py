@@ -47,11 +47,12 @@ class Follower:
         report_as: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         dtype: torch.dtype = torch.float32,
+        excluded: Sequence[str] = (),
     ) -> None:
         self.forest, self.name, self.runtime = forest, name, runtime
         self.state, self.metrics, self.poll_seconds = state, metrics, poll_seconds
         self.prior_data, self.report_as, self.clock = list(prior_data), report_as, clock
-        self.dtype = dtype
+        self.dtype, self.excluded = dtype, tuple(excluded)  # the endpoint's opt-outs
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="follower", daemon=True)
         self._reported = -HEARTBEAT_SECONDS
@@ -135,7 +136,12 @@ class Follower:
     def _swap(self) -> None:
         started = self.clock()
         loaded: ModelSet = load_model_set(
-            self.forest, self.name, self.runtime, self.prior_data, dtype=self.dtype
+            self.forest,
+            self.name,
+            self.runtime,
+            self.prior_data,
+            dtype=self.dtype,
+            excluded=self.excluded,
         )
         previous = self.state.current
         self.state.current = loaded  # the swap: one assignment

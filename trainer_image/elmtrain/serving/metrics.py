@@ -36,6 +36,19 @@ class ServeMetrics:
         self.expert_requests = Counter(
             "elmserve_expert_requests", "Requests routed to each expert", ["expert"], registry=r
         )
+        self.expert_excluded = Counter(
+            "elmserve_expert_excluded",
+            "Requests that opted an expert out (elmforest.experts)",
+            ["expert"],
+            registry=r,
+        )
+        self.forwards = Counter(
+            "elmserve_model_forwards",
+            "Forward passes of each model (a prompt read, a decode step, a scoring pass): an "
+            "expert opted out of every request never counts one",
+            ["model"],
+            registry=r,
+        )
         self.batch = Histogram(
             "elmserve_decode_batch_size",
             "Sequences decoded by one forward pass of one model",
@@ -75,6 +88,12 @@ class ServeMetrics:
             self.prefill.observe(value)
         elif what == "expert":
             self.expert_requests.labels(value).inc()
+        elif what == "forward":
+            self.ran(value)
+
+    def ran(self, model: str) -> None:
+        """A forward pass of ``model`` (a member's label: expert/<d>, seed, average)."""
+        self.forwards.labels(model).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

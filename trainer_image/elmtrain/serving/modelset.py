@@ -16,7 +16,7 @@ import math
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +46,15 @@ class Member:
     domain: str | None
     version: int | None
     model: PreTrainedModel
+
+    @property
+    def label(self) -> str:
+        return member_label(self.key)
+
+
+def member_label(key: str) -> str:
+    """A member's metrics label: its key, but one for every average (bounded cardinality)."""
+    return AVERAGE if key.startswith(f"{AVERAGE}/") else key
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,8 @@ class ModelSet:
     averages: OrderedDict[tuple[float, ...], Member] = field(default_factory=OrderedDict)
     # The engine and the scorer (serving/scoring.py) both build and keep averages.
     averages_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Experts of this revision the endpoint opted out (--exclude-experts): never loaded.
+    excluded: tuple[str, ...] = ()
 
     @property
     def eos(self) -> int:
@@ -160,14 +171,17 @@ def load_model_set(
     prior_data: Sequence[str] = (),
     prior_sequences: int = 64,
     dtype: torch.dtype = torch.float32,
+    excluded: Collection[str] = (),
 ) -> ModelSet:
-    """Every expert of the forest's current manifest, verified and loaded; the stored cached
-    prior of ``prior_data`` (a sample of the traffic to expect), else of the experts'
-    validation text, else uniform."""
+    """Every expert of the forest's current manifest but the ``excluded`` (the endpoint's
+    opt-out: neither fetched nor loaded), verified and loaded; the stored cached prior of
+    ``prior_data`` (a sample of the traffic to expect), else of the experts' validation text,
+    else uniform, over the experts loaded."""
     manifest = forest.manifest()
     tokenizer = forest.tokenizer()
     seed = Member(SEED, None, None, _load(forest.seed_dir(), runtime, dtype))
-    entries = manifest.sorted_experts()
+    entries = [e for e in manifest.sorted_experts() if e.domain not in excluded]
+    opted_out = tuple(e.domain for e in manifest.sorted_experts() if e.domain in excluded)
     dirs = [forest.fetch(e) for e in entries]
     experts = [
         Member(f"{EXPERT}/{e.domain}", e.domain, e.version, _load(d, runtime, dtype))
@@ -178,9 +192,19 @@ def load_model_set(
     prior = [1.0 / len(experts)] * len(experts)
     if dirs:  # the stored prior of this revision (the experts' validation text by default)
         length = min(128, context_length(seed.model))
-        weights = forest_prior(forest, prior_data, prior_sequences, length, runtime)
+        only = [e.domain for e in entries] if opted_out else None
+        weights = forest_prior(forest, prior_data, prior_sequences, length, runtime, only=only)
         prior = [weights[e.domain] for e in entries]
     log_prior = torch.tensor([math.log(max(p, 1e-300)) for p in prior], dtype=torch.float64)
     return ModelSet(
-        name, manifest.revision, tokenizer, experts, seed, log_prior, dirs, runtime, dtype
+        name,
+        manifest.revision,
+        tokenizer,
+        experts,
+        seed,
+        log_prior,
+        dirs,
+        runtime,
+        dtype,
+        excluded=opted_out,
     )

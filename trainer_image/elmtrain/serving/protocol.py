@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StringConstraints,
     ValidationError,
     field_validator,
     model_validator,
 )
+
+from elmcore.names import DNS1123_LABEL, DNS1123_LABEL_MAX
 
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 MAX_STOP_CHARS = 1024  # per stop sequence: text this long is held back from a stream
@@ -29,13 +32,38 @@ MAX_STOP_CHARS = 1024  # per stop sequence: text this long is held back from a s
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 MAX_PROMPTS = 32
 MAX_LOGPROBS = 20  # as OpenAI's legacy completions
+MAX_EXPERT_NAMES = 256  # of one request's allow or exclude list
 TokenIds = list[int]
 PromptText = str | TokenIds
+Domain = Annotated[str, StringConstraints(pattern=DNS1123_LABEL, max_length=DNS1123_LABEL_MAX)]
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+
+
+class ExpertChoice(BaseModel):
+    """Which experts a request lets serve it (the data owners' opt-out, as FlexOlmo promises):
+    every one but ``exclude``, or only ``allow``. Names of experts the forest does not have
+    (yet) exclude nothing; an ``allow`` that leaves none is refused (serving/optout.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    exclude: list[Domain] | None = Field(None, max_length=MAX_EXPERT_NAMES)
+    allow: list[Domain] | None = Field(None, min_length=1, max_length=MAX_EXPERT_NAMES)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ExpertChoice:
+        if self.exclude is not None and self.allow is not None:
+            raise ValueError("either exclude or allow, not both")
+        return self
+
+
+class ElmforestOptions(BaseModel):
+    """The request's own extension (OpenAI's clients send it as ``extra_body``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    experts: ExpertChoice = ExpertChoice()
 
 
 class CompletionRequest(BaseModel):
@@ -63,6 +91,7 @@ class CompletionRequest(BaseModel):
     frequency_penalty: Literal[0] = 0
     logit_bias: dict[str, float] | None = Field(None, max_length=0)
     suffix: None = None
+    elmforest: ElmforestOptions = ElmforestOptions()
 
     @field_validator("stop")
     @classmethod
@@ -182,10 +211,12 @@ def completion_body(
     usage: dict[str, int] | None,
     routing: list[dict[str, Any]],
     revision: int | None = None,
+    experts: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A completion (or, streaming, one chunk of it). ``elmforest`` is ours: the manifest
-    revision that served it, and which experts served each choice with what weight; OpenAI's
-    clients keep unknown fields as extras."""
+    revision that served it, which experts served each choice with what weight (``routing``),
+    and which the request allowed and which not (``experts``); OpenAI's clients keep unknown
+    fields as extras."""
     body: dict[str, Any] = {
         "id": ident,
         "object": "text_completion",
@@ -195,8 +226,10 @@ def completion_body(
     }
     if usage is not None:
         body["usage"] = usage
-    if routing:
+    if routing or experts:
         body["elmforest"] = {"revision": revision, "routing": routing}
+        if experts:
+            body["elmforest"]["experts"] = experts
     return body
 
 

@@ -6,7 +6,8 @@ the text, and each position mixes their laws by the posterior over experts given
 it (Bayes' rule from the served prior), keeping the engine's top-k most probable experts at each
 position (``ensemble-eval --top-k``'s ``top<k>`` row; the math is elmtrain.scoring.logprobs').
 ``/average`` scores with the parameter average for the text's posterior, ``/expert/<d>`` and
-``/seed`` with that one model.
+``/seed`` with that one model. Experts a request opts out of (serving/optout.py) are not run: the
+mixture and the average are of the allowed experts, the prior renormalised over them.
 
 Runs on a worker thread of its own (one): a request costs one forward pass per model over at
 most the context, and memory of experts x tokens x vocabulary floats.
@@ -14,6 +15,7 @@ most the context, and memory of experts x tokens x vocabulary floats.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +23,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from elmtrain.scoring.logprobs import ensemble_logprobs, log_posterior
-from elmtrain.serving.modelset import AVERAGE, ENSEMBLE, SEED, ModelSet, Target
+from elmtrain.serving.modelset import AVERAGE, ENSEMBLE, SEED, Member, ModelSet, Target
 
 CHUNK = 64  # positions whose mixed laws over the vocabulary are built at once
 
@@ -56,22 +58,38 @@ def _top(laws: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
 
 
 @torch.inference_mode()
-def score(model_set: ModelSet, target: Target, top_k: int, ids: list[int], k: int) -> Scores:
-    """``ids``' scores under the model ``target`` names (``top_k``: the engine's)."""
+def score(
+    model_set: ModelSet,
+    target: Target,
+    top_k: int,
+    ids: list[int],
+    k: int,
+    allowed: Sequence[int] | None = None,
+    ran: Callable[[str], None] = lambda label: None,
+) -> Scores:
+    """``ids``' scores under the model ``target`` names (``top_k``: the engine's), the routed
+    models mixing only the ``allowed`` experts (indices; None: all). ``ran`` is told each
+    model's metrics label as it runs (the opt-out's evidence)."""
     if len(ids) < 2:
         return Scores([], [])
     device = model_set.runtime.device
+
+    def laws_of(member: Member) -> torch.Tensor:
+        ran(member.label)
+        return _laws(member.model, ids, device)
+
     if target.kind not in (ENSEMBLE, AVERAGE):
         member = model_set.seed if target.kind == SEED else model_set.experts[target.member or 0]
-        laws = _laws(member.model, ids, device)
+        laws = laws_of(member)
         return Scores(_chosen(laws, ids).tolist(), _top(laws, k))
-    every = [_laws(m.model, ids, device) for m in model_set.experts]  # K x [T-1, V]
+    experts = list(range(len(model_set.experts)) if allowed is None else allowed)
+    every = [laws_of(model_set.experts[i]) for i in experts]  # K x [T-1, V]
     chosen = torch.stack([_chosen(laws, ids) for laws in every])  # [K, T-1]
-    prior = model_set.log_prior.exp()
+    prior = model_set.log_prior[experts].exp()  # renormalised by Bayes' rule below
     if target.kind == AVERAGE:
         posterior = log_posterior(chosen.sum(-1), prior)
-        member = model_set.average(model_set.average_weights(posterior, top_k))
-        laws = _laws(member.model, ids, device)
+        mix = model_set.average_weights(posterior, top_k)  # by position in ``experts``
+        laws = laws_of(model_set.average({experts[i]: w for i, w in mix.items()}))
         return Scores(_chosen(laws, ids).tolist(), _top(laws, k))
     mixed = ensemble_logprobs(chosen[:, None, :], prior, top_k)[0]
     top: list[list[tuple[int, float]]] = []
