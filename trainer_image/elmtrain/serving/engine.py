@@ -85,6 +85,16 @@ class _ExpertReads:
 
 
 @dataclass
+class _Posterior:
+    """One routed completion's view of the experts it allows: their reads of its prompt and
+    the log posterior over them (the prior renormalised over them, by Bayes' rule)."""
+
+    allowed: list[int]  # indices into ModelSet.experts
+    reads: list[Prefill]  # per allowed expert
+    log_posterior: torch.Tensor  # [len(allowed)]
+
+
+@dataclass
 class _Route:
     """Where one completion decodes: its members with their reads of its prompt, the prior over
     them, and what the answer reports (the experts and their weights)."""
@@ -306,20 +316,21 @@ class Engine:
 
     def _posterior(
         self, completion: Completion, model_set: ModelSet, reads: dict[str, _ExpertReads]
-    ) -> tuple[list[int], list[Prefill], torch.Tensor]:
-        """The experts the completion allows, each one's read of its prompt, and the log
-        posterior over them (the prior renormalised over them, by Bayes' rule)."""
+    ) -> _Posterior:
         allowed = list(completion.allowed)
         states = [reads[model_set.experts[i].key].of(completion) for i in allowed]
         loglik = torch.cat([s.prompt_loglik for s in states])
-        return allowed, states, log_posterior(loglik, model_set.log_prior[allowed].exp())
+        return _Posterior(
+            allowed, states, log_posterior(loglik, model_set.log_prior[allowed].exp())
+        )
 
     def _route_ensemble(
         self, completion: Completion, model_set: ModelSet, reads: dict[str, _ExpertReads]
     ) -> _Route:
         """The top-k experts by the prompt's posterior decode together, mixed by it."""
-        allowed, states, posterior = self._posterior(completion, model_set, reads)
-        chosen = route(posterior.exp(), self.top_k)  # positions in ``allowed``
+        seen = self._posterior(completion, model_set, reads)
+        allowed, states = seen.allowed, seen.reads
+        chosen = route(seen.log_posterior.exp(), self.top_k)  # positions in ``allowed``
         prior = model_set.log_prior[[allowed[i] for i in chosen]]
         loglik = torch.cat([states[i].prompt_loglik for i in chosen])
         weights = log_posterior(loglik, prior.exp()).exp().tolist()
@@ -331,9 +342,9 @@ class Engine:
         self, completion: Completion, model_set: ModelSet, reads: dict[str, _ExpertReads]
     ) -> _Route:
         """One model, the experts' parameters averaged by the prompt's posterior, decodes."""
-        allowed, _, posterior = self._posterior(completion, model_set, reads)
-        weights = model_set.average_weights(posterior, self.top_k)  # by position in ``allowed``
-        mix = {allowed[i]: w for i, w in weights.items()}
+        seen = self._posterior(completion, model_set, reads)
+        weights = model_set.average_weights(seen.log_posterior, self.top_k)  # by position
+        mix = {seen.allowed[i]: w for i, w in weights.items()}
         member = model_set.average(mix)
         routing = [_weight(model_set.experts[i], round(w, 6)) for i, w in mix.items()]
         read = self._prefill(model_set, member, [completion])
