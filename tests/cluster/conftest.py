@@ -111,9 +111,15 @@ class Release:
 
 
 def install_chart(
-    kube: Kube, name: str, prefix: str, strings: dict[str, str] | None = None, **values: str
+    kube: Kube,
+    name: str,
+    prefix: str,
+    strings: dict[str, str] | None = None,
+    chart: Path = ROOT / "helm" / "elmforest",
+    **values: str,
 ) -> Release:
-    """``helm install`` of helm/elmforest into a new restricted namespace, watching another."""
+    """``helm install`` of ``chart`` (this repository's) into a new restricted namespace,
+    watching another."""
     crds_before = all(
         kube.kubectl("get", f"crd/{kind.crd_name}", check=False).returncode == 0
         for kind in (FOREST, BRANCH)
@@ -128,7 +134,7 @@ def install_chart(
     }
     sets = [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
     sets += [a for k, v in (strings or {}).items() for a in ("--set-string", f"{k}={v}")]
-    kube.helm("install", name, str(ROOT / "helm" / "elmforest"), "-n", namespace, *sets)
+    kube.helm("install", name, str(chart), "-n", namespace, *sets)
     return Release(name, namespace, watched, crds_before)
 
 

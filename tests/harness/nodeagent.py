@@ -83,6 +83,9 @@ class ProcessKubelet:
     poll_seconds: float = 0.3
     pod_ip: str = "127.0.0.1"  # a Service's endpoints need a non-loopback one (host_address)
     programs: dict[str, list[str]] = field(default_factory=lambda: dict(PROGRAMS))
+    # An image (by how its reference ends, e.g. its digest) -> the argv its entrypoint runs,
+    # before ``programs``: another version of the code (tests/cluster/test_upgrade.py).
+    images: dict[str, list[str]] = field(default_factory=dict)
     taints: list[dict[str, str]] = field(default_factory=list)  # registered with the Node
     pods: dict[str, Running] = field(default_factory=dict)  # by pod uid
     done: set[str] = field(default_factory=set)  # uids reported terminal
@@ -408,7 +411,8 @@ class ProcessKubelet:
         # Only the container's own words name paths inside it; this machine's program does not
         # (a venv under /tmp is no path below a pod's /tmp mount).
         inside = [*command[1:], *(container.get("args") or [])]
-        program = self.programs.get(command[0], [_mapped(command[0], mounts)])
+        by_image = [argv for end, argv in self.images.items() if container["image"].endswith(end)]
+        program = (by_image or [self.programs.get(command[0], [_mapped(command[0], mounts)])])[0]
         argv = [*program, *(_mapped(a, mounts) for a in inside)]
         cwd = _mapped(container.get("working_dir") or str(folder), mounts)
         log = folder / "container.log"
