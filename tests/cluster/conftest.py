@@ -116,10 +116,12 @@ def install_chart(
     prefix: str,
     strings: dict[str, str] | None = None,
     chart: Path = ROOT / "helm" / "elmforest",
+    settings: dict[str, str] | None = None,
     **values: str,
 ) -> Release:
     """``helm install`` of ``chart`` (this repository's) into a new restricted namespace,
-    watching another."""
+    watching another; ``settings`` and ``values``: ``--set``s (settings' dotted names are
+    no identifiers)."""
     crds_before = all(
         kube.kubectl("get", f"crd/{kind.crd_name}", check=False).returncode == 0
         for kind in (FOREST, BRANCH)
@@ -130,6 +132,7 @@ def install_chart(
         "image.digest": OPERATOR_DIGEST,
         "watchNamespaces": f"{{{watched}}}",
         "trainer.image": TRAINER_IMAGE,
+        **(settings or {}),
         **values,
     }
     sets = [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]

@@ -38,6 +38,11 @@ UNSCHEDULABLE = {"nodeSelector.elmforest-test/unschedulable": "true"}  # the cha
 
 
 class PlaneCluster:
+    # The chart's values beyond the test's own; whether the operator runs the chart's leader
+    # election (HandoverCluster).
+    chart_values: dict[str, str] = {}  # noqa: RUF012 (read only)
+    election = False
+
     def __init__(self, kube: Kube, node: ProcessKubelet, workdir: Path, env: dict[str, str]):
         assert kube.plane is not None, "the crash sample runs on the local control plane"
         self.kube, self.plane, self.node, self.workdir = kube, kube.plane, node, workdir
@@ -54,11 +59,15 @@ class PlaneCluster:
     def start(self) -> PlaneCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.release = install_chart(
-            self.kube, f"crash-{uuid.uuid4().hex[:6]}", "crash", strings=UNSCHEDULABLE
+            self.kube,
+            f"crash-{uuid.uuid4().hex[:6]}",
+            "crash",
+            strings=UNSCHEDULABLE,
+            settings=self.chart_values,
         )
         self.namespace = self.release.watched
         self.proxy.start()
-        self.argv, self.env = operator_command(self.kube, self.release)
+        self.argv, self.env = operator_command(self.kube, self.release, self.election)
         self.kubeconfig = token_kubeconfig(self.kube, self.release, self.workdir, self.proxy.url)
         return self
 
@@ -177,6 +186,71 @@ class PlaneCluster:
         return self._request("POST", self._path("Secret"), {**body, "stringData": data})
 
 
+class HandoverCluster(PlaneCluster):
+    """Two operators behind the chart's Lease, as its two replicas: only the leader writes, so
+    a crash at a write kills the leader; the standby takes the Lease once it expires (short
+    times here: 4 s lease, 3 s renew deadline, 1 s retry) and goes on, and a new standby starts
+    in place of the dead one (as the Deployment would restart its pod)."""
+
+    chart_values = {  # noqa: RUF012 (read only)
+        "leaderElection.leaseDurationSeconds": "4",
+        "leaderElection.renewDeadlineSeconds": "3",
+        "leaderElection.retryPeriodSeconds": "1",
+    }
+    election = True
+    REPLICAS = 2
+
+    def __init__(self, kube: Kube, node: ProcessKubelet, workdir: Path, env: dict[str, str]):
+        super().__init__(kube, node, workdir, env)
+        self.replicas: dict[str, subprocess.Popen[bytes]] = {}  # by identity (its pod name)
+        self.killed_leaders: list[str] = []
+
+    def start_operator(self) -> subprocess.Popen[bytes]:
+        """Start replicas until two are alive; returns the last one started."""
+        self.replicas = {k: p for k, p in self.replicas.items() if p.poll() is None}
+        while len(self.replicas) < self.REPLICAS:
+            identity = f"replica-{self.operator_starts}"
+            self.env = {
+                **self.env,
+                "POD_NAME": identity,  # the chart's downward API values
+                "POD_NAMESPACE": self.release.namespace if self.release else "",
+            }
+            self.replicas[identity] = super().start_operator()
+        assert self.operator is not None
+        return self.operator
+
+    def holder(self) -> str | None:
+        assert self.release is not None
+        lease = self._request(
+            "GET",
+            f"/apis/coordination.k8s.io/v1/namespaces/{self.release.namespace}/leases/"
+            f"{self.release.account}",
+        )
+        holder = (lease.get("spec") or {}).get("holderIdentity")
+        return str(holder) if holder else None
+
+    def kill_operator(self) -> None:
+        """The leader: the one that holds the Lease (the only one that writes)."""
+        try:
+            leader = self.holder()
+        except ApiError:
+            leader = None
+        victims = [leader] if leader in self.replicas else list(self.replicas)
+        for identity in victims:
+            self.killed_leaders.append(str(identity))
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.replicas[str(identity)].pid, signal.SIGKILL)
+
+    def operator_alive(self) -> bool:
+        return sum(p.poll() is None for p in self.replicas.values()) == self.REPLICAS
+
+    def _stop_operator(self) -> None:
+        for process in self.replicas.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+
+
 def standin_node(kube: Kube, folder: Path) -> ProcessKubelet:
     """The node the stand-in trainer's pods run on, tainted for them alone."""
     assert kube.plane is not None
@@ -191,9 +265,9 @@ def standin_node(kube: Kube, folder: Path) -> ProcessKubelet:
 
 
 def cluster_factory(
-    kube: Kube, node: ProcessKubelet
+    kube: Kube, node: ProcessKubelet, kind: type[PlaneCluster] = PlaneCluster
 ) -> Callable[[Path, dict[str, str]], PlaneCluster]:
-    return lambda workdir, env: PlaneCluster(kube, node, workdir, env)
+    return lambda workdir, env: kind(kube, node, workdir, env)
 
 
 @contextlib.contextmanager

@@ -147,8 +147,7 @@ def test_helm_upgrade_with_forests_running(
         "upgrade",
         chart=previous / "helm" / "elmforest",
         healthPort=str(free_port()),
-        # Dotted names are no identifiers: mypy cannot tell them from the named parameters.
-        **{"image.digest": OLD_DIGEST, "metrics.port": str(free_port()), **settings},  # type: ignore[arg-type]
+        settings={"image.digest": OLD_DIGEST, "metrics.port": str(free_port()), **settings},
     )
     ns = release.watched
     folder = quickstart.on_s3(
