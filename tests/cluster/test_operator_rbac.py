@@ -135,6 +135,8 @@ def test_operator_as_its_service_account_is_least_privilege(
         "replicas": 2,
         "credentialsSecret": "serve-creds",
         "allowFrom": [{"namespaceSelector": {"matchLabels": {"team": "eval"}}}],
+        "apiKeySecret": "serve-keys",
+        "excludeExperts": ["legal"],
     }
     kube.apply([secret, _forest("fresh", s3_bucket, s3_endpoint), seeded], "-n", ns)
 
@@ -185,6 +187,12 @@ def test_operator_as_its_service_account_is_least_privilege(
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "serve-creds"
     assert pod["containers"][0]["resources"]["requests"] == {"cpu": "1", "memory": "2Gi"}
+    # The API keys' Secret, mounted read-only for the server's group; the opted-out expert.
+    keys = next(v for v in pod["volumes"] if v["name"] == "api-keys")["secret"]
+    assert (keys["secretName"], keys["defaultMode"]) == ("serve-keys", 0o440)
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--api-key-file") + 1].endswith("/api-keys")
+    assert args[args.index("--exclude-experts") + 1] == "legal"
     # One replica: the budget goes (it would block every drain of that node).
     one = '{"spec": {"serving": {"replicas": 1}}}'
     kube.kubectl("patch", "ef", "seeded", "-n", ns, "--type=merge", "-p", one)
