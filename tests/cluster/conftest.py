@@ -95,6 +95,28 @@ OPERATOR_DIGEST = "sha256:" + "ab" * 32
 TRAINER_IMAGE = "registry.example.com/elmforest/trainer@sha256:" + "cd" * 32
 
 
+def tiny_forest(name: str, bucket: str, endpoint: str, **trainer: Any) -> dict[str, Any]:
+    """An ElmForest of a tiny model whose storage is ``bucket`` behind ``endpoint`` (the
+    Secret ``s3-creds`` holds its keys); ``trainer``: more fields of ``spec.trainer``."""
+    return {
+        "apiVersion": "btm.elmforest.io/v1alpha1",
+        "kind": "ElmForest",
+        "metadata": {"name": name},
+        "spec": {
+            "storage": {
+                "uri": f"s3://{bucket}/forests/{name}",
+                "endpoint": endpoint,
+                "region": "us-east-1",
+                "credentialsSecret": "s3-creds",
+            },
+            "model": {"dModel": 48, "nLayers": 2, "nHeads": 2, "contextLength": 64},
+            "tokenizer": {"vocabSize": 320},
+            "seed": {"data": [f"s3://{bucket}/data/seed.txt"]},
+            "trainer": {"image": TRAINER_IMAGE, "gpus": 0, **trainer},
+        },
+    }
+
+
 @dataclass(frozen=True)
 class Release:
     """The chart, installed by helm into a namespace that enforces Pod Security restricted."""

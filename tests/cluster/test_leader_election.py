@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.cluster.chart_operator import operator_command, token_kubeconfig
-from tests.cluster.conftest import TRAINER_IMAGE, Release, install_chart
+from tests.cluster.conftest import Release, install_chart, tiny_forest
 from tests.harness.kubectl import Kube, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -95,26 +95,6 @@ def candidates(kube: Kube, release: Release, tmp_path: Path) -> Iterator[Candida
         group.stop_all()
 
 
-def _forest(name: str, bucket: str, endpoint: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "btm.elmforest.io/v1alpha1",
-        "kind": "ElmForest",
-        "metadata": {"name": name},
-        "spec": {
-            "storage": {
-                "uri": f"s3://{bucket}/forests/{name}",
-                "endpoint": endpoint,
-                "region": "us-east-1",
-                "credentialsSecret": "s3-creds",
-            },
-            "model": {"dModel": 48, "nLayers": 2, "nHeads": 2, "contextLength": 64},
-            "tokenizer": {"vocabSize": 320},
-            "seed": {"data": [f"s3://{bucket}/data/seed.txt"]},
-            "trainer": {"image": TRAINER_IMAGE, "gpus": 0},
-        },
-    }
-
-
 def _takeover(group: Candidates, heir: str, limit: float) -> float:
     start = time.monotonic()
     wait_for(f"{heir} to hold the Lease", lambda: group.holder() == heir, limit, every=0.1)
@@ -140,7 +120,7 @@ def test_the_standby_takes_over_after_a_kill_and_a_drain(
         return found
 
     def reconciled(forest: str) -> None:
-        kube.apply([_forest(forest, s3_bucket, s3_endpoint)], "-n", ns)
+        kube.apply([tiny_forest(forest, s3_bucket, s3_endpoint)], "-n", ns)
         wait_for(f"{forest}'s first Job", lambda: jobs(forest), timeout=60)
 
     candidates.start("a")

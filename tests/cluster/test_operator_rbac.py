@@ -24,12 +24,10 @@ import boto3
 import pytest
 
 from tests.cluster.chart_operator import operator_command, token_kubeconfig
-from tests.cluster.conftest import Release
-from tests.cluster.validation_cases import IMAGE
+from tests.cluster.conftest import Release, tiny_forest
 from tests.harness.kubectl import Kube, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-TINY = {"dModel": 48, "nLayers": 2, "nHeads": 2, "contextLength": 64}
 
 
 @pytest.fixture
@@ -62,26 +60,6 @@ def _upload(folder: Path, endpoint: str, bucket: str, prefix: str) -> None:
     for path in folder.rglob("*"):
         if path.is_file():
             client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder)}")
-
-
-def _forest(name: str, bucket: str, endpoint: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "btm.elmforest.io/v1alpha1",
-        "kind": "ElmForest",
-        "metadata": {"name": name},
-        "spec": {
-            "storage": {
-                "uri": f"s3://{bucket}/forests/{name}",
-                "endpoint": endpoint,
-                "region": "us-east-1",
-                "credentialsSecret": "s3-creds",
-            },
-            "model": TINY,
-            "tokenizer": {"vocabSize": 320},
-            "seed": {"data": [f"s3://{bucket}/data/seed.txt"]},
-            "trainer": {"image": IMAGE, "gpus": 0},
-        },
-    }
 
 
 def _jobs(kube: Kube, namespace: str, selector: str) -> list[str]:
@@ -128,7 +106,7 @@ def test_operator_as_its_service_account_is_least_privilege(
         "stringData": {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"},
     }
     _upload(seeded_forest, s3_endpoint, s3_bucket, "forests/seeded")
-    seeded = _forest("seeded", s3_bucket, s3_endpoint)
+    seeded = tiny_forest("seeded", s3_bucket, s3_endpoint)
     # Two replicas (a PodDisruptionBudget), ingress from one labelled namespace, credentials
     # of their own for the servers.
     seeded["spec"]["serving"] = {
@@ -138,7 +116,7 @@ def test_operator_as_its_service_account_is_least_privilege(
         "apiKeySecret": "serve-keys",
         "excludeExperts": ["legal"],
     }
-    kube.apply([secret, _forest("fresh", s3_bucket, s3_endpoint), seeded], "-n", ns)
+    kube.apply([secret, tiny_forest("fresh", s3_bucket, s3_endpoint), seeded], "-n", ns)
 
     # A new forest starts its tokenizer Job; a forest whose seed is in storage becomes Ready.
     wait("the tokenizer Job", lambda: _jobs(kube, ns, "btm.elmforest.io/forest=fresh"))

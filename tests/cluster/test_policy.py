@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.cluster.chart_operator import operator_command, token_kubeconfig
-from tests.cluster.conftest import TRAINER_IMAGE, Release, install_chart
+from tests.cluster.conftest import TRAINER_IMAGE, Release, install_chart, tiny_forest
 from tests.harness.kubectl import Kube, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -35,7 +35,7 @@ def guarded(kube: Kube, installed_crds: Kube, s3_endpoint: str, s3_bucket: str) 
         "guarded",
         "guarded",
         strings=UNSCHEDULABLE,
-        **{
+        settings={
             "policy.trainerImageRepositories": f"{{{ALLOWED_REPOSITORY}}}",
             "policy.storageEndpoints": f"{{{s3_endpoint},{DEAD_ENDPOINT}}}",
             "policy.buckets": f"{{{s3_bucket[:4]}*}}",
@@ -72,26 +72,6 @@ def operator(kube: Kube, guarded: Release, tmp_path: Path) -> Iterator[Path]:
             os.killpg(process.pid, signal.SIGKILL)
 
 
-def _forest(name: str, bucket: str, endpoint: str, **trainer: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "btm.elmforest.io/v1alpha1",
-        "kind": "ElmForest",
-        "metadata": {"name": name},
-        "spec": {
-            "storage": {
-                "uri": f"s3://{bucket}/forests/{name}",
-                "endpoint": endpoint,
-                "region": "us-east-1",
-                "credentialsSecret": "s3-creds",
-            },
-            "model": {"dModel": 48, "nLayers": 2, "nHeads": 2, "contextLength": 64},
-            "tokenizer": {"vocabSize": 320},
-            "seed": {"data": [f"s3://{bucket}/data/seed.txt"]},
-            "trainer": {"image": TRAINER_IMAGE, "gpus": 0, **trainer},
-        },
-    }
-
-
 def test_each_guardrail_refuses_and_nothing_runs(
     kube: Kube, guarded: Release, operator: Path, s3_endpoint: str, s3_bucket: str
 ) -> None:
@@ -113,19 +93,19 @@ def test_each_guardrail_refuses_and_nothing_runs(
             },
         },
     ]
-    allowed = _forest("allowed", s3_bucket, s3_endpoint)
+    allowed = tiny_forest("allowed", s3_bucket, s3_endpoint)
     refused = {
-        "image": (_forest("image", s3_bucket, s3_endpoint, image=OTHER_IMAGE), "trainerImage"),
+        "image": (tiny_forest("image", s3_bucket, s3_endpoint, image=OTHER_IMAGE), "trainerImage"),
         "account": (
-            _forest("account", s3_bucket, s3_endpoint, serviceAccountName="admin"),
+            tiny_forest("account", s3_bucket, s3_endpoint, serviceAccountName="admin"),
             "policy.serviceAccounts",
         ),
-        "endpoint": (_forest("endpoint", s3_bucket, "http://127.0.0.1:1"), "storageEndpoints"),
-        "bucket": (_forest("bucket", "zz-other-bucket", s3_endpoint), "policy.buckets"),
-        "identity": (_forest("identity", s3_bucket, s3_endpoint), "credentialsSecret"),
+        "endpoint": (tiny_forest("endpoint", s3_bucket, "http://127.0.0.1:1"), "storageEndpoints"),
+        "bucket": (tiny_forest("bucket", "zz-other-bucket", s3_endpoint), "policy.buckets"),
+        "identity": (tiny_forest("identity", s3_bucket, s3_endpoint), "credentialsSecret"),
     }
     del refused["identity"][0]["spec"]["storage"]["credentialsSecret"]
-    binary = _forest("binary", s3_bucket, s3_endpoint)
+    binary = tiny_forest("binary", s3_bucket, s3_endpoint)
     binary["spec"]["storage"]["credentialsSecret"] = "binary-creds"
     kube.apply([*secrets, allowed, binary, *(body for body, _ in refused.values())], "-n", ns)
 
@@ -181,7 +161,7 @@ def test_a_deleted_branch_whose_storage_is_unreachable_says_so_until_released(
         "metadata": {"name": "stuck", "finalizers": ["btm.elmforest.io/expert"]},
         "spec": {"forest": "gone", "domain": "stuck", "data": {"train": ["s3://b/t.txt"]}},
     }
-    kube.apply([secret, _forest("gone", s3_bucket, DEAD_ENDPOINT), branch], "-n", ns)
+    kube.apply([secret, tiny_forest("gone", s3_bucket, DEAD_ENDPOINT), branch], "-n", ns)
     kube.kubectl("delete", "eb", "stuck", "-n", ns, "--wait=false")
 
     def blocked() -> str | None:
