@@ -95,6 +95,21 @@ OPERATOR_DIGEST = "sha256:" + "ab" * 32
 TRAINER_IMAGE = "registry.example.com/elmforest/trainer@sha256:" + "cd" * 32
 
 
+@contextlib.contextmanager
+def own_plane(tmp_path_factory: pytest.TempPathFactory, name: str, why: str) -> Iterator[Kube]:
+    """A control plane of one test module's own (what it installs must not reach the session's
+    plane); skipped, saying ``why``, against an external cluster."""
+    if os.environ.get("ELMFOREST_TEST_KUBECONFIG"):
+        pytest.skip(why)
+    kubectl, helm = tools()
+    plane = ControlPlane(tmp_path_factory.mktemp(f"{name}-plane"))
+    try:
+        plane.start()
+        yield Kube(plane.kubeconfig, kubectl, helm, tmp_path_factory.mktemp(f"{name}-helm"), plane)
+    finally:
+        plane.stop()
+
+
 def tiny_forest(name: str, bucket: str, endpoint: str, **trainer: Any) -> dict[str, Any]:
     """An ElmForest of a tiny model whose storage is ``bucket`` behind ``endpoint`` (the
     Secret ``s3-creds`` holds its keys); ``trainer``: more fields of ``spec.trainer``."""

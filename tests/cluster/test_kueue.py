@@ -18,7 +18,6 @@ plane's end-to-end test, tests/cluster/test_forest_e2e.py, trains for real).
 from __future__ import annotations
 
 import datetime
-import os
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -27,8 +26,8 @@ from typing import Any
 import pytest
 
 from tests.cluster import quickstart
-from tests.cluster.conftest import install_chart, start_node, tools
-from tests.harness.controlplane import ControlPlane, free_port
+from tests.cluster.conftest import install_chart, own_plane, start_node
+from tests.harness.controlplane import free_port
 from tests.harness.kubectl import Kube, wait_for
 from tests.harness.kueue import KueueManager
 from tests.harness.nodeagent import PROGRAMS, ProcessKubelet
@@ -42,15 +41,9 @@ GPU_QUOTA = 2
 
 @pytest.fixture(scope="module")
 def kueue_kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
-    if os.environ.get("ELMFOREST_TEST_KUBECONFIG"):
-        pytest.skip("Kueue is installed on a local control plane of the test's own only")
-    kubectl, helm = tools()
-    plane = ControlPlane(tmp_path_factory.mktemp("kueue-plane"))
-    try:
-        plane.start()
-        yield Kube(plane.kubeconfig, kubectl, helm, tmp_path_factory.mktemp("kueue-helm"), plane)
-    finally:
-        plane.stop()
+    why = "Kueue is installed on a local control plane of the test's own only"
+    with own_plane(tmp_path_factory, "kueue", why) as kube:
+        yield kube
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,8 @@ import pytest
 
 from elmcore.manifest import Manifest
 from tests.cluster import quickstart
-from tests.cluster.conftest import ROOT, install_chart, start_node, tools
-from tests.harness.controlplane import ControlPlane, free_port
+from tests.cluster.conftest import ROOT, install_chart, own_plane, start_node
+from tests.harness.controlplane import free_port
 from tests.harness.kubectl import Kube, wait_for
 from tests.harness.nodeagent import PROGRAMS, ProcessKubelet
 from tests.reliability.scenario import STANDIN
@@ -56,17 +56,9 @@ def previous(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def upgrade_kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
-    import os
-
-    if os.environ.get("ELMFOREST_TEST_KUBECONFIG"):
-        pytest.skip("the old CRDs are installed on a local control plane of the test's own only")
-    kubectl, helm = tools()
-    plane = ControlPlane(tmp_path_factory.mktemp("upgrade-plane"))
-    try:
-        plane.start()
-        yield Kube(plane.kubeconfig, kubectl, helm, tmp_path_factory.mktemp("upgrade-helm"), plane)
-    finally:
-        plane.stop()
+    why = "the old CRDs are installed on a local control plane of the test's own only"
+    with own_plane(tmp_path_factory, "upgrade", why) as kube:
+        yield kube
 
 
 @pytest.fixture(scope="module")
