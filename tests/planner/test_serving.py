@@ -251,3 +251,12 @@ def test_excluded_experts_are_passed_to_the_server() -> None:
     assert at + 3 == len(args) or args[at + 3].startswith("--")
     plain = applied(plan(spec({}))[0])["Deployment"]
     assert "--exclude-experts" not in plain["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_local_serving_keeps_the_opted_out_experts_out() -> None:
+    """``elmforest serve -f``: spec.serving.excludeExperts reaches the local server too."""
+    from elmforest.local.commands import serve_argv
+
+    argv = serve_argv("books", spec({"excludeExperts": ["legal"]}), "127.0.0.1", 8000, 2)
+    assert argv[argv.index("--exclude-experts") + 1 :] == ["legal"]
+    assert "--exclude-experts" not in serve_argv("books", spec(), "127.0.0.1", 8000, 2)

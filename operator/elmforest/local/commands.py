@@ -254,6 +254,13 @@ def serve(options: Options, out: TextIO, forest: str | None, host: str, port: in
     name, spec = _one_forest(options, forest)
     out.write(f"serving forest {name!r} at http://{host}:{port}/v1 (model {name!r})\n")
     out.flush()
+    return elmtrain(serve_argv(name, spec, host, port, options.top_k or 2))
+
+
+def serve_argv(name: str, spec: ElmForestSpec, host: str, port: int, top_k: int) -> list[str]:
+    """``elmtrain serve``'s arguments for a local forest. The experts its data owners opted
+    out of (``spec.serving.excludeExperts``) stay out here too, as on a cluster."""
     argv = ["serve", "--forest", spec.storage.uri, "--name", name, "--host", host]
-    argv += ["--port", str(port), "--top-k", str(options.top_k or 2), "--poll-seconds", "2"]
-    return elmtrain(argv)
+    argv += ["--port", str(port), "--top-k", str(top_k), "--poll-seconds", "2"]
+    excluded = spec.serving.exclude_experts if spec.serving else []
+    return argv + (["--exclude-experts", *excluded] if excluded else [])
