@@ -78,7 +78,7 @@ LAYERS = [
     {"cli"},
     {"commands"},
     {"run", "serving"},
-    {"scoring"},
+    {"scoring", "mix"},
     {"forest"},
     {"model", "data", "runtime"},
     {"config", "cache"},

@@ -32,6 +32,7 @@ COMMANDS = {
     "posterior": "posterior",
     "ensemble-eval": "ensemble_eval",
     "average": "average",
+    "mix": "mix",
     "generate": "generate",
     "report": "report",
     "lineage": "lineage",

@@ -159,9 +159,7 @@ def _workers(chosen: int | None) -> int:
     return chosen or min(4, os.cpu_count() or 1)
 
 
-def _open_weights(
-    directory: Path, readers: list[SafetensorsReader]
-) -> dict[str, SafetensorsReader]:
+def open_weights(directory: Path, readers: list[SafetensorsReader]) -> dict[str, SafetensorsReader]:
     """Tensor name -> reader over the folder's weights files (``readers`` collects them)."""
     source: dict[str, SafetensorsReader] = {}
     for file, names in weight_shards(directory).items():
@@ -174,23 +172,47 @@ def _open_weights(
     return source
 
 
-def average_models(
-    dirs: Sequence[Path], weights: Sequence[float], out_dir: Path, workers: int | None = None
-) -> None:
-    """Average HF model folders of one architecture into ``out_dir`` (weights normalised),
-    sharded as the first is; the first folder's tokenizer files come along."""
+def check_same_architecture(dirs: Sequence[Path]) -> None:
+    """The folders' configs agree on everything but bookkeeping (at least one folder)."""
     if not dirs:
         raise BadInputError("nothing to average")
     reference = _architecture(dirs[0])
     for directory in dirs[1:]:
         if _architecture(directory) != reference:
             raise BadInputError(f"{directory} has another architecture than {dirs[0]}")
+
+
+def average_tensors(
+    dirs: Sequence[Path],
+    weights: Sequence[float],
+    names: Sequence[str],
+    out: Path,
+    workers: int | None = None,
+) -> int:
+    """The average (weights normalised) of tensors ``names`` of the folders ``dirs``, written
+    as one safetensors file ``out``, streamed as ``average_models`` does; its data bytes."""
+    readers: list[SafetensorsReader] = []
+    try:
+        sources = [open_weights(d, readers) for d in dirs]
+        _check_same_tensors(sources)
+        return _average_into(sources, normalize(weights), names, out, {}, _workers(workers))
+    finally:
+        for reader in readers:
+            reader.close()
+
+
+def average_models(
+    dirs: Sequence[Path], weights: Sequence[float], out_dir: Path, workers: int | None = None
+) -> None:
+    """Average HF model folders of one architecture into ``out_dir`` (weights normalised),
+    sharded as the first is; the first folder's tokenizer files come along."""
+    check_same_architecture(dirs)
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(dirs[0] / "config.json", out_dir / "config.json")
     copy_tokenizer(dirs[0], out_dir)
     readers: list[SafetensorsReader] = []
     try:
-        sources = [_open_weights(d, readers) for d in dirs]
+        sources = [open_weights(d, readers) for d in dirs]
         _check_same_tensors(sources)
         shards = weight_shards(dirs[0])
         normalised = normalize(weights)
