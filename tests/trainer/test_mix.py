@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -271,3 +273,71 @@ def test_gpt2_forest_is_refused(tokenizer_forest: Path, tmp_path: Path) -> None:
     assert last.startswith("elmtrain mix: error: expert cooking v1: a gpt2 model cannot be mixed")
     assert "llama" in last
     assert not (tmp_path / "o").exists()
+
+
+PEAK_RSS = """
+import json, os, sys, threading, time
+from pathlib import Path
+import numpy as np
+from elmtrain.mix.build import write_mix
+
+def rss_kib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+dirs = [Path(p) for p in sys.argv[2:]]
+baseline, peak, done = rss_kib(), [0], threading.Event()
+
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss_kib())
+        time.sleep(0.001)
+
+sampler = threading.Thread(target=sample)
+sampler.start()
+write_mix(dirs, [1.0] * len(dirs), np.zeros((1, len(dirs), 64), np.float32), 2, Path(sys.argv[1]))
+done.set()
+sampler.join()
+print(json.dumps({"growth_kib": max(peak[0], rss_kib()) - baseline,
+                  "torch": "torch" in sys.modules}))
+"""
+
+
+def test_mixing_streams_without_torch(tmp_path: Path) -> None:
+    """Three experts of 24 MB of feed-forward weights each (8 MB tensors): building the mix
+    grows the process by less than one of those tensors, and imports no torch."""
+    from safetensors.numpy import load_file, save_file
+
+    hidden, inner = 64, 32768
+    dense = {"model_type": "llama", "hidden_size": hidden, "intermediate_size": inner,
+             "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 256}  # fmt: skip
+    dirs = []
+    for i in range(3):
+        directory = tmp_path / f"e{i}"
+        directory.mkdir()
+        (directory / "config.json").write_text(json.dumps(dense))
+        tensors = {
+            "model.embed_tokens.weight": np.full((256, hidden), i, np.float32),
+            "model.layers.0.mlp.gate_proj.weight": np.full((inner, hidden), i, np.float32),
+            "model.layers.0.mlp.up_proj.weight": np.full((inner, hidden), i + 10, np.float32),
+            "model.layers.0.mlp.down_proj.weight": np.full((hidden, inner), i + 20, np.float32),
+        }
+        save_file(tensors, str(directory / "model.safetensors"))
+        dirs.append(directory)
+    out = tmp_path / "mix"
+    completed = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, str(out), *map(str, dirs)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    found = json.loads(completed.stdout.strip().splitlines()[-1])
+    tensor_kib = inner * hidden * 4 // 1024
+    print(f"mix build: {found['growth_kib']} KiB growth; one MLP tensor is {tensor_kib} KiB")
+    assert found["growth_kib"] < tensor_kib, found
+    assert found["torch"] is False
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = load_file(str(out / index["model.layers.0.block_sparse_moe.experts.2.w3.weight"]))
+    assert (shard["model.layers.0.block_sparse_moe.experts.2.w3.weight"] == 12).all()
+    shared = load_file(str(out / index["model.embed_tokens.weight"]))
+    assert np.allclose(shared["model.embed_tokens.weight"], 1.0)  # (0 + 1 + 2) / 3
