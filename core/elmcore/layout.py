@@ -89,3 +89,31 @@ def dataset_key(tokenizer: str, locations: Sequence[str]) -> str:
 def dataset_record(tokenizer: str, locations: Sequence[str]) -> str:
     """Where ``elmtrain prepare`` records which shards make up those locations."""
     return f"{TOKENS}/sets/{dataset_key(tokenizer, locations)}.json"
+
+
+CLUSTERS = "clusters"
+
+
+def cluster_set(name: str) -> str:
+    """Everything an ``ElmClusterSet`` (c-BTM, issue 30) writes: its clusterer, its clusters'
+    documents and each assignment worker's counts."""
+    return f"{CLUSTERS}/{validate_label(name, 'cluster set')}"
+
+
+def clusterer(name: str) -> str:
+    """The fitted clusterer: a committed folder (its marker's sha256 names it)."""
+    return f"{cluster_set(name)}/clusterer"
+
+
+def cluster_data(name: str, cluster: int, split: str) -> str:
+    """One cluster's documents (``train`` or ``valid``): the generated branch's data location."""
+    if cluster < 0 or split not in ("train", "valid"):
+        raise ValueError(f"no cluster data {cluster}/{split}")
+    return f"{cluster_set(name)}/data/c{cluster}/{split}"
+
+
+def cluster_assignment(name: str, index: int) -> str:
+    """What assignment worker ``index`` (of the Indexed Job) wrote: its documents per cluster."""
+    if index < 0:
+        raise ValueError(f"worker index must be >= 0, got {index}")
+    return f"{cluster_set(name)}/assign/part-{index:05d}.json"

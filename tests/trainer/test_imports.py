@@ -80,7 +80,7 @@ LAYERS = [
     {"run", "serving"},
     {"scoring", "mix"},
     {"forest"},
-    {"model", "data", "runtime"},
+    {"model", "data", "runtime", "clusters"},
     {"config", "cache"},
 ]
 RANK = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}

@@ -37,6 +37,9 @@ COMMANDS = {
     "report": "report",
     "lineage": "lineage",
     "serve": "serve",
+    "cluster-fit": "cluster_fit",
+    "cluster-assign": "cluster_assign",
+    "assign": "assign",
 }
 
 
