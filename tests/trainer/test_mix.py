@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralForCausalLM, PreTrainedModel
 
 from elmcore import layout
@@ -225,6 +226,8 @@ def test_cli_mix_loads_generates_and_centroids_route_by_domain(
             str(out),
             "--router",
             "centroids",
+            "--average",
+            "posterior",
             "--sample",
             "16",
             "--seq-len",
@@ -236,8 +239,24 @@ def test_cli_mix_loads_generates_and_centroids_route_by_domain(
     assert [(e["domain"], e["version"], e["slot"]) for e in lineage["experts"]] == [
         (d, 1, i) for i, d in enumerate(DOMAINS)
     ]
-    assert [e["weight"] for e in lineage["experts"]] == pytest.approx([1 / 3] * 3)
-    assert (lineage["router"], lineage["top_k"], lineage["family"]) == ("centroids", 2, "llama")
+    # Posterior weights: the forest's stored prior of the experts' validation text, and the
+    # shared tensors are averaged with them.
+    [stored] = (llama_forest / "priors").rglob("*.json")
+    prior = json.loads(stored.read_text())["weights"]
+    weights = [e["weight"] for e in lineage["experts"]]
+    assert weights == pytest.approx([prior[d] for d in DOMAINS])
+    assert (lineage["average"], lineage["router"], lineage["top_k"], lineage["family"]) == (
+        "posterior",
+        "centroids",
+        2,
+        "llama",
+    )
+    name = "model.embed_tokens.weight"
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    mixed = load_file(out / index[name])[name]
+    experts = [load_file(d / "model.safetensors")[name] for d in expert_dirs(llama_forest)]
+    expected = sum(w * t for w, t in zip(weights, experts, strict=True))
+    assert torch.allclose(mixed, expected, atol=1e-6)  # type: ignore[arg-type]
 
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
