@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class ModelConfig(BaseModel):
@@ -57,6 +57,18 @@ class TrainingConfig(BaseModel):
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU"
     )
     compile: bool = Field(False, description="torch.compile the model")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="how ranks hold the model: ddp (a full copy each), fsdp (FSDP2 shards of "
+        "parameters, gradients and optimizer state), auto (fsdp when a full copy's training "
+        "state would not fit; see docs/trainer.md)",
+    )
+    activation_checkpointing: bool = Field(
+        False, description="recompute each block's activations in backward (less memory)"
+    )
+    offload_optimizer: bool = Field(
+        False, description="fsdp: keep parameters, gradients and optimizer state in host memory"
+    )
     seed: int = Field(0, ge=0, description="random seed (data order, init)")
     checkpoint_interval: int = Field(100, ge=1, description="steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="committed checkpoints kept")
@@ -70,3 +82,10 @@ class TrainingConfig(BaseModel):
         description="steps between validation perplexities kept as the learning curve "
         "(metrics.curve); unset: before and after training only",
     )
+
+    @field_validator("offload_optimizer")
+    @classmethod
+    def _offload_needs_fsdp(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("strategy") == "ddp":
+            raise ValueError("offloading the optimizer needs strategy fsdp (or auto), not ddp")
+        return value

@@ -1,8 +1,9 @@
-"""The training loop: read top to bottom, like nanoGPT's, plus resume and DDP.
+"""The training loop: read top to bottom, like nanoGPT's, plus resume and several ranks.
 
 The data of step s is a pure function of (s, seed) (``data.batch_indices``); each rank takes
 its slice of that global batch, and gradient accumulation splits the slice into micro-batches.
 So one process, several ranks, or a run resumed from a checkpoint all see identical batches.
+How the ranks hold the model (ddp or fsdp) is decided in ``run/parallel.py``, not here.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import math
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -19,7 +19,6 @@ from typing import Any
 import structlog
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
@@ -27,9 +26,9 @@ from elmcore.errors import BadInputError, TransientError
 from elmcore.records import CurvePoint, Progress
 from elmtrain.config import TrainingConfig
 from elmtrain.data import TokenSequences, batch_indices
-from elmtrain.model.fused_loss import CausalLMLoss
 from elmtrain.model.kernels import fuse_activations
 from elmtrain.run.checkpoint import Checkpointer
+from elmtrain.run.parallel import parallelize
 from elmtrain.run.progress import ProgressReporter
 from elmtrain.runtime import Runtime
 from elmtrain.scoring.logprobs import perplexity, token_logprobs
@@ -176,33 +175,37 @@ def train(
             )
     model.to(runtime.device).train()
     fuse_activations(model)  # same math, one kernel (model/kernels.py)
-    optimizer = _optimizer(model, cfg)
+
+    # 2. The ranks' share of the model (ddp or fsdp, run/parallel.py): an engine computing the
+    # loss with the output layer fused (fused_loss.py); optionally compiled. The optimizer
+    # holds this rank's parameters: whole ones, or its shards.
+    parallel = parallelize(model, cfg, runtime)
+    optimizer = _optimizer(parallel.model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     if resumed is not None:
-        optimizer.load_state_dict(resumed.state["optimizer"])
+        parallel.load_optimizer_state(optimizer, resumed.state["optimizer"])
         scheduler.load_state_dict(resumed.state["scheduler"])
         torch.set_rng_state(resumed.state["rng"])
-
-    # 2. The loss with the output layer fused (fused_loss.py); wrap it for multi-process
-    # training; optionally compile.
-    engine: torch.nn.Module = CausalLMLoss(model)
-    if runtime.distributed:
-        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        engine = DistributedDataParallel(engine, device_ids=device_ids)
+    engine = parallel.engine
     if cfg.compile:
         engine = torch.compile(engine)  # type: ignore[assignment]
 
     def save(step: int) -> None:
+        # Every rank takes part in gathering the weights and the optimizer state (under fsdp
+        # each holds a share); rank 0 writes them.
+        weights = parallel.full_model()
+        optimizer_state = parallel.optimizer_state(optimizer)
         if runtime.is_main:
+            assert weights is not None
             state = {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(),
                 "step": step,
                 "curve": [p.model_dump() for p in curve],
                 "data": data,
             }
-            checkpointer.save(step, model, state)
+            checkpointer.save(step, weights, state)
         runtime.barrier()
 
     # 3. The loop. Nothing in a step waits for the device: the loss stays on it until a
@@ -246,13 +249,13 @@ def train(
             for i, rows in enumerate(micro_batches):
                 batch = rows.to(runtime.device, non_blocking=True)
                 last = i == len(micro_batches) - 1
-                sync = engine.no_sync() if runtime.distributed and not last else nullcontext()  # type: ignore[operator]
-                with sync, runtime.autocast():
+                with parallel.accumulating(last), runtime.autocast():
                     loss = engine(batch) / len(micro_batches)
                 loss.backward()
                 step_loss += loss.detach()  # the step's loss: the mean over its micro-batches
             if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                # Sharded gradients (DTensors) too: torch reduces the norm across ranks.
+                torch.nn.utils.clip_grad_norm_(parallel.model.parameters(), cfg.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -287,7 +290,7 @@ def train(
             # last point is the job's own evaluation after training.
             curve_point = cfg.eval_interval and done % cfg.eval_interval == 0 and done < cfg.steps
             if val is not None and curve_point:
-                curve.append(_validate(model, val, done, runtime))
+                curve.append(_validate(parallel.model, val, done, runtime))
             preempted = stop_vote.result() and done < cfg.steps
             if preempted or (done % cfg.checkpoint_interval == 0 and done < cfg.steps):
                 save(done)  # once, also when preempted at a checkpoint step
@@ -298,7 +301,7 @@ def train(
     seconds = time.monotonic() - started
     log.info("train.done", steps=cfg.steps, seconds=round(seconds, 1), loss=loss_value)
     return TrainOutcome(
-        model=model,
+        model=parallel.unwrap(),  # whole weights on every rank, to evaluate and publish
         steps=cfg.steps,
         tokens=(cfg.steps - start_step) * tokens_per_step,
         seconds=seconds,
