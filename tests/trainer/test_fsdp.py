@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -137,7 +138,9 @@ def run_training(
                 "losses": reporter.losses,
                 "curve": [p.loss for p in outcome.curve],
                 "tied": tied,
-                "weights": float(sum(p.double().abs().sum() for p in trained.parameters())),
+                "weights": float(
+                    sum(p.detach().double().abs().sum() for p in trained.parameters())
+                ),
             }
         )
     return {"run": records[0], "resumed": records[-1]}
@@ -236,35 +239,44 @@ def test_checkpoints_before_strategies_resume(tmp_path: Path) -> None:
         assert torch.equal(newer.state[param]["exp_avg"], state["exp_avg"])
 
 
-def test_fsdp_seed_through_the_cli(tokenizer_forest: Path, corpus: Path, forest_copy: Any) -> None:
-    """The real command on two ranks, checkpointing (gathered from the shards) on the way:
-    the committed seed is a plain Hugging Face model that learnt (the losses' equality with
-    one process is the test above)."""
+def test_fsdp_seed_through_the_cli_checkpoints_on_sigterm_and_resumes(
+    tokenizer_forest: Path, corpus: Path, forest_copy: Any
+) -> None:
+    """The real command on two ranks: a SIGTERM to one rank ends in one checkpoint (gathered
+    from the shards) and exit 75 on both, as under ddp; the rerun resumes there and commits a
+    plain Hugging Face model that learnt (the losses' equality is the test above)."""
     from transformers import AutoModelForCausalLM
 
+    from tests.trainer.test_ddp import stopped_at, training_started
+
     forest = forest_copy(tokenizer_forest, "fsdp")
-    settings = training(
-        steps=6, batch_size=8, checkpoint_interval=3, eval_interval=3, strategy="fsdp"
-    )
+    # No periodic checkpoint: the only one is preemption's; validation in mid-run at step 30.
+    settings = training(steps=60, batch_size=8, checkpoint_interval=1000, eval_interval=30,
+                        progress_interval_seconds=0.2, strategy="fsdp")  # fmt: skip
     sailing = corpus / "sailing"
     args = ["seed", "--forest", str(forest), "--data", str(sailing / "train.txt"), "--val-data",
             str(sailing / "valid.txt"), "--model", TINY_MODEL, "--training", settings]  # fmt: skip
+    run = forest / "runs" / "seed"
+    process, ranks = training_started(args, run / "progress.json")
+    os.kill(ranks[1].pid, signal.SIGTERM)
+    stopped = stopped_at(process)  # exit 75 within the grace period, one step on both ranks
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step-{stopped:08d}"]
+
     # Rank 0's log only: two ranks' lines interleave mid-line on one pipe.
     launch = two_ranks("--local-ranks-filter=0", "-m", "elmtrain", *args)
     completed = subprocess.run(launch, capture_output=True, text=True, timeout=300, check=False)
     assert completed.returncode == 0, completed.stderr[-4000:]
-    strategies = [
-        json.loads(line) for line in completed.stderr.splitlines() if "train.strategy" in line
-    ]
-    assert [s["strategy"] for s in strategies] == ["fsdp"], completed.stderr[-4000:]
+    lines = [json.loads(line) for line in completed.stderr.splitlines() if line.startswith("{")]
+    events = {line["event"]: line for line in lines}
+    assert events["checkpoint.resumed"]["step"] == stopped
+    assert events["train.strategy"]["strategy"] == "fsdp"
     model, info = AutoModelForCausalLM.from_pretrained(forest / "seed", output_loading_info=True)
     assert not any(info.values()), info  # every weight under its plain name, none left over
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     metrics = json.loads((forest / "seed" / "metrics.json").read_text())
-    assert metrics["steps"] == 6
+    assert metrics["steps"] == 60
     assert metrics["val_loss_after"] < metrics["val_loss_before"]
-    # Validated at step 3 too, in the middle of sharded training.
-    assert [point["step"] for point in metrics["curve"]] == [0, 3, 6]
+    assert [point["step"] for point in metrics["curve"]] == [0, 30, 60]
 
 
 def test_bad_strategy_is_bad_input(tokenizer_forest: Path, corpus: Path) -> None:
