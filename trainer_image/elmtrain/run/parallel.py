@@ -184,8 +184,15 @@ def _by_name(
 
 
 def device_memory(runtime: Runtime) -> int:
-    """Bytes of one rank's device: the GPU's, or this node's host memory over its ranks."""
+    """Bytes of the smallest rank's device: the GPU's, or a node's host memory over its ranks.
+    The smallest, agreed by all ranks: ranks that chose differently would wait forever."""
     if runtime.device.type == "cuda":
-        return int(torch.cuda.get_device_properties(runtime.device).total_memory)
-    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return host // int(os.environ.get("LOCAL_WORLD_SIZE", runtime.world_size))
+        memory = int(torch.cuda.get_device_properties(runtime.device).total_memory)
+    else:
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        memory = host // int(os.environ.get("LOCAL_WORLD_SIZE", runtime.world_size))
+    if runtime.distributed:
+        smallest = torch.tensor([memory], dtype=torch.int64, device=runtime.device)
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        memory = int(smallest.item())
+    return memory
