@@ -60,11 +60,25 @@ HEAVY_FOLDERS = (
 )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Under ``pytest -n 2`` (``make test``) each of the two workers gets one core's worth of
+    # threads: two workers each spinning two OpenMP threads on two cores slow both down. Set
+    # here, before any test module imports torch; child processes (the CLI, pods) inherit it.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects: the marks must be there by then
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         module = item.path.relative_to(ROOT).as_posix()
         fixtures = set(getattr(item, "fixturenames", ()))
+        # ``--dist loadgroup`` (``make test``): a module's tests stay on one worker, so its
+        # module-scoped fixtures (a trained forest, a server) are built once; the cluster tier is
+        # one group, since its control plane is one per session.
+        item.add_marker(
+            pytest.mark.xdist_group("cluster" if module.startswith("tests/cluster/") else module)
+        )
         if module.startswith("tests/cluster/"):
             item.add_marker(pytest.mark.cluster)
         if (

@@ -146,9 +146,10 @@ def test_the_standby_takes_over_after_a_kill_and_a_drain(
 
     sys.stderr.write(f"takeover after SIGKILL: {killed:.1f} s, after SIGTERM: {drained:.1f} s\n")
     assert killed <= LEASE_DURATION + RETRY_PERIOD + 3, killed
-    # Kopf first stops its handlers and the forests' daemons (about 2 s here), then the Lease
-    # is released: still far below the lease time a crash costs.
-    assert drained <= RETRY_PERIOD + 8, drained
+    # Kopf first stops its handlers and the forests' daemons (about 2 s here, idle), then the
+    # Lease is released: within the lease time a crash costs (issue 29's promise), with margin
+    # for a machine busy with other tests (11 s measured under a load of 7 on 2 cores).
+    assert drained < LEASE_DURATION, drained
     # Every forest's Jobs: one each, whoever led when it was reconciled and since.
     time.sleep(3)
     for forest in ("before", "after-kill", "after-drain"):

@@ -293,7 +293,9 @@ def settled(served: Served) -> None:
 def test_hostile_traffic_never_harms_well_behaved_clients(
     expert_forest: Path, tmp_path: Path
 ) -> None:
-    args = ("--name", NAME, "--max-concurrent-per-key", str(PER_KEY), "--request-timeout", "20")
+    # The server times a request out when a well-behaved client would give up on it.
+    limits = ("--max-concurrent-per-key", str(PER_KEY), "--request-timeout", f"{DEADLINE:g}")
+    args = ("--name", NAME, *limits)
     with serving(str(expert_forest), tmp_path, *args) as served:
 
         async def scenario(count: int, tally: Tally, seed: int) -> None:

@@ -102,7 +102,11 @@ def test_a_list_prompt_gives_one_choice_each(client: openai.OpenAI) -> None:
 def test_the_average_and_single_models_answer(client: openai.OpenAI) -> None:
     for model in (f"{NAME}/average", f"{NAME}/seed", f"{NAME}/expert/finance"):
         answer = client.completions.create(model=model, prompt=COOKING, max_tokens=4)
-        assert answer.model == model and answer.usage.completion_tokens >= 1  # type: ignore[union-attr]
+        assert answer.model == model and answer.usage is not None
+        # A sampled end of text may come first (a tiny model, and the threads' count changes
+        # its weights in the last bits): "stop" then, with fewer tokens than asked for.
+        reason, tokens = answer.choices[0].finish_reason, answer.usage.completion_tokens
+        assert (reason, tokens) == ("length", 4) or (reason == "stop" and tokens < 4), answer
     average = client.completions.create(model=f"{NAME}/average", prompt=COOKING, max_tokens=2)
     weights = average.model_extra["elmforest"]["routing"][0]["experts"]  # type: ignore[index]
     assert sum(w["weight"] for w in weights) == pytest.approx(1)
