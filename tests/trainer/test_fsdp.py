@@ -1,11 +1,11 @@
 """Sharded training (FSDP2) on two CPU ranks (gloo) computes what one process and DDP compute.
 
 One launch of two ranks (this file run as a script under ``elmtrain.run.launch``) trains tiny
-GPT-2 (tied embeddings) and Llama models with ``train()`` under ddp and fsdp, with gradient
-accumulation, clipping, validation and a checkpoint, then resumes the fsdp run from its
-checkpoint; the test trains the same runs in one process and compares every step's loss.
-Then the real CLI: a ``seed`` with ``strategy: fsdp`` (and activation checkpointing) on two
-ranks commits the same model as one process does.
+GPT-2 (tied embeddings), Llama and GPT-NeoX models with ``train()`` under ddp and fsdp, with
+gradient accumulation, clipping, validation and a checkpoint (sharded under fsdp), then resumes
+the fsdp runs from their checkpoints; the test trains the same runs in one process, compares
+every step's loss, and resumes the fsdp checkpoints in one process too. Then the real CLI: a
+``seed`` with ``strategy: fsdp`` on two ranks, sent SIGTERM, checkpoints, exits 75, resumes.
 """
 
 from __future__ import annotations
@@ -186,6 +186,12 @@ def test_fsdp_losses_match_one_process_and_ddp(tmp_path: Path) -> None:
     )
     assert launch.returncode == 0, launch.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    for name, *_ in RUNS:  # fsdp checkpoints are each rank's shards; ddp's the whole model
+        run_id = name.replace("/", "-").replace("_", "-")
+        step_2 = tmp_path / "checkpoints" / "runs" / run_id / "checkpoints" / "step-00000002"
+        files = {p.name for p in step_2.iterdir()}
+        sharded = {"metadata.dcp", "__0_0.distcp", "__1_0.distcp"}
+        assert sharded <= files if "fsdp" in name else "model.safetensors" in files, files
     for family in FAMILIES:
         single = run_training(family, {}, tmp_path / "single", family, runs=1)["run"]
         assert len(single["losses"]) == STEPS
@@ -242,11 +248,12 @@ def test_checkpoints_before_strategies_resume(tmp_path: Path) -> None:
 def test_fsdp_seed_through_the_cli_checkpoints_on_sigterm_and_resumes(
     tokenizer_forest: Path, corpus: Path, forest_copy: Any
 ) -> None:
-    """The real command on two ranks: a SIGTERM to one rank ends in one checkpoint (gathered
-    from the shards) and exit 75 on both, as under ddp; the rerun resumes there and commits a
-    plain Hugging Face model that learnt (the losses' equality is the test above)."""
+    """The real command on two ranks: a SIGTERM to one rank ends in one sharded checkpoint and
+    exit 75 on both, as under ddp; the rerun resumes there and commits a plain Hugging Face
+    model that learnt (the losses' equality is the test above)."""
     from transformers import AutoModelForCausalLM
 
+    from elmtrain.forest import Forest
     from tests.trainer.test_ddp import stopped_at, training_started
 
     forest = forest_copy(tokenizer_forest, "fsdp")
@@ -256,11 +263,17 @@ def test_fsdp_seed_through_the_cli_checkpoints_on_sigterm_and_resumes(
     sailing = corpus / "sailing"
     args = ["seed", "--forest", str(forest), "--data", str(sailing / "train.txt"), "--val-data",
             str(sailing / "valid.txt"), "--model", TINY_MODEL, "--training", settings]  # fmt: skip
+    # The tokenizer in the local cache first: two ranks fetching it into a cold cache at once
+    # race (each replaces the folder the other may be reading; forest.fetch), as in test_ddp,
+    # whose one-process run fetches it before its two-rank ones.
+    Forest.open(str(forest)).tokenizer_dir()
     run = forest / "runs" / "seed"
     process, ranks = training_started(args, run / "progress.json")
     os.kill(ranks[1].pid, signal.SIGTERM)
     stopped = stopped_at(process)  # exit 75 within the grace period, one step on both ranks
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step-{stopped:08d}"]
+    shards = {p.name for p in (run / "checkpoints" / f"step-{stopped:08d}").glob("*.distcp")}
+    assert shards == {"__0_0.distcp", "__1_0.distcp"}  # each rank wrote its own
 
     # Rank 0's log only: two ranks' lines interleave mid-line on one pipe.
     launch = two_ranks("--local-ranks-filter=0", "-m", "elmtrain", *args)

@@ -1,4 +1,9 @@
-"""Resumable step checkpoints under ``runs/<id>/checkpoints/step-N``, committed by marker."""
+"""Resumable step checkpoints under ``runs/<id>/checkpoints/step-N``, committed by marker.
+
+Two formats: the whole model (a Hugging Face folder) and the training state, written by rank 0;
+or sharded (``sharded_checkpoint.py``), every rank writing its shards. Either resumes a run of
+any strategy and world size.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,16 @@ from typing import Any
 
 import structlog
 import torch
+import torch.distributed as dist
+from torch import nn
 from transformers import PreTrainedModel
 
 from elmcore import layout
 from elmcore.storage import Storage
-from elmcore.storage.commit import commit_dir, committed_steps, fetch_committed
+from elmcore.storage.commit import commit_dir, committed_steps, fetch_committed, read_marker
 from elmtrain.cache import cache_dir
 from elmtrain.model.families import load_model, save_model
+from elmtrain.run.sharded_checkpoint import STORED_METADATA, load_sharded, save_sharded
 
 log = structlog.get_logger(__name__)
 STATE_FILE = "training_state.pt"
@@ -24,8 +32,10 @@ STATE_FILE = "training_state.pt"
 @dataclass
 class Resumed:
     step: int
-    model: PreTrainedModel
-    state: dict[str, Any]
+    # A whole-model checkpoint's model and state; None for a sharded one, which loads into
+    # the sharded model and its optimizer (``load_shards``).
+    model: PreTrainedModel | None
+    state: dict[str, Any] | None
 
 
 class Checkpointer:
@@ -40,7 +50,20 @@ class Checkpointer:
             torch.save(state, folder / STATE_FILE)
             commit_dir(self.storage, folder, layout.run_checkpoint(self.run_id, step), step)
         log.info("checkpoint.committed", run_id=self.run_id, step=step)
-        # Prune only after the new one is committed: there is always one to resume from.
+        self._prune()
+
+    def save_shards(
+        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    ) -> None:
+        """A sharded checkpoint: every rank calls it, and writes its own shards."""
+        save_sharded(
+            self.storage, layout.run_checkpoint(self.run_id, step), step, model, optimizer, state
+        )
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            self._prune()
+
+    def _prune(self) -> None:
+        # Only after the new one is committed: there is always one to resume from.
         for old in committed_steps(self.storage, self.prefix)[: -self.keep]:
             self.storage.delete_prefix(layout.run_checkpoint(self.run_id, old))
 
@@ -49,6 +72,9 @@ class Checkpointer:
         if not steps:
             return None
         step = steps[-1]
+        found = read_marker(self.storage, layout.run_checkpoint(self.run_id, step))
+        if found is not None and STORED_METADATA in found[0].files:
+            return Resumed(step=step, model=None, state=None)
         with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
             folder = Path(tmp) / "checkpoint"
             fetch_committed(self.storage, layout.run_checkpoint(self.run_id, step), folder)
@@ -56,6 +82,15 @@ class Checkpointer:
             state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
         log.info("checkpoint.resumed", run_id=self.run_id, step=step)
         return Resumed(step=step, model=model, state=state)
+
+    def load_shards(
+        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> dict[str, Any]:
+        """Load a sharded checkpoint into this rank's ``model`` and ``optimizer``; its state."""
+        key = layout.run_checkpoint(self.run_id, step)
+        state = load_sharded(self.storage, key, model, optimizer)
+        log.info("checkpoint.resumed", run_id=self.run_id, step=step, sharded=True)
+        return state
 
     def clear(self) -> None:
         self.storage.delete_prefix(self.prefix)

@@ -56,6 +56,12 @@ class Parallel:
     engine: nn.Module  # engine(input_ids) -> the mean next-token loss of this rank's rows
     device: torch.device  # where the model computes (its shards may live in host memory)
 
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """Whether checkpoints are written as each rank's shards (``sharded_checkpoint.py``)
+        rather than as the whole model from rank 0."""
+        return self.strategy == "fsdp"
+
     def accumulating(self, last: bool) -> AbstractContextManager[object]:
         """Gradients are reduced across ranks on a step's last micro-batch only."""
         if isinstance(self.engine, FSDPModule):

@@ -8,8 +8,8 @@ scheduler, RNG, curve) and, written last by rank 0, the commit marker listing ev
 files with their sha256 and size, as ``commit_dir`` does for one writer.
 So nothing is read before its marker exists, and every file is verified when fetched.
 
-Not yet wired into the training loop (issue 27, point 3): each reader fetches the whole folder
-(every rank's shards), not only the shards it needs.
+fsdp runs checkpoint this way (``Checkpointer.save_shards``). Not yet (issue 27, point 3):
+each reader fetches the whole folder (every rank's shards), not only the shards it needs.
 """
 
 from __future__ import annotations

@@ -162,17 +162,11 @@ def train(
     # Where the data stands is the step (the order is a pure function of step and seed) over
     # these sequences; a checkpoint says which, so a resume never continues on other data.
     data = {"sequences": len(sequences), "seq_len": int(sequences.shape[1])}
+    # A whole-model checkpoint replaces the model now; a sharded one loads into its shards
+    # once they exist (below).
     resumed = checkpointer.latest(runtime.device)
-    if resumed is not None:
-        model, start_step = resumed.model, resumed.step
-        curve = [CurvePoint.model_validate(p) for p in resumed.state.get("curve", [])]
-        recorded = resumed.state.get("data", data)  # checkpoints before shards: not recorded
-        if recorded != data:
-            raise BadInputError(
-                f"the training data changed since the checkpoint of step {start_step} "
-                f"({recorded['sequences']} sequences then, {data['sequences']} now): restore it, "
-                f"or delete runs/{checkpointer.run_id}/checkpoints to start over"
-            )
+    if resumed is not None and resumed.model is not None:
+        model = resumed.model
     model.to(runtime.device).train()
     fuse_activations(model)  # same math, one kernel (model/kernels.py)
 
@@ -183,28 +177,42 @@ def train(
     optimizer = _optimizer(parallel.model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     if resumed is not None:
-        parallel.load_optimizer_state(optimizer, resumed.state["optimizer"])
-        scheduler.load_state_dict(resumed.state["scheduler"])
-        torch.set_rng_state(resumed.state["rng"])
+        start_step = resumed.step
+        if resumed.state is None:
+            state = checkpointer.load_shards(start_step, parallel.model, optimizer)
+        else:
+            state = resumed.state
+            parallel.load_optimizer_state(optimizer, state["optimizer"])
+        curve = [CurvePoint.model_validate(p) for p in state.get("curve", [])]
+        recorded = state.get("data", data)  # checkpoints before shards: not recorded
+        if recorded != data:
+            raise BadInputError(
+                f"the training data changed since the checkpoint of step {start_step} "
+                f"({recorded['sequences']} sequences then, {data['sequences']} now): restore it, "
+                f"or delete runs/{checkpointer.run_id}/checkpoints to start over"
+            )
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
     engine = parallel.engine
     if cfg.compile:
         engine = torch.compile(engine)  # type: ignore[assignment]
 
     def save(step: int) -> None:
-        # Every rank takes part in gathering the weights and the optimizer state (under fsdp
-        # each holds a share); rank 0 writes them.
+        state = {
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "step": step,
+            "curve": [p.model_dump() for p in curve],
+            "data": data,
+        }
+        if parallel.sharded_checkpoints:  # every rank writes its shards, in parallel
+            checkpointer.save_shards(step, parallel.model, optimizer, state)
+            return
+        # The whole model and optimizer state, gathered by every rank and written by rank 0.
         weights = parallel.full_model()
-        optimizer_state = parallel.optimizer_state(optimizer)
+        state["optimizer"] = parallel.optimizer_state(optimizer)
         if runtime.is_main:
             assert weights is not None
-            state = {
-                "optimizer": optimizer_state,
-                "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(),
-                "step": step,
-                "curve": [p.model_dump() for p in curve],
-                "data": data,
-            }
             checkpointer.save(step, weights, state)
         runtime.barrier()
 
