@@ -42,6 +42,8 @@ HEAVY_MODULES = frozenset(
         "tests/trainer/test_cli_errors.py",
         "tests/trainer/test_data.py",
         "tests/trainer/test_ddp.py",
+        "tests/trainer/test_fsdp.py",
+        "tests/trainer/test_sharded_checkpoint.py",  # 2 gloo ranks as processes
         "tests/trainer/test_imports.py",
         "tests/trainer/test_pretrained.py",
         "tests/trainer/test_resume.py",

@@ -16,6 +16,7 @@ PURE = [
     "elmcore.config",
     "elmcore.lineage",
     "elmcore.priors",
+    "elmcore.sharding",
     "elmforest.planner.branch",
     "elmforest.planner.forest",
     "elmforest.api.crds",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -39,8 +40,15 @@ class Forest:
     def fetch(self, entry: ArtifactEntry) -> Path:
         """A verified local copy of a committed artifact, cached by its marker's sha256."""
         target = cache_dir() / "artifacts" / entry.sha256
-        if not (target / layout.COMMIT_MARKER).is_file():
-            fetch_committed(self.storage, entry.path, target, entry.sha256)
+        if (target / layout.COMMIT_MARKER).is_file():
+            return target
+        # The ranks of one pod share the cache. One downloads while the others wait and then
+        # reuse its copy: a second download would replace the folder under a rank reading it.
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with (target.parent / f".{entry.sha256}.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if not (target / layout.COMMIT_MARKER).is_file():
+                fetch_committed(self.storage, entry.path, target, entry.sha256)
         return target
 
     def _tokenizer_entry(self) -> ArtifactEntry:
