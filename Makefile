@@ -26,7 +26,7 @@ typecheck: $(STAMP)
 # Two workers (this machine and CI have 2 cores): the cluster tier, mostly waiting on its control
 # plane and pods, on one; the other tiers, module by module, beside it (tests/conftest.py).
 pytest: $(STAMP)
-	$(VENV)/bin/pytest -n 2 --dist loadgroup
+	$(VENV)/bin/pytest -n 2 --dist loadgroup --no-loadscope-reorder
 
 # The pure and unit tiers in under two minutes, no build: what to run while you work.
 test-fast: $(STAMP)
