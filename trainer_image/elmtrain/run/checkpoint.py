@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from elmcore import layout
+from elmcore.errors import IntegrityError
 from elmcore.storage import Storage
 from elmcore.storage.commit import commit_dir, committed_steps, fetch_committed, read_marker
 from elmtrain.cache import cache_dir
@@ -68,29 +69,57 @@ class Checkpointer:
             self.storage.delete_prefix(layout.run_checkpoint(self.run_id, old))
 
     def latest(self, device: torch.device) -> Resumed | None:
-        steps = committed_steps(self.storage, self.prefix)
-        if not steps:
-            return None
-        step = steps[-1]
-        found = read_marker(self.storage, layout.run_checkpoint(self.run_id, step))
-        if found is not None and STORED_METADATA in found[0].files:
-            return Resumed(step=step, model=None, state=None)
-        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-            folder = Path(tmp) / "checkpoint"
-            fetch_committed(self.storage, layout.run_checkpoint(self.run_id, step), folder)
-            model = load_model(folder, device)
-            state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-        log.info("checkpoint.resumed", run_id=self.run_id, step=step)
-        return Resumed(step=step, model=model, state=state)
+        """The newest committed checkpoint that reads back whole: one whose files do not match
+        their sha256 is skipped for the older one kept beside it (``keep`` >= 2), since a run
+        resumed a few steps earlier loses less than a run that cannot resume at all. A sharded
+        one is verified when ``load_shards`` reads it, with the same fallback."""
+        corrupt: IntegrityError | None = None
+        for step in reversed(committed_steps(self.storage, self.prefix)):
+            key = layout.run_checkpoint(self.run_id, step)
+            found = read_marker(self.storage, key)
+            if found is not None and STORED_METADATA in found[0].files:
+                return Resumed(step=step, model=None, state=None)
+            try:
+                with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+                    folder = Path(tmp) / "checkpoint"
+                    fetch_committed(self.storage, key, folder)
+                    model = load_model(folder, device)
+                    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+            except IntegrityError as error:
+                log.warning("checkpoint.corrupt", run_id=self.run_id, step=step, error=str(error))
+                corrupt = error
+                continue
+            log.info("checkpoint.resumed", run_id=self.run_id, step=step)
+            return Resumed(step=step, model=model, state=state)
+        if corrupt is not None:  # every kept checkpoint is corrupt: say so, never start over
+            raise corrupt
+        return None
 
     def load_shards(
         self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer
-    ) -> dict[str, Any]:
-        """Load a sharded checkpoint into this rank's ``model`` and ``optimizer``; its state."""
-        key = layout.run_checkpoint(self.run_id, step)
-        state = load_sharded(self.storage, key, model, optimizer)
-        log.info("checkpoint.resumed", run_id=self.run_id, step=step, sharded=True)
-        return state
+    ) -> tuple[int, dict[str, Any]]:
+        """Load the sharded checkpoint of ``step`` into this rank's ``model`` and ``optimizer``,
+        or, if its files do not match their sha256, the newest older sharded one; that step and
+        its state. Every rank downloads and checks every file, so all ranks see the same bytes
+        and fall back alike (a fetch fails before anything is loaded into the model)."""
+        older = [s for s in committed_steps(self.storage, self.prefix) if s < step]
+        corrupt = IntegrityError(f"run {self.run_id}: no sharded checkpoint at step {step}")
+        for candidate in [step, *reversed(older)]:
+            key = layout.run_checkpoint(self.run_id, candidate)
+            found = read_marker(self.storage, key)
+            if found is None or STORED_METADATA not in found[0].files:
+                continue  # pruned meanwhile, or a whole-model checkpoint of an earlier strategy
+            try:
+                state = load_sharded(self.storage, key, model, optimizer)
+            except IntegrityError as error:
+                log.warning(
+                    "checkpoint.corrupt", run_id=self.run_id, step=candidate, error=str(error)
+                )
+                corrupt = error
+                continue
+            log.info("checkpoint.resumed", run_id=self.run_id, step=candidate, sharded=True)
+            return candidate, state
+        raise corrupt  # every kept one is corrupt: say so, never start over
 
     def clear(self) -> None:
         self.storage.delete_prefix(self.prefix)

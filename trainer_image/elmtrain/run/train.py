@@ -179,7 +179,7 @@ def train(
     if resumed is not None:
         start_step = resumed.step
         if resumed.state is None:
-            state = checkpointer.load_shards(start_step, parallel.model, optimizer)
+            start_step, state = checkpointer.load_shards(start_step, parallel.model, optimizer)
         else:
             state = resumed.state
             parallel.load_optimizer_state(optimizer, state["optimizer"])
