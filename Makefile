@@ -23,10 +23,8 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-# Two workers (this machine and CI have 2 cores): the cluster tier, mostly waiting on its control
-# plane and pods, on one; the other tiers, module by module, beside it (tests/conftest.py).
 pytest: $(STAMP)
-	$(VENV)/bin/pytest -n 2 --dist loadgroup --no-loadscope-reorder
+	$(VENV)/bin/pytest
 
 # The pure and unit tiers in under two minutes, no build: what to run while you work.
 test-fast: $(STAMP)

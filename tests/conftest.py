@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from tests.harness.moto import create_bucket, moto_server
 from tests.textgen import write_domains
@@ -62,25 +63,11 @@ HEAVY_FOLDERS = (
 )
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    # Under ``pytest -n 2`` (``make test``) each of the two workers gets one core's worth of
-    # threads: two workers each spinning two OpenMP threads on two cores slow both down. Set
-    # here, before any test module imports torch; child processes (the CLI, pods) inherit it.
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects: the marks must be there by then
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         module = item.path.relative_to(ROOT).as_posix()
         fixtures = set(getattr(item, "fixturenames", ()))
-        # ``--dist loadgroup`` (``make test``): a module's tests stay on one worker, so its
-        # module-scoped fixtures (a trained forest, a server) are built once; the cluster tier is
-        # one group, since its control plane is one per session.
-        item.add_marker(
-            pytest.mark.xdist_group("cluster" if module.startswith("tests/cluster/") else module)
-        )
         if module.startswith("tests/cluster/"):
             item.add_marker(pytest.mark.cluster)
         if (
@@ -91,35 +78,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             or item.get_closest_marker("cluster")
         ):
             item.add_marker(pytest.mark.heavy)
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        items.sort(key=_start_order)  # stable: a module's tests keep their order
-
-
-# The modules that took over two minutes each (``--durations``, 2026-12-04), longest first.
-SLOWEST_MODULES = (
-    "tests/local/test_quickstart.py",
-    "tests/trainer/test_end_to_end_s3.py",
-    "tests/operator/test_end_to_end.py",
-    "tests/serving/test_lm_eval.py",
-    "tests/trainer/test_resume.py",
-    "tests/serving/test_traffic.py",
-    "tests/reliability/test_concurrency.py",
-    "tests/serving/test_hostile_traffic.py",
-    "tests/trainer/test_lineage.py",
-)
-
-
-def _start_order(item: pytest.Item) -> int:
-    """Under xdist (``make test``, run with ``--no-loadscope-reorder``) the groups start in the
-    order of their first test: the cluster tier, then the slowest modules, the other heavy ones,
-    and the quick ones last, which fill the gaps at the end instead of a long module running
-    alone while the other worker has nothing left."""
-    module = item.path.relative_to(ROOT).as_posix()
-    if module.startswith("tests/cluster/"):
-        return 0
-    if module in SLOWEST_MODULES:
-        return 1 + SLOWEST_MODULES.index(module)
-    return 1 + len(SLOWEST_MODULES) + (0 if item.get_closest_marker("heavy") else 1)
 
 
 @pytest.fixture(scope="session")
@@ -127,6 +85,16 @@ def s3_endpoint() -> Iterator[str]:
     """moto's standalone server: the real S3 wire protocol, conditional writes included."""
     with moto_server() as endpoint:
         yield endpoint
+
+
+@pytest.fixture(autouse=True)
+def _structlog_config() -> Iterator[None]:
+    """A test that runs a CLI in-process (``cli.main``) configures structlog to print to the
+    stream pytest captured for that test, closed afterwards; later tests logging in-process
+    would then fail with "I/O operation on closed file". Each test gets the configuration back."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 @pytest.fixture(autouse=True)
