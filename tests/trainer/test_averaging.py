@@ -16,6 +16,7 @@ from elmcore.errors import BadInputError
 from elmtrain.config import ModelConfig
 from elmtrain.model.averaging import average_files, average_models
 from elmtrain.model.families import build_model, save_model
+from tests.conftest import ROOT
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -72,34 +73,23 @@ def test_mismatched_inputs_are_bad_input(tmp_path: Path) -> None:
 
 
 PEAK_RSS = """
-import os, sys, threading, time
+import sys
 from pathlib import Path
 from elmtrain.model.averaging import average_files
 from safetensors.torch import load_file
-
-def rss_kib():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+from tests.harness.peakrss import peak_growth_kib
 
 paths = [Path(p) for p in sys.argv[3:]]
-baseline, peak, done = rss_kib(), [0], threading.Event()
 
-def sample():
-    while not done.is_set():
-        peak[0] = max(peak[0], rss_kib())
-        time.sleep(0.001)
-
-sampler = threading.Thread(target=sample)
-sampler.start()
-if sys.argv[1] == "stream":
+def stream():
     average_files(paths, [1 / len(paths)] * len(paths), Path(sys.argv[2]))
-else:  # the naive way, to show this measurement does see whole-model loading
+
+def naive():  # the naive way, to show this measurement does see whole-model loading
     tensors = [load_file(p) for p in paths]
     for t in tensors:
         t["big"].sum()
-done.set()
-sampler.join()
-print(max(peak[0], rss_kib()) - baseline)
+
+print(peak_growth_kib(stream if sys.argv[1] == "stream" else naive))
 """
 
 
@@ -109,6 +99,7 @@ def _peak_growth_kib(out: Path, inputs: list[Path], mode: str = "stream") -> int
         capture_output=True,
         text=True,
         check=True,
+        cwd=ROOT,
     )
     return int(completed.stdout.strip())
 

@@ -39,22 +39,18 @@ def seed_args(forest: Path, corpus: Path) -> list[str]:
     ]
 
 
-def two_ranks(args: list[str]) -> list[str]:
-    """The command a multi-GPU Job runs (planner/jobs.py), on two CPU processes."""
+def two_rank_command(*args: str) -> list[str]:
+    """``elmtrain.run.launch`` of two CPU processes with ``args`` (``-m module ...``)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    return [
-        sys.executable,
-        "-m",
-        "elmtrain.run.launch",
-        "--nproc-per-node=2",
-        "--master-addr=127.0.0.1",
-        f"--master-port={port}",
-        "-m",
-        "elmtrain",
-        *args,
-    ]
+    return [sys.executable, "-m", "elmtrain.run.launch", "--nproc-per-node=2",
+            "--master-addr=127.0.0.1", f"--master-port={port}", *args]  # fmt: skip
+
+
+def two_ranks(args: list[str]) -> list[str]:
+    """The command a multi-GPU Job runs (planner/jobs.py), on two CPU processes."""
+    return two_rank_command("-m", "elmtrain", *args)
 
 
 def test_two_rank_ddp_matches_single_process(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 from elmcore.errors import ExitCode
 from elmcore.sharding import choose_strategy, training_state_bytes
 from tests.conftest import TINY_MODEL, elmtrain, training
+from tests.trainer.test_ddp import two_rank_command
 
 STEPS = 4
 VOCAB = 256
@@ -167,17 +167,11 @@ def rank_mean(ranks: list[dict[str, Any]], key: str, run: str) -> dict[str, Any]
     return {**records[0], "losses": losses}
 
 
-def two_ranks(*args: str) -> list[str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return [sys.executable, "-m", "elmtrain.run.launch", "--nproc-per-node=2",
-            "--master-addr=127.0.0.1", f"--master-port={port}", *args]  # fmt: skip
-
-
-def test_fsdp_losses_match_one_process_and_ddp(tmp_path: Path) -> None:
+def run_two_ranks(module: str, folder: Path) -> None:
+    """``python -m module folder`` as two gloo ranks (the module's ``__main__`` part); both
+    must exit 0."""
     launch = subprocess.run(
-        two_ranks("-m", "tests.trainer.test_fsdp", str(tmp_path)),
+        two_rank_command("-m", module, str(folder)),
         capture_output=True,
         text=True,
         timeout=300,
@@ -185,6 +179,10 @@ def test_fsdp_losses_match_one_process_and_ddp(tmp_path: Path) -> None:
         cwd=Path(__file__).resolve().parents[2],
     )
     assert launch.returncode == 0, launch.stderr[-4000:]
+
+
+def test_fsdp_losses_match_one_process_and_ddp(tmp_path: Path) -> None:
+    run_two_ranks("tests.trainer.test_fsdp", tmp_path)
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     for name, *_ in RUNS:  # fsdp checkpoints are each rank's shards; ddp's the whole model
         run_id = name.replace("/", "-").replace("_", "-")
@@ -276,7 +274,7 @@ def test_fsdp_seed_through_the_cli_checkpoints_on_sigterm_and_resumes(
     assert shards == {"__0_0.distcp", "__1_0.distcp"}  # each rank wrote its own
 
     # Rank 0's log only: two ranks' lines interleave mid-line on one pipe.
-    launch = two_ranks("--local-ranks-filter=0", "-m", "elmtrain", *args)
+    launch = two_rank_command("--local-ranks-filter=0", "-m", "elmtrain", *args)
     completed = subprocess.run(launch, capture_output=True, text=True, timeout=300, check=False)
     assert completed.returncode == 0, completed.stderr[-4000:]
     lines = [json.loads(line) for line in completed.stderr.splitlines() if line.startswith("{")]

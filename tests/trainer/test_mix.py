@@ -29,7 +29,7 @@ from elmtrain.mix.build import write_mix
 from elmtrain.mix.plan import check_mixable, expert_name, mixtral_config
 from elmtrain.mix.router import centroid_router, random_router
 from elmtrain.model.families import build_model, load_model, save_model
-from tests.conftest import elmtrain
+from tests.conftest import ROOT, elmtrain
 
 DOMAINS = ("cooking", "finance", "sailing")  # the manifest's order: slots 0, 1, 2
 LLAMA = {"family": "llama", "d_model": 32, "n_layers": 2, "n_heads": 2, "context_length": 64}
@@ -295,30 +295,16 @@ def test_gpt2_forest_is_refused(tokenizer_forest: Path, tmp_path: Path) -> None:
 
 
 PEAK_RSS = """
-import json, os, sys, threading, time
+import json, sys
 from pathlib import Path
 import numpy as np
 from elmtrain.mix.build import write_mix
-
-def rss_kib():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+from tests.harness.peakrss import peak_growth_kib
 
 dirs = [Path(p) for p in sys.argv[2:]]
-baseline, peak, done = rss_kib(), [0], threading.Event()
-
-def sample():
-    while not done.is_set():
-        peak[0] = max(peak[0], rss_kib())
-        time.sleep(0.001)
-
-sampler = threading.Thread(target=sample)
-sampler.start()
-write_mix(dirs, [1.0] * len(dirs), np.zeros((1, len(dirs), 64), np.float32), 2, Path(sys.argv[1]))
-done.set()
-sampler.join()
-print(json.dumps({"growth_kib": max(peak[0], rss_kib()) - baseline,
-                  "torch": "torch" in sys.modules}))
+routers = np.zeros((1, len(dirs), 64), np.float32)
+growth = peak_growth_kib(lambda: write_mix(dirs, [1.0] * len(dirs), routers, 2, Path(sys.argv[1])))
+print(json.dumps({"growth_kib": growth, "torch": "torch" in sys.modules}))
 """
 
 
@@ -349,6 +335,7 @@ def test_mixing_streams_without_torch(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         check=True,
+        cwd=ROOT,
     )
     found = json.loads(completed.stdout.strip().splitlines()[-1])
     tensor_kib = inner * hidden * 4 // 1024

@@ -7,14 +7,13 @@ The two ranks are this file run as a script under ``elmtrain.run.launch``.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.trainer.test_fsdp import two_ranks
+from tests.trainer.test_fsdp import run_two_ranks
 
 LLAMA = {"family": "llama", "d_model": 48, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
          "context_length": 32, "tie_embeddings": False}  # fmt: skip
@@ -100,15 +99,7 @@ def test_sharded_checkpoints_move_between_one_and_two_ranks(tmp_path: Path) -> N
     save_sharded(storage, "one", 1, parallel.model, optimizer, {"step": 1})
     saved = full_state(parallel, optimizer)
 
-    launch = subprocess.run(
-        two_ranks("-m", "tests.trainer.test_sharded_checkpoint", str(tmp_path)),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        cwd=Path(__file__).resolve().parents[2],
-    )
-    assert launch.returncode == 0, launch.stderr[-4000:]
+    run_two_ranks("tests.trainer.test_sharded_checkpoint", tmp_path)
     ranks = torch.load(tmp_path / "ranks.pt", weights_only=True)
     assert_same(saved, ranks["loaded"])  # one process -> two ranks' shards, exactly
     assert (tmp_path / "two" / "__1_0.distcp").is_file()  # rank 1 wrote its own shards
