@@ -33,6 +33,7 @@ COMMANDS = {
     "ensemble-eval": "ensemble_eval",
     "average": "average",
     "mix": "mix",
+    "mix-train": "mix_train",
     "generate": "generate",
     "report": "report",
     "lineage": "lineage",

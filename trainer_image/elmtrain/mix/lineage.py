@@ -1,13 +1,14 @@
-"""``mix.json``: what a mixed model was made of, written beside its weights."""
+"""``mix.json``: what a mixed model was made of, written beside its weights; ``mix-train``
+appends each finetuning of it."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
 from elmcore.names import Domain
-from elmcore.records import Record, utc_now
+from elmcore.records import Metrics, Record, SourceFile, utc_now
 from elmtrain.mix.router import RouterInit
 
 LINEAGE_FILE = "mix.json"
@@ -22,6 +23,24 @@ class MixedExpert(Record):
     weight: float = Field(ge=0)  # its share of the averaged (attention, embedding) tensors
 
 
+class MixFinetune(Record):
+    """One ``elmtrain mix-train`` of the mix: from which committed bytes, on which text, how."""
+
+    run_id: str
+    mix: str  # the finetuned folder's location, as given
+    mix_sha256: str  # its commit marker's sha256
+    steps: int = Field(ge=0)
+    router_only: bool
+    aux_loss_coef: float = Field(ge=0)
+    data: list[SourceFile]  # training text, with the content hashes tokenized
+    val_data: list[SourceFile] = Field(default_factory=list)
+    training: dict[str, Any]  # the effective TrainingConfig
+    metrics: Metrics
+    image: str | None = None
+    elmtrain_version: str = "unknown"
+    created_at: str = Field(default_factory=utc_now)
+
+
 class MixLineage(Record):
     experts: list[MixedExpert]
     average: Literal["uniform", "posterior"]
@@ -34,3 +53,4 @@ class MixLineage(Record):
     manifest_revision: int = Field(ge=0)
     elmtrain_version: str = "unknown"
     created_at: str = Field(default_factory=utc_now)
+    finetunes: list[MixFinetune] = Field(default_factory=list)  # oldest first

@@ -102,21 +102,50 @@ def linear_cross_entropy(
     return loss
 
 
+def router_aux_coef(config: Any) -> float | None:
+    """The load-balancing loss's weight when ``config`` is a mixture-of-experts model that asks
+    for it (``output_router_logits``, as Mixtral's own loss adds it only then), else None."""
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    coef = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+    if not experts or not getattr(config, "output_router_logits", False) or coef == 0.0:
+        return None
+    return coef
+
+
 class CausalLMLoss(nn.Module):
     """``forward(input_ids)`` -> the next-token loss of ``model``, with the fused output layer.
 
     A module (not a function) so DDP and ``torch.compile`` wrap it like the model itself.
-    Sequences are packed (no padding), so every next token counts.
+    Sequences are packed (no padding), so every next token counts. For a mixture-of-experts
+    model whose config asks for it (``output_router_logits``, ``router_aux_loss_coef`` > 0),
+    the routers' load-balancing loss (Switch Transformer's, transformers'
+    ``load_balancing_loss_func`` over every layer's router logits of this batch) is added
+    with that weight, as ``MixtralForCausalLM``'s own loss adds it: the training loop and the
+    sharding never need to know.
     """
 
     def __init__(self, model: PreTrainedModel, rows: int | None = None) -> None:
         super().__init__()
         self.model, self.rows = model, rows
+        self.aux_coef = router_aux_coef(model.config)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        out = self.model.base_model(input_ids=input_ids, use_cache=False)
+        routed = {"output_router_logits": True} if self.aux_coef is not None else {}
+        out = self.model.base_model(input_ids=input_ids, use_cache=False, **routed)
         hidden = out.last_hidden_state[:, :-1].reshape(-1, out.last_hidden_state.shape[-1])
         head = self.model.get_output_embeddings()
         assert isinstance(head, nn.Linear), "a causal LM's output layer is a Linear"
         targets = input_ids[:, 1:].reshape(-1)
-        return linear_cross_entropy(hidden, head.weight, head.bias, targets, self.rows)
+        loss = linear_cross_entropy(hidden, head.weight, head.bias, targets, self.rows)
+        if self.aux_coef is not None:
+            loss = loss + self.aux_coef * self._load_balancing(out.router_logits)
+        return loss
+
+    def _load_balancing(self, router_logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+        config = self.model.config
+        experts = getattr(config, "num_local_experts", None) or config.num_experts
+        aux = load_balancing_loss_func(router_logits, experts, config.num_experts_per_tok)
+        assert isinstance(aux, torch.Tensor), "router logits were asked for"
+        return aux.float()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -23,7 +24,7 @@ from elmcore.storage.commit import commit_dir
 from elmcore.storage.manifest_store import merge_verified
 from elmtrain.cache import cache_dir
 from elmtrain.config import TrainingConfig
-from elmtrain.data import TokenSequences, load_sequences
+from elmtrain.data import TokenSequences, TokenStore, load_sequences
 from elmtrain.forest import Forest
 from elmtrain.model.families import save_model
 from elmtrain.model.files import copy_tokenizer
@@ -82,38 +83,55 @@ def _learning_curve(
     return [first, *during, last] if cfg.steps > 0 else [first]
 
 
-def run_training_job(
-    forest: Forest, spec: JobSpec, model: PreTrainedModel, runtime: Runtime
-) -> Result:
-    cfg = spec.training
+@dataclass
+class Trained:
+    """A finished run's whole model (every rank), its metrics, checkpointer and token store."""
+
+    model: PreTrainedModel
+    metrics: Metrics
+    checkpointer: Checkpointer
+    store: TokenStore
+
+
+def train_and_evaluate(
+    forest: Forest,
+    run_id: str,
+    cfg: TrainingConfig,
+    train_data: list[str],
+    val_data: list[str],
+    model: PreTrainedModel,
+    runtime: Runtime,
+) -> Trained:
+    """Read the data, measure the init, run the training loop (resuming from the run's last
+    checkpoint), measure the result: every job that trains (seed, branch, ``mix-train``)."""
     reporter = ProgressReporter(
-        forest.storage if runtime.is_main else None, spec.run_id, cfg.progress_interval_seconds
+        forest.storage if runtime.is_main else None, run_id, cfg.progress_interval_seconds
     )
-    reporter.report(Progress(run_id=spec.run_id, phase="initializing"), force=True)
+    reporter.report(Progress(run_id=run_id, phase="initializing"), force=True)
     store = forest.token_store()
     # Training reads its windows lazily from the token shards (prepared here if the prepare
     # step has not); validation is a few batches, read into memory.
     sequences: TokenSequences | torch.Tensor = (
-        store.sequences(spec.train_data, cfg.seq_len)
-        if spec.train_data
+        store.sequences(train_data, cfg.seq_len)
+        if train_data
         else torch.empty(0, cfg.seq_len, dtype=torch.long)  # importing weights: nothing to train
     )
     val = None
-    if spec.val_data:
-        val = load_sequences(spec.val_data, store, cfg.seq_len, cfg.eval_batches * cfg.batch_size)
+    if val_data:
+        val = load_sequences(val_data, store, cfg.seq_len, cfg.eval_batches * cfg.batch_size)
     log.info(
         "job.data",
-        run_id=spec.run_id,
+        run_id=run_id,
         train_sequences=len(sequences),
         val_sequences=0 if val is None else len(val),
     )
 
     model.to(runtime.device)
-    checkpointer = Checkpointer(forest.storage, spec.run_id, cfg.keep_checkpoints)
-    loss_before, ppl_before = _before_training(forest, spec.run_id, model, val, runtime)
+    checkpointer = Checkpointer(forest.storage, run_id, cfg.keep_checkpoints)
+    loss_before, ppl_before = _before_training(forest, run_id, model, val, runtime)
     outcome = train(model, sequences, cfg, runtime, checkpointer, reporter, val)
     reporter.report(
-        Progress(run_id=spec.run_id, phase="evaluating", step=cfg.steps, total_steps=cfg.steps),
+        Progress(run_id=run_id, phase="evaluating", step=cfg.steps, total_steps=cfg.steps),
         force=True,
     )
     loss_after, ppl_after, val_tokens = _validation_ppl(outcome.model, val, runtime)
@@ -128,6 +146,15 @@ def run_training_job(
         seconds=round(outcome.seconds, 2),
         curve=_learning_curve(cfg, loss_before, outcome.curve, loss_after),
     )
+    return Trained(outcome.model, metrics, checkpointer, store)
+
+
+def run_training_job(
+    forest: Forest, spec: JobSpec, model: PreTrainedModel, runtime: Runtime
+) -> Result:
+    trained = train_and_evaluate(
+        forest, spec.run_id, spec.training, spec.train_data, spec.val_data, model, runtime
+    )
     result = Result(
         run_id=spec.run_id,
         kind=spec.kind,
@@ -137,12 +164,12 @@ def run_training_job(
         version=spec.version,
         init_strategy=spec.init_strategy,
         parents=spec.parents,
-        metrics=metrics,
-        lineage=run_lineage(forest, store, spec) if runtime.is_main else None,
+        metrics=trained.metrics,
+        lineage=run_lineage(forest, trained.store, spec) if runtime.is_main else None,
     )
     if runtime.is_main:
-        result = publish(forest, spec, outcome.model, result)
-        checkpointer_cleanup(checkpointer)
+        result = publish(forest, spec, trained.model, result)
+        checkpointer_cleanup(trained.checkpointer)
     runtime.barrier()
     return result
 

@@ -166,7 +166,12 @@ def train(
     # once they exist (below).
     resumed = checkpointer.latest(runtime.device)
     if resumed is not None and resumed.model is not None:
+        # The checkpoint's weights, the caller's choice of what trains: a part it froze
+        # (``mix-train --router-only``) stays frozen, and the optimizer state matches it.
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
         model = resumed.model
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in frozen)
     model.to(runtime.device).train()
     fuse_activations(model)  # same math, one kernel (model/kernels.py)
 
