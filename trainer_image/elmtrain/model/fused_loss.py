@@ -66,8 +66,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # d(loss)/d(logits) = softmax - one_hot, computed in the log-probabilities' buffer.
                 grad = log_probs.exp_()
                 grad[torch.arange(grad.shape[0], device=grad.device), y] -= 1.0
-                grad_hidden[start : start + rows] = grad.to(dtype) @ w
-                grad_weight += grad.to(dtype).t() @ h
+                g = grad.to(dtype)  # the same tensor in fp32
+                # The products written and accumulated in place (GEMM's own beta), when the
+                # dtypes allow: no temporary of their size and no pass to copy or add it.
+                if grad_hidden.dtype == dtype:
+                    torch.mm(g, w, out=grad_hidden[start : start + rows])
+                else:
+                    grad_hidden[start : start + rows] = g @ w
+                if dtype == torch.float32:
+                    grad_weight.addmm_(g.t(), h)
+                else:
+                    grad_weight += g.t() @ h
                 if grad_bias is not None:
                     grad_bias += grad.sum(0)
         count = hidden.shape[0]
