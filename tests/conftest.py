@@ -52,6 +52,7 @@ HEAVY_MODULES = frozenset(
         "tests/trainer/test_averaging.py",
         "tests/local/test_runner.py",
         "tests/test_selection.py",  # pytest itself, as processes
+        "tests/test_workers.py",
     }
 )
 
@@ -61,6 +62,21 @@ HEAVY_FOLDERS = (
     "tests/bench/",
     "tests/cluster/",
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Under ``pytest -n 2`` (``make test``) each of the two workers gets one core's worth of
+    # threads: two workers each spinning two OpenMP threads on two cores slow both down. Set
+    # here, before any test module imports torch; child processes (the CLI, pods) inherit it.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Whole modules per worker and the cluster tier as one unit (tests/harness/xdist_scopes.py)."""
+    from tests.harness.xdist_scopes import ModuleScheduling
+
+    return ModuleScheduling(config, log)
 
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects: the marks must be there by then
@@ -78,6 +94,34 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             or item.get_closest_marker("cluster")
         ):
             item.add_marker(pytest.mark.heavy)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=_start_order)  # stable: a module's tests keep their order
+
+
+# The modules that took over two minutes each (``--durations``, 2026-12-04), longest first.
+SLOWEST_MODULES = (
+    "tests/local/test_quickstart.py",
+    "tests/trainer/test_end_to_end_s3.py",
+    "tests/operator/test_end_to_end.py",
+    "tests/serving/test_lm_eval.py",
+    "tests/trainer/test_resume.py",
+    "tests/serving/test_traffic.py",
+    "tests/reliability/test_concurrency.py",
+    "tests/serving/test_hostile_traffic.py",
+    "tests/trainer/test_lineage.py",
+)
+
+
+def _start_order(item: pytest.Item) -> int:
+    """Under xdist the units start in the order of their first test: the cluster tier, then
+    the slowest modules, the other heavy ones, and the quick ones last, which fill the gaps at
+    the end instead of a long module running alone while the other worker has nothing left."""
+    module = item.path.relative_to(ROOT).as_posix()
+    if module.startswith("tests/cluster/"):
+        return 0
+    if module in SLOWEST_MODULES:
+        return 1 + SLOWEST_MODULES.index(module)
+    return 1 + len(SLOWEST_MODULES) + (0 if item.get_closest_marker("heavy") else 1)
 
 
 @pytest.fixture(scope="session")
