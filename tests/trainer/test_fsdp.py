@@ -99,6 +99,7 @@ def run_training(
     its per-step losses, and (``runs=2``) those of a second run resumed from the first one's
     checkpoint."""
     import torch
+    from torch.distributed.tensor import DTensor
 
     from elmcore.storage.factory import open_storage
     from elmtrain.config import TrainingConfig
@@ -138,8 +139,12 @@ def run_training(
                 "losses": reporter.losses,
                 "curve": [p.loss for p in outcome.curve],
                 "tied": tied,
+                # Under fsdp the trained model stays sharded (exports stream from it).
                 "weights": float(
-                    sum(p.detach().double().abs().sum() for p in trained.parameters())
+                    sum(
+                        (p.full_tensor() if isinstance(p, DTensor) else p).double().abs().sum()
+                        for p in trained.parameters()
+                    )
                 ),
             }
         )

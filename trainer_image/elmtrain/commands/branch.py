@@ -77,9 +77,11 @@ def _train(args: argparse.Namespace, forest: Forest, domain: str, run_id: str) -
         raise BadInputError("the forest has no seed yet: run 'elmtrain seed' first")
     # torch and transformers from here on: a rerun of a finished branch never imports them.
     from elmtrain.data.order import sample_sequences
-    from elmtrain.model.families import check_vocab, load_model
+    from elmtrain.model.families import check_vocab
     from elmtrain.run import branch_init
     from elmtrain.run.jobs import run_training_job
+    from elmtrain.run.parallel import place
+    from elmtrain.run.sharded_load import open_model
     from elmtrain.runtime import setup_runtime
 
     runtime = setup_runtime(cfg)
@@ -91,7 +93,7 @@ def _train(args: argparse.Namespace, forest: Forest, domain: str, run_id: str) -
         # Resuming: the checkpoint holds the weights; the lineage was recorded at the start.
         recorded = InitRecord.model_validate_json(forest.storage.read_bytes(init_key))
         spec.parents = recorded.parents
-        return run_training_job(forest, spec, load_model(forest.seed_dir()), runtime)
+        return run_training_job(forest, spec, open_model(forest.seed_dir()), runtime)
     sample = sample_sequences(
         forest.token_store().sequences(args.data, cfg.seq_len), args.init_sample, cfg.seed
     )
@@ -107,7 +109,8 @@ def _train(args: argparse.Namespace, forest: Forest, domain: str, run_id: str) -
             k=args.top_k,
             copy_from=args.copy_from,
         )
-        model = load_model(init.model_dir)
+        # Placed before the init folder goes: under fsdp each rank reads its own shards of it.
+        model = place(open_model(init.model_dir), cfg, runtime)
     check_vocab(model, len(tokenizer), f"branch {domain}")
     spec.parents = init.parents
     record = InitRecord(parents=init.parents, prior=init.prior)

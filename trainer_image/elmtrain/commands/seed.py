@@ -53,16 +53,22 @@ def _train(args: argparse.Namespace, forest: Forest) -> Result:
     if previous is not None:
         return previous
     # torch and transformers from here on: a rerun of a finished seed never imports them.
-    from elmtrain.model.families import build_model, check_trainable, check_vocab, load_model
+    from elmtrain.model.families import build_model, check_trainable, check_vocab
     from elmtrain.run.jobs import run_training_job
+    from elmtrain.run.parallel import place, placed
+    from elmtrain.run.sharded_load import open_model
     from elmtrain.runtime import setup_runtime
 
     runtime = setup_runtime(cfg)
     tokenizer = forest.tokenizer()
     if args.pretrained:
-        model = load_model(forest.model_dir(args.pretrained))
+        # Under fsdp each rank reads only its own shards of the weights (run/sharded_load.py).
+        model = open_model(forest.model_dir(args.pretrained))
         check_vocab(model, len(tokenizer), f"--pretrained {args.pretrained}")
-        check_trainable(model, f"--pretrained {args.pretrained}")
+        model = place(model, cfg, runtime)
+        parallel = placed(model)
+        assert parallel is not None
+        check_trainable(model, f"--pretrained {args.pretrained}", loss=parallel.engine)
     else:
         model_cfg = parse_config(ModelConfig, load_json_arg(args.model, "--model"), "--model")
         model = build_model(model_cfg, len(tokenizer), int(tokenizer.eos_token_id), cfg.seed)

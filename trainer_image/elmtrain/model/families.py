@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,10 +105,13 @@ _LOGIT_TRANSFORMS = {
 }
 
 
-def check_trainable(model: PreTrainedModel, where: str) -> None:
+def check_trainable(
+    model: PreTrainedModel, where: str, loss: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> None:
     """Refuse a model whose own loss is not the one elmtrain trains (the output layer as a
     plain projection, fused with cross-entropy): by its config where it says so, else by
-    comparing both losses on a few random tokens."""
+    comparing both losses on a few random tokens (``loss``: the engine computing elmtrain's,
+    for a model placed on its ranks; every rank must call it then)."""
     from elmtrain.model.fused_loss import CausalLMLoss
 
     for field, plain in _LOGIT_TRANSFORMS.items():
@@ -126,8 +130,8 @@ def check_trainable(model: PreTrainedModel, where: str) -> None:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        own = float(model(input_ids=ids, labels=ids).loss)
-        ours = float(CausalLMLoss(model)(ids))
+        own = float(model(input_ids=ids.to(model.device), labels=ids.to(model.device)).loss)
+        ours = float((loss or CausalLMLoss(model))(ids.to(model.device)))
     model.train(was_training)
     if abs(own - ours) > 1e-3 * max(1.0, abs(own)):
         raise BadInputError(

@@ -29,7 +29,9 @@ from elmtrain.forest import Forest
 from elmtrain.model.families import save_model
 from elmtrain.model.files import copy_tokenizer
 from elmtrain.run.checkpoint import Checkpointer
+from elmtrain.run.export import export_model
 from elmtrain.run.lineage import run_lineage
+from elmtrain.run.parallel import place
 from elmtrain.run.progress import ProgressReporter
 from elmtrain.run.spec import JobSpec
 from elmtrain.run.train import train
@@ -85,7 +87,8 @@ def _learning_curve(
 
 @dataclass
 class Trained:
-    """A finished run's whole model (every rank), its metrics, checkpointer and token store."""
+    """A finished run's model (whole on every rank under ddp; under fsdp each rank's shards,
+    exported by ``run/export.py``), its metrics, checkpointer and token store."""
 
     model: PreTrainedModel
     metrics: Metrics
@@ -126,7 +129,9 @@ def train_and_evaluate(
         val_sequences=0 if val is None else len(val),
     )
 
-    model.to(runtime.device)
+    # On its ranks now (run/parallel.py): whole, or each rank's shards under fsdp (a lazily
+    # built model reads only those from its folder), so the init is measured as it trains.
+    model = place(model, cfg, runtime)
     checkpointer = Checkpointer(forest.storage, run_id, cfg.keep_checkpoints)
     loss_before, ppl_before = _before_training(forest, run_id, model, val, runtime)
     outcome = train(model, sequences, cfg, runtime, checkpointer, reporter, val)
@@ -167,18 +172,23 @@ def run_training_job(
         metrics=trained.metrics,
         lineage=run_lineage(forest, trained.store, spec) if runtime.is_main else None,
     )
-    if runtime.is_main:
-        result = publish(forest, spec, trained.model, result)
-        checkpointer_cleanup(trained.checkpointer)
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        # Every rank: under fsdp the weights are gathered one tensor at a time, rank 0 writes.
+        export_model(trained.model, Path(tmp), runtime)
+        if runtime.is_main:
+            result = publish(forest, spec, Path(tmp), result)
+            checkpointer_cleanup(trained.checkpointer)
     runtime.barrier()
     return result
 
 
-def publish(forest: Forest, spec: JobSpec, model: PreTrainedModel, result: Result) -> Result:
-    """Commit the final model, then the result record, then (optionally) merge it."""
+def publish(forest: Forest, spec: JobSpec, model: PreTrainedModel | Path, result: Result) -> Result:
+    """Commit the final model (or a folder it was exported into, ``run/export.py``), then the
+    result record, then (optionally) merge it."""
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-        folder = Path(tmp)
-        save_model(model.to("cpu"), folder)
+        folder = model if isinstance(model, Path) else Path(tmp)
+        if not isinstance(model, Path):
+            save_model(model.to("cpu"), folder)
         # The forest's tokenizer beside the weights: the folder loads anywhere as it is.
         copy_tokenizer(forest.tokenizer_dir(), folder)
         (folder / layout.METRICS).write_text(result.metrics.model_dump_json(indent=1))

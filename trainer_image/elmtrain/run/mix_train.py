@@ -29,8 +29,9 @@ from elmtrain.cache import cache_dir
 from elmtrain.config import TrainingConfig
 from elmtrain.forest import Forest
 from elmtrain.mix.lineage import LINEAGE_FILE, MixFinetune, MixLineage
-from elmtrain.model.families import check_vocab, load_model, save_model
+from elmtrain.model.families import check_vocab, load_model
 from elmtrain.model.files import copy_tokenizer
+from elmtrain.run.export import export_model
 from elmtrain.run.jobs import Trained, checkpointer_cleanup, train_and_evaluate
 from elmtrain.run.lineage import IMAGE_ENV, elmtrain_version
 from elmtrain.run.progress import ProgressReporter
@@ -115,9 +116,10 @@ def finetune(forest: Forest, mix_storage: Storage, job: MixTrainJob) -> dict[str
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         folder = Path(tmp)
-        # The whole model on every rank after the loop (parallel.unwrap): rank 0 saves it.
+        # Every rank: whole models are saved by rank 0, fsdp shards streamed one tensor at a
+        # time (run/export.py), never gathered whole.
+        export_model(trained.model, folder, runtime)
         if runtime.is_main:
-            save_model(trained.model.to("cpu"), folder)
             lineage = extended_lineage(job, trained)
             sha = publish(forest, folder, lineage, job)
             checkpointer_cleanup(trained.checkpointer)

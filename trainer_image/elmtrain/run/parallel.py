@@ -8,7 +8,10 @@ mean the same under every strategy, so the loop never asks which one it runs.
   process: the plain model).
 - fsdp: FSDP2 (``fully_shard``) on each transformer block, then on the loss module as the root,
   so the embeddings, the final norm and the (tied) output layer form the root's group: FSDP
-  gathers them around the loss computation, which reads the output weight directly.
+  gathers them around the loss computation, which reads the output weight directly. A model
+  built on the meta device from a folder (``sharded_load.lazy_model``) is sharded first and
+  each rank then reads only its own shards; after training it stays sharded and is exported
+  tensor by tensor (``run/export.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -43,7 +47,10 @@ from transformers.initialization import no_init_weights
 
 from elmcore.sharding import Strategy, choose_strategy, training_state_bytes
 from elmtrain.config import TrainingConfig
+from elmtrain.model.families import load_model
 from elmtrain.model.fused_loss import CausalLMLoss
+from elmtrain.model.kernels import fuse_activations
+from elmtrain.run.sharded_load import fill_shards, pending
 from elmtrain.runtime import Runtime
 
 log = structlog.get_logger(__name__)
@@ -77,13 +84,11 @@ class Parallel:
         return _plain_copy(self.model, None)
 
     def unwrap(self) -> PreTrainedModel:
-        """A plain model on every rank (for evaluation and export); every rank must call it."""
+        """The trained model, for evaluation and export: whole under ddp; under fsdp the
+        sharded model itself (calling it gathers one block at a time, so every rank must call
+        it together), exported tensor by tensor by ``run/export.py``, never copied whole."""
         self.model.activation_checkpointing_disable()
-        if self.strategy == "ddp":
-            return self.model
-        plain = _plain_copy(self.model, self.device)
-        assert plain is not None
-        return plain
+        return self.model
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """The whole optimizer state keyed by parameter name (so that a checkpoint resumes
@@ -97,8 +102,30 @@ class Parallel:
         set_optimizer_state_dict(self.model, optimizer, state, options=options)
 
 
+def place(model: PreTrainedModel, cfg: TrainingConfig, runtime: Runtime) -> PreTrainedModel:
+    """``model`` on its ranks before training (``parallelize``, done once): whole on the device
+    under ddp, this rank's shards under fsdp; a ``lazy_model``'s weights read in now. Returns
+    the model to use (under ddp a lazily built one is replaced by the folder's whole model)."""
+    return parallelize(model, cfg, runtime).model
+
+
+def placed(model: PreTrainedModel) -> Parallel | None:
+    """The ``Parallel`` that ``model`` was placed by, if any."""
+    found: Parallel | None = getattr(model, _PLACED, None)
+    return found
+
+
+_PLACED = "_elmtrain_parallel"
+
+
 def parallelize(model: PreTrainedModel, cfg: TrainingConfig, runtime: Runtime) -> Parallel:
-    """Apply ``cfg.strategy`` (resolved by ``choose_strategy``) to ``model``, in place."""
+    """Apply ``cfg.strategy`` (resolved by ``choose_strategy``) to ``model``, in place: the
+    same ``Parallel`` again for a model placed already. A model built by ``lazy_model`` (its
+    parameters on the meta device) gets its weights here: each rank reads only its own
+    shards under fsdp; under ddp the folder is loaded whole (every rank holds it anyway)."""
+    already = placed(model)
+    if already is not None:
+        return already
     parameters = sum(p.numel() for p in model.parameters())
     strategy = choose_strategy(
         cfg.strategy, parameters, runtime.world_size, device_memory(runtime), cfg.offload_optimizer
@@ -115,6 +142,13 @@ def parallelize(model: PreTrainedModel, cfg: TrainingConfig, runtime: Runtime) -
         activation_checkpointing=cfg.activation_checkpointing,
         offload_optimizer=cfg.offload_optimizer,
     )
+    source = pending(model)
+    if source is not None and strategy == "ddp":
+        model = load_model(source)  # every rank holds the whole model under ddp anyway
+        source = None
+    if source is None:
+        model.to(runtime.device)
+    fuse_activations(model)  # same math, one kernel (model/kernels.py)
     if cfg.activation_checkpointing:
         # transformers' per-block checkpointing keeps the parameters' names (a wrapper module
         # would rename them in checkpoints); non-reentrant, which FSDP2 and DDP both support.
@@ -126,9 +160,31 @@ def parallelize(model: PreTrainedModel, cfg: TrainingConfig, runtime: Runtime) -
         if runtime.distributed:
             device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
             engine = DistributedDataParallel(engine, device_ids=device_ids)
-        return Parallel(strategy, model, engine, runtime.device)
-    _shard(model, engine, runtime, cfg.offload_optimizer)
-    return Parallel(strategy, model, engine, runtime.device)
+    else:
+        _shard(model, engine, runtime, cfg.offload_optimizer)
+        if source is not None:
+            _materialize(model, engine, source, runtime, cfg.offload_optimizer)
+        # FSDP makes the first module that runs forward the root; the model may be called
+        # before the engine (the init's validation, the pretrained check): set it now.
+        assert isinstance(engine, FSDPModule)
+        engine._get_fsdp_state()._lazy_init()
+    parallel = Parallel(strategy, model, engine, runtime.device)
+    setattr(model, _PLACED, parallel)
+    return parallel
+
+
+def _materialize(
+    model: PreTrainedModel, root: nn.Module, source: Path, runtime: Runtime, offload: bool
+) -> None:
+    """Storage for this rank's shards of a meta-device model, filled from ``source``."""
+    buffers = {name: b.clone() for name, b in model.named_buffers()}  # real, computed
+    # On the root, whose own group (embeddings, final norm, output layer) resets its shards.
+    root.to_empty(device=torch.device("cpu") if offload else runtime.device)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    read = fill_shards(model, source)
+    log.info("train.loaded_shards", folder=str(source), gib_this_rank=round(read / 2**30, 3))
 
 
 def _shard(model: PreTrainedModel, root: nn.Module, runtime: Runtime, offload: bool) -> None:

@@ -26,7 +26,6 @@ from elmcore.errors import BadInputError, TransientError
 from elmcore.records import CurvePoint, Progress
 from elmtrain.config import TrainingConfig
 from elmtrain.data import TokenSequences, batch_indices
-from elmtrain.model.kernels import fuse_activations
 from elmtrain.run.checkpoint import Checkpointer
 from elmtrain.run.parallel import parallelize
 from elmtrain.run.progress import ProgressReporter
@@ -172,13 +171,12 @@ def train(
         model = resumed.model
         for name, p in model.named_parameters():
             p.requires_grad_(name not in frozen)
-    model.to(runtime.device).train()
-    fuse_activations(model)  # same math, one kernel (model/kernels.py)
 
-    # 2. The ranks' share of the model (ddp or fsdp, run/parallel.py): an engine computing the
-    # loss with the output layer fused (fused_loss.py); optionally compiled. The optimizer
-    # holds this rank's parameters: whole ones, or its shards.
+    # 2. The ranks' share of the model (ddp or fsdp, run/parallel.py; done already if the job
+    # placed it): an engine computing the loss with the output layer fused (fused_loss.py);
+    # optionally compiled. The optimizer holds this rank's parameters: whole ones, or shards.
     parallel = parallelize(model, cfg, runtime)
+    parallel.model.train()
     optimizer = _optimizer(parallel.model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     if resumed is not None:
@@ -314,7 +312,7 @@ def train(
     seconds = time.monotonic() - started
     log.info("train.done", steps=cfg.steps, seconds=round(seconds, 1), loss=loss_value)
     return TrainOutcome(
-        model=parallel.unwrap(),  # whole weights on every rank, to evaluate and publish
+        model=parallel.unwrap(),  # to evaluate and publish (under fsdp: still sharded)
         steps=cfg.steps,
         tokens=(cfg.steps - start_step) * tokens_per_step,
         seconds=seconds,
