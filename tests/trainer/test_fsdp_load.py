@@ -30,14 +30,16 @@ LARGE = {"family": "llama", "d_model": 512, "n_layers": 8, "n_heads": 8, "contex
 LARGE_VOCAB = 8192
 
 
-def write_pretrained(folder: Path, settings: dict[str, Any], vocab: int, shard: str) -> int:
+def write_pretrained(
+    folder: Path, settings: dict[str, Any], vocab: int, shard: str, seed: int = 0
+) -> int:
     """A freshly initialised model saved as a pretrained one: bf16, sharded; its parameters."""
     import torch
 
     from elmtrain.config import ModelConfig
     from elmtrain.model.families import build_model
 
-    model = build_model(ModelConfig.model_validate(settings), vocab, 0, seed=0)
+    model = build_model(ModelConfig.model_validate(settings), vocab, 0, seed=seed)
     model.to(torch.bfloat16).save_pretrained(folder, max_shard_size=shard)
     return sum(p.numel() for p in model.parameters())
 
@@ -105,6 +107,29 @@ def train_and_export(out: Path, family: str) -> dict[str, Any]:
     return {"shards_equal": shards_equal, "tied": tied, "fsdp": fsdp_losses, "ddp": ddp_losses}
 
 
+def averaged_shards_equal(out: Path) -> bool:
+    """A branch's init as ``average_models`` writes it (two experts, weighted) loads into
+    this rank's shards as exactly as a pretrained folder does."""
+    import torch
+    import torch.distributed as dist
+
+    from elmtrain.model.families import load_model
+    from elmtrain.run.parallel import place
+    from elmtrain.run.sharded_load import lazy_model
+    from elmtrain.runtime import setup_runtime
+
+    folder = out / "averaged-gpt2"
+    lazy = lazy_model(folder)
+    assert lazy is not None
+    sharded = place(lazy, _cfg("fsdp"), setup_runtime(_cfg("fsdp")))
+    whole = load_model(folder)
+    rank, ranks = dist.get_rank(), dist.get_world_size()
+    return all(
+        torch.equal(param.to_local(), torch.chunk(whole.get_parameter(name), ranks)[rank])
+        for name, param in sharded.named_parameters()
+    )
+
+
 def measure(out: Path, mode: str) -> dict[str, Any]:
     """Peak RSS growth of this rank while loading the large folder (``lazy``: into fsdp
     shards; ``whole``: whole per rank, as before) and, lazily loaded, rank 0's while exporting."""
@@ -140,6 +165,7 @@ def worker(out: Path) -> None:
     job = json.loads((out / "job.json").read_text())
     if job["what"] == "train":
         result = {family: train_and_export(out, family) for family in TINY}
+        result["averaged_shards_equal"] = averaged_shards_equal(out)
     else:
         result = measure(out, job["what"])
     (out / f"rank-{dist.get_rank()}.json").write_text(json.dumps(result))
@@ -156,10 +182,16 @@ def test_pretrained_folder_loads_into_shards_trains_as_ddp_and_exports(tmp_path:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from elmtrain.model.averaging import average_models
+
     for family, settings in TINY.items():
         write_pretrained(tmp_path / f"pretrained-{family}", settings, VOCAB, "40KB")
         assert (tmp_path / f"pretrained-{family}" / "model.safetensors.index.json").is_file()
+    write_pretrained(tmp_path / "other-gpt2", TINY["gpt2"], VOCAB, "40KB", seed=1)
+    experts = [tmp_path / "pretrained-gpt2", tmp_path / "other-gpt2"]
+    average_models(experts, [0.7, 0.3], tmp_path / "averaged-gpt2")
     ranks = _launch(tmp_path, "train")
+    assert all(rank["averaged_shards_equal"] for rank in ranks)
     for family in TINY:
         for rank in ranks:
             result = rank[family]
