@@ -107,9 +107,9 @@ def train_and_export(out: Path, family: str) -> dict[str, Any]:
     return {"shards_equal": shards_equal, "tied": tied, "fsdp": fsdp_losses, "ddp": ddp_losses}
 
 
-def averaged_shards_equal(out: Path) -> bool:
-    """A branch's init as ``average_models`` writes it (two experts, weighted) loads into
-    this rank's shards as exactly as a pretrained folder does."""
+def shards_equal(folder: Path, offload: bool = False) -> bool:
+    """The folder loads into this rank's shards (the optimizer offloaded or not) exactly:
+    used for a branch's init as ``average_models`` writes it (two experts, weighted)."""
     import torch
     import torch.distributed as dist
 
@@ -118,10 +118,10 @@ def averaged_shards_equal(out: Path) -> bool:
     from elmtrain.run.sharded_load import lazy_model
     from elmtrain.runtime import setup_runtime
 
-    folder = out / "averaged-gpt2"
+    cfg = _cfg("fsdp").model_copy(update={"offload_optimizer": offload})
     lazy = lazy_model(folder)
     assert lazy is not None
-    sharded = place(lazy, _cfg("fsdp"), setup_runtime(_cfg("fsdp")))
+    sharded = place(lazy, cfg, setup_runtime(cfg))
     whole = load_model(folder)
     rank, ranks = dist.get_rank(), dist.get_world_size()
     return all(
@@ -165,7 +165,8 @@ def worker(out: Path) -> None:
     job = json.loads((out / "job.json").read_text())
     if job["what"] == "train":
         result = {family: train_and_export(out, family) for family in TINY}
-        result["averaged_shards_equal"] = averaged_shards_equal(out)
+        result["averaged_shards_equal"] = shards_equal(out / "averaged-gpt2")
+        result["offloaded_shards_equal"] = shards_equal(out / "pretrained-llama", offload=True)
     else:
         result = measure(out, job["what"])
     (out / f"rank-{dist.get_rank()}.json").write_text(json.dumps(result))
@@ -192,6 +193,7 @@ def test_pretrained_folder_loads_into_shards_trains_as_ddp_and_exports(tmp_path:
     average_models(experts, [0.7, 0.3], tmp_path / "averaged-gpt2")
     ranks = _launch(tmp_path, "train")
     assert all(rank["averaged_shards_equal"] for rank in ranks)
+    assert all(rank["offloaded_shards_equal"] for rank in ranks)  # storage made on the host
     for family in TINY:
         for rank in ranks:
             result = rank[family]
