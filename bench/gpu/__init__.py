@@ -1,0 +1,1 @@
+"""Benchmarks that need a GPU; ``bench/gpu/run.sh`` runs them all in one prepared call."""
