@@ -91,6 +91,12 @@ def dataset_record(tokenizer: str, locations: Sequence[str]) -> str:
     return f"{TOKENS}/sets/{dataset_key(tokenizer, locations)}.json"
 
 
+def dataset_slice(tokenizer: str, locations: Sequence[str], workers: int, index: int) -> str:
+    """Where slice ``index`` of ``workers`` parallel prepare workers records its files' shards
+    (the dataset record is written once every slice is recorded)."""
+    return f"{TOKENS}/slices/{dataset_key(tokenizer, locations)}/{workers}-{index}.json"
+
+
 CLUSTERS = "clusters"
 
 

@@ -10,6 +10,7 @@ it reads the shards without hashing a byte of text (``elmtrain.data.datasets``).
 from __future__ import annotations
 
 import hashlib
+import heapq
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -27,7 +28,13 @@ from elmcore.storage.base import sha256_file
 from elmcore.storage.commit import commit_dir, read_marker
 from elmcore.uris import StorageURI
 from elmtrain.cache import cache_dir
-from elmtrain.data.datasets import DatasetRecord, list_files, recorded_dataset
+from elmtrain.data.datasets import (
+    DatasetRecord,
+    FileRecord,
+    Listing,
+    list_files,
+    recorded_dataset,
+)
 from elmtrain.data.documents import file_documents
 from elmtrain.data.encode import encode_documents
 from elmtrain.data.shards import (
@@ -55,6 +62,20 @@ def workers() -> int:
     return int(chosen) if chosen else max(1, len(os.sched_getaffinity(0)))
 
 
+def slice_files(sizes: Sequence[int], workers: int, index: int) -> list[int]:
+    """The positions (in listing order) of the files that worker ``index`` of ``workers``
+    tokenizes: largest file first, each to the worker with the fewest bytes so far (ties: the
+    lowest index). A pure function of the listing, so every worker computes the same split:
+    slices are disjoint, cover every file and hold about equal bytes. A file is never split."""
+    loads = [(0, worker) for worker in range(workers)]
+    owner = [0] * len(sizes)
+    for position in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        load, worker = heapq.heappop(loads)
+        owner[position] = worker
+        heapq.heappush(loads, (load + sizes[position], worker))
+    return [position for position, worker in enumerate(owner) if worker == index]
+
+
 class TokenStore:
     """Shards and dataset records in ``storage`` (a forest's, or this machine's cache)."""
 
@@ -79,6 +100,79 @@ class TokenStore:
         recorded = recorded_dataset(self.storage, key, [r for _, _, r in listing])
         if recorded is not None:
             return recorded
+        return self._record(key, locations, self._tokenize(listing, progress))
+
+    def prepare_slice(
+        self,
+        locations: Sequence[str],
+        workers: int,
+        index: int,
+        progress: Progress | None = None,
+    ) -> DatasetRecord | None:
+        """Slice ``index`` of ``workers`` (``slice_files``): its files' shards, made where
+        missing, and its slice record (``tokens/slices/<key>/<workers>-<index>.json``); then
+        the dataset record, written as ``prepare`` writes it by whichever worker finds every
+        slice recorded (the last to finish). None while other slices are still to finish.
+
+        A rerun of a recorded slice whose files are unchanged hashes nothing."""
+        key = layout.dataset_record(self.tokenizer_id, locations)
+        listing = list_files(locations, self.endpoint)
+        recorded = recorded_dataset(self.storage, key, [r for _, _, r in listing])
+        if recorded is not None:
+            return recorded
+        mine = [listing[i] for i in slice_files([r.size for _, _, r in listing], workers, index)]
+        part = layout.dataset_slice(self.tokenizer_id, locations, workers, index)
+        if recorded_dataset(self.storage, part, [r for _, _, r in mine]) is None:
+            files = self._tokenize(mine, progress)
+            record = self._dataset(locations, files)
+            self.storage.write_bytes(part, record.model_dump_json().encode())
+            log.info("tokens.slice", slice=index, workers=workers, files=len(files), record=part)
+        return self._combine(key, locations, workers, listing)
+
+    def _combine(
+        self, key: str, locations: Sequence[str], workers: int, listing: Listing
+    ) -> DatasetRecord | None:
+        """The dataset record from every slice's record, in the listing's order; None while a
+        slice is unrecorded. A file that no slice record describes as listed now (changed since
+        its slice read it) is tokenized here, so the record always matches the listing."""
+        found: dict[tuple[str, str, int, str], FileRecord] = {}
+        for index in range(workers):
+            raw = self.storage.read_versioned(
+                layout.dataset_slice(self.tokenizer_id, locations, workers, index)
+            )
+            if raw is None:
+                return None
+            try:
+                part = DatasetRecord.model_validate_json(raw[0])
+            except ValidationError:
+                return None  # being rewritten by its worker's retry, which combines after
+            found.update({(f.location, f.key, f.size, f.etag): f for f in part.files})
+        files = []
+        for entry in listing:
+            record = entry[2]
+            done = found.get((record.location, record.key, record.size, record.etag))
+            if done is None or read_marker(self.storage, done.shards) is None:
+                done = self._tokenize([entry], None)[0]
+            files.append(done)
+        return self._record(key, locations, files)
+
+    def _dataset(self, locations: Sequence[str], files: list[FileRecord]) -> DatasetRecord:
+        return DatasetRecord(
+            locations=list(locations),
+            tokenizer=self.tokenizer_id,
+            dtype=self.dtype,
+            files=files,
+            prepared_at=utc_now(),
+        )
+
+    def _record(self, key: str, locations: Sequence[str], files: list[FileRecord]) -> DatasetRecord:
+        dataset = self._dataset(locations, files)
+        self.storage.write_bytes(key, dataset.model_dump_json(indent=1).encode())
+        log.info("tokens.prepared", files=len(files), tokens=dataset.tokens, record=key)
+        return dataset
+
+    def _tokenize(self, listing: Listing, progress: Progress | None) -> list[FileRecord]:
+        """Each listed file's record with its shards (tokenized and committed where new)."""
         total = sum(r.size for _, _, r in listing) or 1
         done = 0
         files = []
@@ -93,16 +187,7 @@ class TokenStore:
             files.append(record.model_copy(update={"shards": shards, "tokens": tokens}))
             done += record.size
             report(0, done)
-        dataset = DatasetRecord(
-            locations=list(locations),
-            tokenizer=self.tokenizer_id,
-            dtype=self.dtype,
-            files=files,
-            prepared_at=utc_now(),
-        )
-        self.storage.write_bytes(key, dataset.model_dump_json(indent=1).encode())
-        log.info("tokens.prepared", files=len(files), tokens=dataset.tokens, record=key)
-        return dataset
+        return files
 
     def _shards(
         self, source: Storage, key: str, name: str, report: Callable[[int], None]
