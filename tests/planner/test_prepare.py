@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+from pydantic import ValidationError
+
 from elmcore.manifest import ArtifactEntry, Manifest
 from elmcore.names import RunId
 from elmcore.records import Progress
@@ -184,3 +187,61 @@ def test_bad_seed_text_fails_the_forest_at_once() -> None:
     assert not created(plan.actions)
     assert status.phase == "Failed" and "mix.txt:3: not JSON" in (status.message or "")
     assert [c.reason for c in status.conditions] == ["BadInput"]
+
+
+def _parallel(forest: ElmForestSpec, workers: int) -> ElmForestSpec:
+    return forest.model_copy(
+        update={"prepare": forest.prepare.model_copy(update={"parallelism": workers})}
+    )
+
+
+def test_parallel_prepare_is_one_indexed_job_of_n_pods() -> None:
+    """spec.prepare.parallelism N: the same prepare Job, Indexed, N completions at once, each
+    pod told `--workers N` (its index comes from JOB_COMPLETION_INDEX); one pod: as before."""
+    single = created(plan_branch(inp(preparation=NEEDED)).actions)[0]
+    assert "--workers" not in container(single)["args"]
+    assert not {"completionMode", "completions", "parallelism"} & set(single["spec"])
+
+    forest = ForestView("f", _parallel(FOREST, 3), ready=True, uid="fu")
+    (job,) = created(plan_branch(inp(preparation=NEEDED, forest=forest)).actions)
+    assert job["metadata"]["name"] == "cook-v1-prep"
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 3, 3)
+    args = container(job)["args"]
+    assert args[args.index("--workers") + 1] == "3" and "--worker-index" not in args
+    assert args[: len(container(single)["args"])] == container(single)["args"]
+    assert spec["podFailurePolicy"] == single["spec"]["podFailurePolicy"]  # 65 still final
+    # Nothing follows it but training: the Job succeeds once every index (the last combines).
+    status = ElmBranchStatus(version=1, spec_hash=spec_fingerprint(SPEC), phase="Preparing")
+    done = Preparation(True, JobState("cook-v1-prep", "Succeeded", started=True))
+    (train,) = created(plan_branch(inp(status=status, preparation=done, forest=forest)).actions)
+    assert train["metadata"]["name"] == "cook-v1-a1" and "completionMode" not in train["spec"]
+
+
+def test_the_seed_prepares_in_parallel_too() -> None:
+    parallel = _parallel(SEEDED, 4)
+    plan = plan_forest(
+        ForestInput(
+            name="books",
+            namespace="ns",
+            uid="u",
+            generation=1,
+            spec=parallel,
+            status=ElmForestStatus(),
+            storage=StorageView(manifest=READY_TOKENIZER),
+            jobs={},
+            preparation=NEEDED,
+        )
+    )
+    (job,) = created(plan.actions)
+    assert job["metadata"]["name"] == seed_prepare_job_name("books", SEEDED)  # same name
+    assert (job["spec"]["completionMode"], job["spec"]["completions"]) == ("Indexed", 4)
+    args = container(job)["args"]
+    assert args[args.index("--workers") + 1] == "4"
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1001])
+def test_parallelism_is_bounded(workers: int) -> None:
+    body = FOREST.model_dump(by_alias=True, exclude_none=True)
+    with pytest.raises(ValidationError, match="parallelism"):
+        ElmForestSpec.model_validate({**body, "prepare": {"parallelism": workers}})

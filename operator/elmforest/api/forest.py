@@ -199,6 +199,13 @@ class PrepareSpec(SpecModel):
         None, max_length=63, pattern=DNS1123_LABEL, description="Kueue LocalQueue name"
     )
     backoff_limit: int = Field(3, ge=0, le=100, description="pod failures per prepare Job")
+    parallelism: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        description="pods that share the text, split by file (above 1: an Indexed Job whose "
+        "last pod to finish records the dataset, exactly as one pod would)",
+    )
 
 
 class SelectorRequirement(SpecModel):

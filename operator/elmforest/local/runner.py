@@ -3,8 +3,10 @@
 The same Job body the operator would create is read for its command, environment, failure
 policy and backoff limit, and its exits are judged as the Job controller judges pods: exit 0
 succeeds, a FailJob exit code (bad input) fails at once, anything else is retried until the
-backoff limit. Stopping ``up`` (Ctrl-C) is not a failure: the trainer commits a checkpoint on
-SIGTERM and the next ``up`` restarts the Job, which resumes from it.
+backoff limit. An Indexed Job's pods run one after another, each with its
+``JOB_COMPLETION_INDEX``; the Job succeeds when the last has. Stopping ``up`` (Ctrl-C) is not
+a failure: the trainer commits a checkpoint on SIGTERM and the next ``up`` restarts the Job,
+which resumes from it.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ def job_record(body: dict[str, Any], log: Path) -> JobRecord:
         if "value" in item and item["name"] not in _CONTAINER_ENV
     }
     gpus = container.get("resources", {}).get("limits", {}).get(GPU_RESOURCE, 0)
+    indexed = spec.get("completionMode") == "Indexed"  # its indexes run one after another
     if gpus:
         env["ELMFOREST_LOCAL_GPUS"] = str(gpus)
     return JobRecord(
@@ -85,6 +88,7 @@ def job_record(body: dict[str, Any], log: Path) -> JobRecord:
         env=env,
         fail_exit_codes=fail_codes,
         backoff_limit=int(spec.get("backoffLimit", 3)),
+        completions=int(spec.get("completions", 1)) if indexed else 1,
         log=str(log),
     )
 
@@ -114,7 +118,7 @@ class ProcessRunner:
         phase: JobPhase = "Running"  # a queued Job is Running to the planner, as a pending pod
         if record.phase in ("Succeeded", "Failed"):
             phase = record.phase
-        started = record.phase != "Pending"  # a process was started for it
+        started = record.phase != "Pending" or record.completed > 0  # a process was started
         return JobState(record.name, phase, record.reason, record.message, started=started)
 
     def queued(self, record: JobRecord) -> bool:
@@ -180,6 +184,11 @@ class ProcessRunner:
 
     def _judge(self, record: JobRecord, code: int) -> str:
         if code == 0:
+            record.completed += 1
+            if record.completed < record.completions:  # the next index runs next
+                record.phase = "Pending"
+                record.message = f"{record.completed} of {record.completions} indexes succeeded"
+                return f"{record.name}: index {record.completed - 1} succeeded"
             record.phase, record.reason = "Succeeded", "Completed"
             return f"{record.name}: succeeded"
         message = _termination_message(record) or f"exit code {code}"
@@ -208,6 +217,8 @@ class ProcessRunner:
         }
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+        if record.completions > 1:
+            env["JOB_COMPLETION_INDEX"] = str(record.completed)  # as the Job controller sets
         command = [*PROGRAMS.get(record.command[0], [record.command[0]]), *record.command[1:]]
         log_path = Path(record.log)
         log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,8 @@ class JobRecord(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     fail_exit_codes: list[int] = Field(default_factory=list)  # podFailurePolicy FailJob
     backoff_limit: int = 3
+    completions: int = 1  # an Indexed Job's: its indexes run one after another
+    completed: int = 0  # indexes that succeeded (the next to run, while Pending)
     phase: LocalJobPhase = "Pending"
     failures: int = 0
     reason: str = ""

@@ -58,6 +58,7 @@ class JobRequest:
     trainer: TrainerSpec
     storage: StorageSpec
     branch: str | None = None
+    completions: int = 1  # above 1: an Indexed Job of this many pods, all at once
 
 
 def merge_trainer(base: TrainerSpec, overrides: dict[str, Any]) -> TrainerSpec:
@@ -231,6 +232,12 @@ def build_job(request: JobRequest) -> dict[str, Any]:
         "ttlSecondsAfterFinished": trainer.ttl_seconds_after_finished,
         "template": {"metadata": {"labels": labels}, "spec": pod_spec},
     }
+    if request.completions > 1:
+        # Each pod reads its index from JOB_COMPLETION_INDEX; the Job succeeds once every
+        # index has, and backoffLimit counts the failures of all of them together.
+        spec["completionMode"] = "Indexed"
+        spec["completions"] = request.completions
+        spec["parallelism"] = request.completions
     if trainer.active_deadline_seconds:
         spec["activeDeadlineSeconds"] = trainer.active_deadline_seconds
     if trainer.queue_name:

@@ -4,6 +4,10 @@
 Whether they exist is one record per list of locations (``tokens/sets/<key>.json``, keyed by
 the manifest's tokenizer and the locations), which the reconciler looks up; the trainer checks
 the record against the files themselves, so text changed in place is tokenized again.
+
+With ``spec.prepare.parallelism`` N above 1 the Job is Indexed (N completions, N pods at once),
+each pod tokenizing one slice of the files; no step follows it, since the last pod to finish
+combines the slices into the dataset record (``elmtrain prepare --workers``).
 """
 
 from __future__ import annotations
@@ -40,7 +44,12 @@ def prepare_argv(
     forest: ElmForestSpec, data: list[str], val_data: list[str], run_id: str
 ) -> list[str]:
     argv = ["prepare", *forest_args(forest), "--run-id", run_id, "--data", *data]
-    return [*argv, "--val-data", *val_data] if val_data else argv
+    if val_data:
+        argv += ["--val-data", *val_data]
+    # Each pod of the Indexed Job tokenizes the slice of its JOB_COMPLETION_INDEX; the last to
+    # finish writes the dataset record, so the step is done when the Job is.
+    workers = forest.prepare.parallelism
+    return [*argv, "--workers", str(workers)] if workers > 1 else argv
 
 
 def prepare_trainer(forest: ElmForestSpec) -> TrainerSpec:
@@ -81,6 +90,7 @@ def prepare_job(
         trainer=prepare_trainer(forest),
         storage=forest.storage,
         branch=branch,
+        completions=forest.prepare.parallelism,
     )
     return build_job(request)
 
