@@ -145,6 +145,20 @@ def test_three_slices_combine_into_what_one_worker_writes(
     assert _keys(many.storage) == before
 
 
+def test_more_workers_than_files_leaves_some_slices_empty(
+    tmp_path: Path, data: Path, tokenizer: PreTrainedTokenizerFast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ELMTRAIN_PREPARE_WORKERS", "1")
+    locations = [str(data)]
+    expected = _store(tmp_path / "one", tokenizer).prepare(locations)
+    many = _store(tmp_path / "many", tokenizer)
+    workers = len(expected.files) + 2
+    results = [many.prepare_slice(locations, workers, index) for index in range(workers)]
+    assert results[:-1] == [None] * (workers - 1)
+    last = results[-1]
+    assert last is not None and _files(last) == _files(expected)
+
+
 def test_a_file_changed_after_its_slice_is_tokenized_by_the_combining_worker(
     tmp_path: Path, data: Path, tokenizer: PreTrainedTokenizerFast, monkeypatch: pytest.MonkeyPatch
 ) -> None:
