@@ -98,17 +98,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         items.sort(key=_start_order)  # stable: a module's tests keep their order
 
 
-# The modules that took over two minutes each (``--durations``, 2026-12-04), longest first.
+# The slowest modules (``--durations`` of a two-worker run, 2026-12-04), longest first: a
+# module is one worker's unit, so a long one started last would end the run alone.
 SLOWEST_MODULES = (
-    "tests/local/test_quickstart.py",
-    "tests/trainer/test_end_to_end_s3.py",
-    "tests/operator/test_end_to_end.py",
-    "tests/serving/test_lm_eval.py",
-    "tests/trainer/test_resume.py",
-    "tests/serving/test_traffic.py",
-    "tests/reliability/test_concurrency.py",
-    "tests/serving/test_hostile_traffic.py",
-    "tests/trainer/test_lineage.py",
+    "tests/bench/test_quick.py",  # 495 s
+    "tests/serving/test_hostile_traffic.py",  # 226 s
+    "tests/trainer/test_resume.py",  # 184 s
+    "tests/trainer/test_lineage.py",  # 155 s
+    "tests/serving/test_lm_eval.py",  # 145 s
+    "tests/operator/test_end_to_end.py",  # 131 s
+    "tests/serving/test_traffic.py",  # 128 s
+    "tests/trainer/test_cli_errors.py",  # 120 s
+    "tests/trainer/test_end_to_end_s3.py",  # 115 s
+    "tests/local/test_quickstart.py",  # 107 s
+    "tests/trainer/test_pretrained.py",  # 90 s
+    "tests/trainer/test_ddp.py",  # 80 s
+    "tests/trainer/test_fsdp_load.py",  # 64-83 s
+    "tests/bench/test_gpu_smoke.py",  # 75 s
+    "tests/reliability/test_concurrency.py",  # 70 s
 )
 
 
