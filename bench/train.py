@@ -199,12 +199,6 @@ class Worker:
         if tree is not None:  # that checkout's trainer and core first on the path
             paths = [str(tree / "trainer_image"), str(tree / "core"), env.get("PYTHONPATH", "")]
             env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-        if tool == "elmtrain":
-            # What the trainer's entry points set for every Job (elmtrain/process_env.py); the
-            # older checkout's Jobs ran without it, and Trainer's users get torch's defaults.
-            from elmtrain.process_env import apply_defaults
-
-            apply_defaults(env)
         runner = "elmtrain" if tool == "before" else tool
         command = [
             sys.executable,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,7 +81,7 @@ LAYERS = [
     {"scoring", "mix"},
     {"forest"},
     {"model", "data", "runtime", "clusters"},
-    {"config", "cache", "process_env"},
+    {"config", "cache"},
 ]
 RANK = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}
 
@@ -169,24 +168,3 @@ def test_the_graph_sees_what_it_checks() -> None:
     assert "elmtrain.data.store" in graph["elmtrain.forest"]  # inside a method
     assert "elmtrain.forest" in graph["elmtrain.run.lineage"]  # under TYPE_CHECKING
     assert "elmtrain.run.outcome" in graph["elmtrain.commands.seed"]  # at the top
-
-
-def test_entry_point_sets_the_allocator_defaults_before_torch() -> None:
-    """``elmtrain`` sets ``THP_MEM_ALLOC_ENABLE`` (process_env.py) before any command imports
-    torch (which reads it once, at its first allocation), and a value already set wins."""
-    probe = (
-        "import os, sys\n"
-        "from elmtrain.cli import main\n"
-        "try:\n"
-        "    main(['lineage', '--help'])\n"
-        "except SystemExit:\n"
-        "    pass\n"
-        "print(os.environ.get('THP_MEM_ALLOC_ENABLE'), 'torch' in sys.modules)\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    for preset, expected in ((None, "1"), ("0", "0")):
-        child_env = env if preset is None else {**env, "THP_MEM_ALLOC_ENABLE": preset}
-        probed = subprocess.run(
-            [sys.executable, "-c", probe], check=True, capture_output=True, text=True, env=child_env
-        )
-        assert probed.stdout.split()[-2:] == [expected, "False"], probed.stderr

@@ -16,7 +16,6 @@ import structlog
 
 from elmcore.errors import ElmError, ExitCode
 from elmcore.logs import configure_logging
-from elmtrain.process_env import apply_defaults
 from elmtrain.run.progress import write_termination_message
 
 # Command name -> module. Only the command being run is imported, and a command module imports
@@ -57,7 +56,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    apply_defaults()  # before any command imports torch (process_env.py)
     argv = list(sys.argv[1:] if argv is None else argv)
     # The first word naming a command picks it (``--log-level``'s value never does).
     chosen = next((word for word in argv if word in COMMANDS), None)

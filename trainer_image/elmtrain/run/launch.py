@@ -13,7 +13,6 @@ import signal
 import sys
 
 from elmcore.errors import ExitCode
-from elmtrain.process_env import apply_defaults
 
 PERMANENT = (int(ExitCode.USAGE), int(ExitCode.BAD_INPUT))
 
@@ -30,7 +29,6 @@ def exit_code(worker_codes: list[int]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    apply_defaults()  # before torch is imported, here and so in every rank it starts
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
