@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from elmforest.planner.jobs import failure_policy
 from tests.harness.kubectl import Kube, wait_for
 from tests.harness.nodeagent import ProcessKubelet
+from tests.planner.test_jobs import job as planned_job
 
 pytestmark = pytest.mark.cluster
 
@@ -123,3 +125,26 @@ def test_eviction_is_a_disruption_not_a_failure(kube: Kube, node: ProcessKubelet
     status = kube.json("get", "job", "sleeper", "-n", ns)["status"]
     assert status.get("failed", 0) == 0, status
     kube.kubectl("delete", "job", "sleeper", "-n", ns, "--wait=false")
+
+
+def test_an_indexed_prepare_job_runs_each_index_once(
+    kube: Kube, node: ProcessKubelet, tmp_path: Path
+) -> None:
+    """``spec.prepare.parallelism: 2``: the Indexed fields the planner renders are admitted
+    beside its podFailurePolicy, and the real Job controller runs indexes 0 and 1 once each,
+    handing each pod its index in ``JOB_COMPLETION_INDEX`` (what ``elmtrain prepare`` reads)."""
+    ns = kube.namespace("indexed")
+    rendered = planned_job(completions=2)["spec"]
+    indexed = {key: rendered[key] for key in ("completionMode", "completions", "parallelism")}
+    assert indexed == {"completionMode": "Indexed", "completions": 2, "parallelism": 2}
+    code = (
+        "import os, pathlib\n"
+        f"pathlib.Path({str(tmp_path)!r}, 'index-' + os.environ['JOB_COMPLETION_INDEX']).touch()"
+    )
+    body = _job("prep", code)
+    body["spec"].update(indexed)
+    assert body["spec"]["podFailurePolicy"] == rendered["podFailurePolicy"]
+    kube.apply(body, "-n", ns)
+    done = wait_for("the indexed Job to complete", lambda: _condition(kube, ns, "prep"))
+    assert done["type"] == "Complete" and done["succeeded"] == 2 and done["failed"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index-0", "index-1"]

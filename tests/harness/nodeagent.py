@@ -23,6 +23,7 @@ import base64
 import contextlib
 import datetime
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -538,4 +539,10 @@ def _field(pod: dict[str, Any], path: str, pod_ip: str) -> str | None:
         "status.podIP": pod_ip,
         "status.hostIP": "127.0.0.1",
     }
+    # metadata.labels['k'] and metadata.annotations['k'], as a kubelet resolves them: the Job
+    # controller hands an Indexed Job's pod its JOB_COMPLETION_INDEX through an annotation.
+    keyed = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", path)
+    if keyed:
+        value = (meta.get(keyed.group(1)) or {}).get(keyed.group(2))
+        return None if value is None else str(value)
     return known.get(path)

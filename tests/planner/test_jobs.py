@@ -11,7 +11,7 @@ from elmforest.planner.naming import MAX_NAME, branch_job_name, child_name
 IMAGE = "r.example/t@sha256:" + "b" * 64
 
 
-def job(**trainer: Any) -> dict[str, Any]:
+def job(completions: int = 1, **trainer: Any) -> dict[str, Any]:
     spec = ElmForestSpec.model_validate(
         {
             "storage": {"uri": "s3://bkt/f", "credentialsSecret": "keys", "endpoint": "http://m:9"},
@@ -30,6 +30,7 @@ def job(**trainer: Any) -> dict[str, Any]:
             trainer=spec.trainer,
             storage=spec.storage,
             branch="b",
+            completions=completions,
         )
     )
 
