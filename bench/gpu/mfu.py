@@ -201,10 +201,7 @@ def run_row(name: str, scale: dict[str, Any]) -> dict[str, Any]:
 
 
 def _child(name: str, smoke: bool, log: Path, timeout: float) -> dict[str, Any]:
-    from elmtrain.process_env import apply_defaults
-
     env = dict(os.environ)
-    apply_defaults(env)  # what the trainer's entry points set for every Job
     command = [sys.executable, "-m", "bench.gpu.mfu", "--row", name]
     with log.open("ab") as sink:
         sink.write(f"\n=== row {name} ===\n".encode())
