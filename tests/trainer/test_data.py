@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
 
 from elmcore.errors import BadInputError
@@ -33,18 +32,6 @@ from elmtrain.run.progress import ProgressReporter
 from elmtrain.run.train import train
 from elmtrain.runtime import Runtime
 from tests.textgen import domain_text
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        [domain_text("cooking", 50)],
-        vocab_size=300,
-        special_tokens=["<|endoftext|>"],
-        show_progress=False,
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
 
 
 def test_txt_jsonl_and_gzip_give_the_same_documents(tmp_path: Path) -> None:

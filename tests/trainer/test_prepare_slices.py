@@ -11,7 +11,6 @@ import random
 from pathlib import Path
 
 import pytest
-from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
 
 from elmcore import layout
@@ -30,18 +29,6 @@ from tests.trainer.test_cli_errors import assert_fails
 
 DOMAINS = ("cooking", "sailing", "finance", "poetry", "weather")
 SEQ_LEN = 32
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        [domain_text("cooking", 50)],
-        vocab_size=300,
-        special_tokens=["<|endoftext|>"],
-        show_progress=False,
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
 
 
 @pytest.fixture
