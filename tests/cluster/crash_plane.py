@@ -137,8 +137,7 @@ class PlaneCluster:
         assert self.release is not None
         user = f"system:serviceaccount:{self.release.namespace}:{self.release.account}"
         refused = set()
-        for line in self.plane.audit_log.read_text().splitlines():
-            record = json.loads(line)
+        for record in self.plane.audit_records():
             if record.get("user", {}).get("username") != user:
                 continue
             if record.get("responseStatus", {}).get("code") == 403:

@@ -96,15 +96,14 @@ def _logged_steps(node: ProcessKubelet, ns: str, pod: str, event: str) -> list[i
 
 def _audit_lines(kube: Kube) -> int:
     assert kube.plane is not None
-    return len(kube.plane.audit_log.read_text().splitlines())
+    return len(kube.plane.audit_records())
 
 
 def _operator_writes(kube: Kube, user: str, after: int) -> list[str]:
     """What ``user`` changed in the API since audit line ``after`` (reads do not count)."""
     assert kube.plane is not None
     writes = []
-    for line in kube.plane.audit_log.read_text().splitlines()[after:]:
-        record = json.loads(line)
+    for record in kube.plane.audit_records()[after:]:
         ref = record.get("objectRef", {})
         # The leader renews its Lease every few seconds whatever happens: a heartbeat, not a
         # response to anything; every other write counts.
@@ -329,8 +328,7 @@ def test_quickstart_forest_on_a_real_control_plane(
     )
     if kube.plane is not None:
         deleted_by = set()
-        for line in kube.plane.audit_log.read_text().splitlines():
-            record = json.loads(line)
+        for record in kube.plane.audit_records():
             ref = record.get("objectRef", {})
             if (
                 record.get("verb") == "delete"

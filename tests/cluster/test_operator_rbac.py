@@ -11,7 +11,6 @@ Role was used by some request (least privilege).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -72,8 +71,7 @@ def _jobs(kube: Kube, namespace: str, selector: str) -> list[str]:
 def _audited(kube: Kube, user: str) -> list[dict[str, Any]]:
     assert kube.plane is not None
     records = []
-    for line in kube.plane.audit_log.read_text().splitlines():
-        record = json.loads(line)
+    for record in kube.plane.audit_records():
         if record.get("user", {}).get("username") == user and "objectRef" in record:
             records.append(record)
     return records

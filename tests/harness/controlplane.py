@@ -29,6 +29,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -117,6 +118,16 @@ class ControlPlane:
     @property
     def audit_log(self) -> Path:
         return self.folder / "audit.log"
+
+    def audit_records(self) -> list[dict[str, Any]]:
+        """The audit log's complete records, oldest first.
+
+        The API server appends to the log while a test reads it, so the last line may be half
+        written: only lines that end in a newline are records yet.
+        """
+        text = self.audit_log.read_text()
+        complete = text[: text.rfind("\n") + 1]
+        return [json.loads(line) for line in complete.splitlines() if line]
 
     @property
     def ca(self) -> Path:
