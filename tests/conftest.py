@@ -72,6 +72,8 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# Optional: a run without xdist (``-p no:xdist``, one process) has no such hook to validate.
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     """Whole modules per worker and the cluster tier as one unit (tests/harness/xdist_scopes.py)."""
     from tests.harness.xdist_scopes import ModuleScheduling
