@@ -94,11 +94,18 @@ class Session:
         started = time.monotonic()
         try:
             while True:
+                before = self.state.model_dump_json()
                 self.engine.step()
                 self.save()
                 self.display.render(rows(self.engine))
+                # Settled is a fixed point, not only final phases: forests are reconciled before
+                # their branches, so a step that merges the last expert leaves the forest's
+                # status (its experts, their count) one step behind; one more step catches up,
+                # and a rerun with nothing to do then changes nothing.
                 if self.engine.settled():
-                    return 0
+                    if self.state.model_dump_json() == before:
+                        return 0
+                    continue
                 timeout = self.options.timeout_seconds
                 if timeout is not None and time.monotonic() - started > timeout:
                     self.runner.stop_all()
