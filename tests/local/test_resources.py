@@ -153,3 +153,17 @@ def test_every_invalid_file_is_reported_in_one_run(tmp_path: Path) -> None:
     assert "a-bad-domain.yaml:7: ElmBranch 'a': spec.domain:" in lines[0]
     assert "c-bad-copy.yaml:10: ElmBranch 'c': spec.init: strategy 'copy' needs" in lines[1]
     assert "d-broken.yaml" in lines[2] and "not valid YAML" in lines[2]
+
+
+def test_many_nodes_for_one_branch_are_refused_at_once_naming_the_line(tmp_path: Path) -> None:
+    # Local mode has one machine: trainer.nodes above 1 is a cluster's (docs/operations.md).
+    write(tmp_path, "forest.yaml", FOREST)
+    many = branch() + "  trainer:\n    nodes: 2\n"
+    message = error_of(tmp_path / "forest.yaml", write(tmp_path, "code.yaml", many))
+    assert "code.yaml:11: ElmBranch 'code': spec.trainer.nodes: 2 needs a cluster" in message
+    forest = FOREST + "  trainer:\n    nodes: 3\n"
+    message = error_of(write(tmp_path, "forest.yaml", forest))
+    assert "forest.yaml:11: ElmForest 'demo': spec.trainer.nodes: 3 needs a cluster" in message
+    one = branch() + "  trainer:\n    nodes: 1\n"
+    write(tmp_path, "forest.yaml", FOREST)
+    assert load([tmp_path / "forest.yaml", write(tmp_path, "code.yaml", one)]).branches

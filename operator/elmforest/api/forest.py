@@ -168,7 +168,14 @@ class TrainerSpec(SpecModel):
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     gpus: int = Field(
-        0, ge=0, le=64, description="nvidia.com/gpu per Job; >1 runs elmtrain-torchrun"
+        0, ge=0, le=64, description="nvidia.com/gpu per pod; >1 runs elmtrain-torchrun"
+    )
+    nodes: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="pods per branch Job (above 1: an Indexed Job of that many pods, one per "
+        "node, each with `gpus` GPUs, rendezvousing at index 0 through a headless Service)",
     )
     resources: Resources = Field(default_factory=Resources)
     node_selector: dict[str, str] = Field(default_factory=dict, max_length=32)

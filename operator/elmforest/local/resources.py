@@ -222,6 +222,15 @@ def _declared(path: Path, node: yaml.Node, body: Any) -> Declared | None:
     model = ElmForestSpec if kind == FOREST.kind else ElmBranchSpec
     spec = _validate(model, raw, path, node, f"{kind} {name!r}")
     assert isinstance(spec, ElmForestSpec | ElmBranchSpec)
+    nodes = getattr(spec.trainer, "nodes", None) or 1
+    if nodes > 1:
+        # One machine has no nodes to spread a branch over; pretending (N processes on
+        # localhost) would show nothing a cluster's rendezvous needs. Say so before any work.
+        where = _line_of(node, ["spec", "trainer", "nodes"])
+        raise ManifestError(
+            f"{path}:{where}: {kind} {name!r}: spec.trainer.nodes: {nodes} needs a cluster "
+            "(local mode trains each branch on this machine; use trainer.gpus for its GPUs)"
+        )
     return Declared(kind, name, path, line, spec, raw)
 
 

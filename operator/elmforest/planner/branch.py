@@ -24,6 +24,7 @@ from elmforest.api.branch import (
 )
 from elmforest.api.forest import ElmForestSpec
 from elmforest.planner.actions import (
+    ApplyObject,
     CreateJob,
     DeleteExpertFiles,
     DeleteJob,
@@ -35,8 +36,9 @@ from elmforest.planner.actions import (
 )
 from elmforest.planner.conditions import READY, set_condition
 from elmforest.planner.forest import artifact_uri
-from elmforest.planner.jobs import JobRequest, Owner, build_job, merge_trainer
+from elmforest.planner.jobs import JobRequest, Owner, build_job, build_service, merge_trainer
 from elmforest.planner.naming import RELEASE_ANNOTATION, branch_job_name, child_name, digest
+from elmforest.planner.nodes import node_job_name, node_service_name
 from elmforest.planner.observed import JobState, RunRecords
 from elmforest.planner.prepare import Preparation, PrepareStep, prepare_job, progress_summary
 from elmforest.planner.trainer_args import branch_argv, overrides
@@ -336,7 +338,13 @@ def _start(inp: BranchInput, status: ElmBranchStatus, attempt: int) -> Plan:
         _set_phase(inp, status, "Waiting", "ConcurrencyLimit", f"{limit} branches are training")
         return _finish(plan, inp, status)
     forest = inp.forest.spec
-    name = branch_job_name(inp.name, status.version, attempt)
+    trainer = merge_trainer(forest.trainer, overrides(inp.spec.trainer))
+    nodes = trainer.nodes
+    name = (
+        node_job_name(inp.name, status.version, attempt, nodes)
+        if nodes > 1
+        else branch_job_name(inp.name, status.version, attempt)
+    )
     request = JobRequest(
         name=name,
         namespace=inp.namespace,
@@ -345,14 +353,19 @@ def _start(inp: BranchInput, status: ElmBranchStatus, attempt: int) -> Plan:
         role="branch",
         run_id=str(RunId.branch(inp.spec.domain, status.version)),
         argv=branch_argv(forest, inp.spec, status.version),
-        trainer=merge_trainer(forest.trainer, overrides(inp.spec.trainer)),
+        trainer=trainer,
         storage=forest.storage,
         branch=inp.name,
+        nodes=nodes,
+        service=node_service_name(inp.name) if nodes > 1 else None,
     )
     status.attempt, status.job_name = attempt, name
     _set_phase(inp, status, "Initializing", "JobCreated", f"Job {name} (attempt {attempt})")
     # Status first: a crash after it re-creates the same Job name (409, a no-op).
     _finish(plan, inp, status)
+    if nodes > 1:
+        # The Service before the Job: its pods' names resolve from their first lookup.
+        plan.add(ApplyObject(build_service(request)))
     return plan.add(CreateJob(build_job(request)))
 
 

@@ -20,6 +20,7 @@ from elmforest.planner.naming import (
     MANAGED_BY,
     OPERATOR,
 )
+from elmforest.planner.nodes import headless_service, rendezvous_command
 from elmforest.planner.observed import QUEUE_LABEL
 
 CONTAINER = "trainer"
@@ -59,6 +60,8 @@ class JobRequest:
     storage: StorageSpec
     branch: str | None = None
     completions: int = 1  # above 1: an Indexed Job of this many pods, all at once
+    nodes: int = 1  # above 1: one training run over this many pods (planner/nodes.py)
+    service: str | None = None  # with nodes: the headless Service, the pods' subdomain
 
 
 def merge_trainer(base: TrainerSpec, overrides: dict[str, Any]) -> TrainerSpec:
@@ -99,7 +102,13 @@ def container_resources(resources: Resources, gpus: int) -> dict[str, Any]:
     return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
 
 
-def _command(trainer: TrainerSpec) -> list[str]:
+def _command(request: JobRequest) -> list[str]:
+    trainer = request.trainer
+    if request.nodes > 1:
+        assert request.service, "a multi-node Job needs its headless Service"
+        return rendezvous_command(
+            request.name, request.service, request.namespace, request.nodes, trainer.gpus
+        )
     if trainer.gpus > 1:
         # One process per GPU; the trainer reads torchrun's environment for DDP. The wrapper
         # exits with the ranks' code (65, 75), which torchrun itself turns into 1.
@@ -184,8 +193,7 @@ def failure_policy() -> dict[str, Any]:
     }
 
 
-def build_job(request: JobRequest) -> dict[str, Any]:
-    trainer = request.trainer
+def pod_labels(request: JobRequest) -> dict[str, str]:
     labels = {
         MANAGED_BY: OPERATOR,
         "app.kubernetes.io/name": "elmforest-trainer",
@@ -194,6 +202,21 @@ def build_job(request: JobRequest) -> dict[str, Any]:
     }
     if request.branch:
         labels[LABEL_BRANCH] = request.branch
+    return labels
+
+
+def build_service(request: JobRequest) -> dict[str, Any]:
+    """A multi-node Job's headless Service: it selects the pods of every attempt of the
+    branch (one Job runs at a time), so each attempt's pods resolve under the same name."""
+    assert request.service, "only a multi-node Job has a Service"
+    labels = pod_labels(request)
+    owner = request.owner.reference()
+    return headless_service(request.service, request.namespace, labels, labels, owner)
+
+
+def build_job(request: JobRequest) -> dict[str, Any]:
+    trainer = request.trainer
+    labels = pod_labels(request)
     job_labels = dict(labels)
     if trainer.queue_name:
         job_labels[QUEUE_LABEL] = trainer.queue_name
@@ -202,7 +225,7 @@ def build_job(request: JobRequest) -> dict[str, Any]:
         "name": CONTAINER,
         "image": trainer.image,
         "imagePullPolicy": trainer.image_pull_policy,
-        "command": _command(trainer),
+        "command": _command(request),
         "args": request.argv,
         # The image the trainer records in each expert's lineage (pinned by digest).
         "env": [*storage_env(request.storage), {"name": "ELMTRAIN_IMAGE", "value": trainer.image}],
@@ -238,6 +261,14 @@ def build_job(request: JobRequest) -> dict[str, Any]:
         spec["completionMode"] = "Indexed"
         spec["completions"] = request.completions
         spec["parallelism"] = request.completions
+    if request.nodes > 1:
+        # One pod per index, all at once; the Job controller names each host <job>-<index>,
+        # which the subdomain makes resolvable. A restart of the gang fails every pod once,
+        # so the backoff limit is per node. Evictions stay free (DisruptionTarget: Ignore).
+        spec["completionMode"] = "Indexed"
+        spec["completions"] = spec["parallelism"] = request.nodes
+        spec["backoffLimit"] = trainer.backoff_limit * request.nodes
+        pod_spec["subdomain"] = request.service
     if trainer.active_deadline_seconds:
         spec["activeDeadlineSeconds"] = trainer.active_deadline_seconds
     if trainer.queue_name:

@@ -28,13 +28,13 @@ def digest(value: Any, length: int = 8) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
-def child_name(owner: str, suffix: str) -> str:
+def child_name(owner: str, suffix: str, limit: int = MAX_NAME) -> str:
     """``<owner>-<suffix>``, shortened with a hash of the whole when it would be too long."""
     name = f"{owner}-{suffix}"
-    if len(name) <= MAX_NAME:
+    if len(name) <= limit:
         return name
     tail = f"-{digest(name, 6)}-{suffix}"
-    return owner[: MAX_NAME - len(tail)].rstrip("-") + tail
+    return owner[: limit - len(tail)].rstrip("-") + tail
 
 
 def branch_job_name(branch: str, version: int, attempt: int) -> str:
