@@ -51,6 +51,24 @@ def run_result(run_id: str) -> str:
     return f"{run(run_id)}/{RESULT}"
 
 
+MOE = "moe"
+
+
+def mix(number: int, key: str) -> str:
+    """One mix of the forest's experts (``spec.mix``): ``mix/`` the untrained MoE folder,
+    ``model/`` the finetuned one. Keyed by number and key, so a mix Job of a superseded
+    expert set never writes where the current one does."""
+    return f"{MOE}/{version_dir(number)}-{_hex(key, 'mix key')[:16]}"
+
+
+def mix_untrained(number: int, key: str) -> str:
+    return f"{mix(number, key)}/mix"
+
+
+def mix_model(number: int, key: str) -> str:
+    return f"{mix(number, key)}/model"
+
+
 SERVING = "serving"
 
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from elmcore.errors import BadInputError, NotFoundError
 from elmcore.names import Domain
-from elmcore.records import Lineage, Metrics, Parent, Result, utc_now
+from elmcore.records import Lineage, Metrics, MixRecord, Parent, Result, utc_now
 
 SCHEMA_VERSION = 1
 
@@ -33,6 +33,20 @@ class ExpertEntry(ArtifactEntry):
     merged_at: str = Field(default_factory=utc_now)
 
 
+class MixEntry(ArtifactEntry):
+    """The forest's current mixture-of-experts model (``spec.mix``): replaced only when a newer
+    mix is committed, so the previous one is served until then."""
+
+    mix: MixRecord
+    parents: list[Parent] = Field(default_factory=list)  # the experts mixed, average weights
+    metrics: Metrics = Field(default_factory=Metrics)  # of the finetuning
+    merged_at: str = Field(default_factory=utc_now)
+
+    def experts(self) -> dict[str, int]:
+        """domain -> version of the experts mixed."""
+        return {p.domain: p.version for p in self.parents if p.domain and p.version}
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -41,6 +55,7 @@ class Manifest(BaseModel):
     tokenizer: ArtifactEntry | None = None
     seed: ArtifactEntry | None = None
     experts: dict[str, ExpertEntry] = Field(default_factory=dict)  # keyed by domain
+    mix: MixEntry | None = None  # the experts as one MoE model (spec.mix), once made
 
     def expert(self, domain: str) -> ExpertEntry:
         try:
@@ -76,6 +91,8 @@ def merge_result(manifest: Manifest, result: Result) -> Manifest:
         if manifest.experts:
             raise BadInputError("the seed cannot change once experts descend from it")
         return _bumped(manifest, seed=entry)
+    if result.kind == "mix":
+        return merge_mix(manifest, result)
     if result.domain is None or result.version is None:
         raise BadInputError("an expert result needs a domain and a version")
     current = manifest.experts.get(result.domain)
@@ -99,6 +116,31 @@ def merge_result(manifest: Manifest, result: Result) -> Manifest:
         lineage=result.lineage,
     )
     return _bumped(manifest, experts={**manifest.experts, result.domain: expert})
+
+
+def merge_mix(manifest: Manifest, result: Result) -> Manifest:
+    """Record a finished mix. Idempotent; a mix of a lower number never replaces a higher one
+    (a late Job of a superseded expert set loses), and one number has one set of bytes."""
+    if result.mix is None:
+        raise BadInputError("a mix result needs its mix record")
+    current = manifest.mix
+    if current is not None:
+        if current.mix.number > result.mix.number:
+            return manifest
+        if current.mix.number == result.mix.number:
+            if current.sha256 == result.sha256 and current.mix.key == result.mix.key:
+                return manifest
+            raise BadInputError(f"mix v{result.mix.number} is already recorded with other bytes")
+    entry = MixEntry(
+        path=result.path,
+        sha256=result.sha256,
+        run_id=result.run_id,
+        lineage=result.lineage,
+        mix=result.mix,
+        parents=result.parents,
+        metrics=result.metrics,
+    )
+    return _bumped(manifest, mix=entry)
 
 
 def remove_expert(manifest: Manifest, domain: str, version: int | None = None) -> Manifest:

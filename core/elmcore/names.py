@@ -134,6 +134,12 @@ class RunId:
         return validate_run_id(f"{self.kind}.{self.domain}.{version_dir(self.version)}")
 
 
+def mix_run_id(number: int, key: str) -> str:
+    """The run of the forest's mix ``number`` of expert set and settings ``key``; RunId.parse
+    leaves it alone (not a branch version's)."""
+    return validate_run_id(f"mix.{version_dir(number)}.{key[:16]}")
+
+
 def branch_run_id(domain: str, version: int) -> str:
     return str(RunId.branch(domain, version))
 

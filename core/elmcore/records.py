@@ -110,11 +110,25 @@ def files_digest(files: list[SourceFile]) -> str:
     return digest.hexdigest()
 
 
+class MixRecord(Record):
+    """How the forest's mixture-of-experts model (``spec.mix``, BTX) was made: the planner's
+    ``key`` (a digest of the expert set and the settings) says whether it is still current."""
+
+    number: int = Field(ge=1)  # the forest's mixes count up: moe/v<number>-...
+    key: str = Field(pattern=r"^[0-9a-f]{16,64}$")
+    top_k: int = Field(ge=1)
+    router: Literal["random", "centroids"] = "random"
+    average: Literal["uniform", "posterior"] = "uniform"
+    router_only: bool = False
+    steps: int = Field(0, ge=0)
+    untrained_path: str = ""  # the mix before finetuning (relative to the forest root)
+
+
 class Result(Record):
     """The outcome of a run: what the operator verifies and merges into the manifest."""
 
     run_id: str
-    kind: Literal["tokenizer", "seed", "expert"]
+    kind: Literal["tokenizer", "seed", "expert", "mix"]
     path: str  # key of the committed artifact, relative to the forest root
     sha256: str  # sha256 of the artifact's commit marker: names the exact bytes merged
     domain: Domain | None = None
@@ -123,6 +137,7 @@ class Result(Record):
     parents: list[Parent] = Field(default_factory=list)
     metrics: Metrics = Field(default_factory=Metrics)
     lineage: Lineage | None = None  # None: written before lineage was recorded
+    mix: MixRecord | None = None  # kind "mix" only; parents: the experts mixed, their weights
     finished_at: str = Field(default_factory=utc_now)
 
 

@@ -34,6 +34,7 @@ COMMANDS = {
     "average": "average",
     "mix": "mix",
     "mix-train": "mix_train",
+    "mix-forest": "mix_forest",
     "generate": "generate",
     "report": "report",
     "lineage": "lineage",

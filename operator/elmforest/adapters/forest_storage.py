@@ -165,7 +165,7 @@ class ForestStorage:
         except ValidationError:
             return None  # a torn or foreign file reads as "not there yet"
 
-    def records(self, run: RunId) -> RunRecords:
+    def records(self, run: RunId | str) -> RunRecords:
         progress = self._record(layout.run_progress(str(run)), Progress)
         result = self._record(layout.run_result(str(run)), Result)
         assert progress is None or isinstance(progress, Progress)

@@ -321,6 +321,29 @@ class EvaluationSpec(SpecModel):
     )
 
 
+class MixSpec(SpecModel):
+    """Branch-Train-MiX (docs/btx.md): once every branch is merged, one Job mixes the experts
+    into one Mixtral mixture-of-experts model and finetunes it; the forest records it in the
+    manifest and serves it as ``<forest>/moe``. Llama-family forests only."""
+
+    enabled: bool = Field(False, description="make (and remake, as the experts change) the mix")
+    top_k: int = Field(2, ge=1, le=64, description="experts run per token (at most the experts)")
+    steps: int = Field(100, ge=0, le=10_000_000, description="finetuning steps (0: none)")
+    router_only: bool = Field(False, description="finetune the routers only; all else frozen")
+    router: Literal["random", "centroids"] = Field(
+        "random", description="router init: random (BTX), or each expert's mean hidden state"
+    )
+    average: Literal["uniform", "posterior"] = Field(
+        "uniform", description="weights of the averaged attention, embedding and norm tensors"
+    )
+    data: Locations = _location_list(  # type: ignore[assignment]
+        "finetuning text; empty: the mixed experts' own training text"
+    )
+    val_data: Locations = _location_list(  # type: ignore[assignment]
+        "validation text; empty: the mixed experts' own validation text"
+    )
+
+
 class ElmForestSpec(SpecModel):
     storage: StorageSpec
     model: ModelSpec = Field(
@@ -345,6 +368,10 @@ class ElmForestSpec(SpecModel):
     )
     serving: ServingSpec | None = Field(
         None, description="serve the forest (OpenAI completions API); unset: not served"
+    )
+    mix: MixSpec = Field(
+        default_factory=MixSpec,
+        description="the experts as one finetuned mixture-of-experts model (BTX)",
     )
 
 
@@ -403,6 +430,29 @@ class ServingStatus(StatusModel):
     message: str = ""
 
 
+MixPhase = Literal["Waiting", "Mixing", "Ready", "Failed"]
+
+
+class MixStatus(StatusModel):
+    """The forest's mix: the one recorded in the manifest (``uri`` onward), and whether a newer
+    one is being made (``phase``, ``message``)."""
+
+    phase: MixPhase = "Waiting"
+    message: str = ""
+    revision: int | None = None  # the recorded mix's number (moe/v<revision>-...)
+    uri: str | None = None
+    sha256: str | None = None
+    experts: dict[str, int] = Field(default_factory=dict)  # domain -> version mixed
+    weights: dict[str, float] = Field(default_factory=dict)  # of the averaged tensors
+    top_k: int | None = None
+    router: str | None = None
+    router_only: bool | None = None
+    finetune_steps: int | None = None
+    val_perplexity_before: float | None = None
+    val_perplexity_after: float | None = None
+    data_sha256: str | None = None
+
+
 class ElmForestStatus(StatusModel):
     phase: ForestPhase = "Pending"
     message: str = ""
@@ -414,3 +464,4 @@ class ElmForestStatus(StatusModel):
     experts: list[ExpertStatus] = Field(default_factory=list)
     expert_count: int = 0
     serving: ServingStatus | None = None
+    mix: MixStatus | None = None

@@ -148,6 +148,8 @@ class Engine:
                 continue  # its branches wait for a fixed forest: that is the user's move
             if phase != "Ready":
                 return False
+            if (forest.status.get("mix") or {}).get("phase") == "Mixing":
+                return False  # a mix Job is planned or its result not recorded yet
             for branch in self.branches_of(forest.name):
                 if branch.status.get("phase") not in SETTLED_BRANCH:
                     return False

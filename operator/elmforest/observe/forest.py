@@ -16,6 +16,7 @@ from elmforest.api.forest import ElmForestSpec, ElmForestStatus, StorageSpec
 from elmforest.observe.branch import validation_message
 from elmforest.planner.defaults import Defaults
 from elmforest.planner.forest import ForestInput, seed_prepare
+from elmforest.planner.mix import desired_mix, pending_branches
 from elmforest.planner.observed import JobState, OwnedObject, StorageView
 from elmforest.planner.policy import Policy
 from elmforest.planner.siblings import ForestBranches
@@ -75,6 +76,8 @@ def observe_forest(source: ForestSource, body: Mapping[str, Any]) -> ObservedFor
     if spec is not None and not source.runs_servers:
         spec = spec.model_copy(update={"serving": None})
     jobs = source.forest_jobs(name)
+    branches = source.branches(name)
+    live = [(s.name, s.phase) for s in branches.siblings if not s.deleting]
     inp = ForestInput(
         name=name,
         namespace=meta.get("namespace", ""),
@@ -83,7 +86,8 @@ def observe_forest(source: ForestSource, body: Mapping[str, Any]) -> ObservedFor
         spec=spec,
         status=ElmForestStatus.model_validate(body.get("status") or {}),
         jobs=jobs,
-        branches_by_domain=source.branches(name).owners,
+        branches_by_domain=branches.owners,
+        pending_branches=pending_branches(live),
         require_image=source.requires_image,
         serving=source.serving_objects(name) if source.runs_servers else {},
     )
@@ -98,6 +102,9 @@ def observe_forest(source: ForestSource, body: Mapping[str, Any]) -> ObservedFor
         view = StorageView(error=str(error), error_reason=error.reason)
         return ObservedForest(replace(inp, storage=view), None, None)
     view, records = storage.observe_forest()
+    mix = desired_mix(name, spec, view.manifest, inp.pending_branches)
+    if mix is not None:  # the run of the mix the forest should have (planner/mix.py)
+        records["mix"] = storage.records(mix.run_id)
     preparation = None
     step = seed_prepare(name, spec, view.manifest)
     if step is not None:

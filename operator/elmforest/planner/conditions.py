@@ -7,6 +7,7 @@ from typing import Literal
 from elmforest.api.base import Condition
 
 READY = "Ready"
+MIX_READY = "MixReady"  # the forest's mix (spec.mix): recorded and current
 
 
 def set_condition(

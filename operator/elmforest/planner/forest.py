@@ -20,9 +20,17 @@ from elmforest.api.forest import (
     ManifestStatus,
     ParentStatus,
 )
-from elmforest.planner.actions import CreateJob, Event, MergeResult, PatchStatus, Plan
-from elmforest.planner.conditions import READY, set_condition
+from elmforest.planner.actions import (
+    Action,
+    CreateJob,
+    Event,
+    MergeResult,
+    PatchStatus,
+    Plan,
+)
+from elmforest.planner.conditions import MIX_READY, READY, set_condition
 from elmforest.planner.jobs import JobRequest, Owner, build_job
+from elmforest.planner.mix import MixInput, plan_mix
 from elmforest.planner.naming import digest, forest_job_name
 from elmforest.planner.observed import JobState, OwnedObject, RunRecords, StorageView
 from elmforest.planner.prepare import Preparation, PrepareStep, prepare_job, progress_summary
@@ -49,6 +57,7 @@ class ForestInput:
     serving: dict[str, OwnedObject] = field(default_factory=dict)  # by kind, as watched
     serving_records: list[ServingRecord] = field(default_factory=list)  # storage's serving/
     forbidden: str | None = None  # outside the installation's guardrails (planner/policy.py)
+    pending_branches: list[str] = field(default_factory=list)  # may still merge (planner/mix.py)
 
 
 def spec_problem(spec: ElmForestSpec, require_image: bool) -> str | None:
@@ -161,12 +170,38 @@ def plan_forest(inp: ForestInput, spec_error: str | None = None) -> Plan:
     # Served once there is a seed to serve; the servers follow the manifest from then on.
     # Their objects come after the status, so a refused write never hides the forest's state.
     status.serving = serving_status(inp.name, inp.namespace, spec, inp.serving, inp.serving_records)
+    mixing = _mix(inp, spec, manifest, status)
     owner = Owner(FOREST.kind, inp.name, inp.uid)
-    plan = _finish(Plan(), inp.status, status)
+    busy = status.mix is not None and status.mix.phase == "Mixing"
+    plan = _finish(Plan(requeue_after=POLL_SECONDS if busy else None), inp.status, status)
     said = inp.status.serving.message if inp.status.serving else ""
     if status.serving is not None and status.serving.message not in ("", said):
         plan.add(Event("Warning", "ServingDegraded", status.serving.message))
+    said = inp.status.mix.message if inp.status.mix else ""
+    if status.mix is not None and status.mix.phase == "Failed" and status.mix.message != said:
+        plan.add(Event("Warning", "MixFailed", status.mix.message))
+    plan.add(*mixing)
     return plan.add(*serving_actions(inp.name, inp.namespace, owner, spec, inp.serving))
+
+
+def _mix(
+    inp: ForestInput, spec: ElmForestSpec, manifest: Manifest, status: ElmForestStatus
+) -> list[Action]:
+    """The mix's status and condition (spec.mix; planner/mix.py), and its actions."""
+    mix_input = MixInput(
+        inp.name, inp.namespace, inp.uid, spec, manifest, inp.pending_branches, inp.jobs,
+        inp.records.get("mix", RunRecords()),
+    )  # fmt: skip
+    status.mix, actions = plan_mix(mix_input)
+    if status.mix is None:
+        status.conditions = [c for c in status.conditions if c.type != MIX_READY]
+        return actions
+    ready: Literal["True", "False"] = "True" if status.mix.phase == "Ready" else "False"
+    reason = {"Ready": "Mixed", "Failed": "MixFailed"}.get(status.mix.phase, status.mix.phase)
+    status.conditions = set_condition(
+        status.conditions, MIX_READY, ready, reason, status.mix.message, inp.generation
+    )
+    return actions
 
 
 def seed_prepare_datasets(spec: ElmForestSpec) -> tuple[list[str], list[str]]:
