@@ -185,3 +185,14 @@ def test_failed_job_reports_the_trainers_message() -> None:
     plan = forest(s, m, jobs={step.job_name: failed}, records=RunRecords(progress=progress))
     assert not jobs_of(plan)
     assert mix_status(plan)["phase"] == "Failed" and why in mix_status(plan)["message"]
+
+
+def test_the_recorded_mixs_job_is_left_to_finish() -> None:
+    s, m = spec(), manifest(code=1, law=1)
+    step = desired_mix("f", s, m, [])
+    assert step is not None
+    merged = merge_result(m, finished(s, m))
+    running = {step.job_name: JobState(step.job_name, "Running")}
+    plan = forest(s, merged, jobs=running)  # its result is in, its pod not yet gone
+    assert not any(isinstance(a, DeleteJob) for a in plan.actions)
+    assert mix_status(plan)["phase"] == "Ready"

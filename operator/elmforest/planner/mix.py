@@ -144,12 +144,13 @@ def plan_mix(inp: MixInput) -> tuple[MixStatus | None, list[Action]]:
         return None, []  # disabled: nothing made, nothing removed (docs/btx.md)
     status = recorded(manifest.mix, spec.storage.uri)
     step = desired_mix(inp.forest, spec, manifest, inp.pending)
+    # The Job of the mix wanted, or of the one recorded (its pod may still be finishing).
+    keep = step.job_name if step is not None else _recorded_job(inp.forest, spec, manifest)
     stale = [
         DeleteJob(name, "its mix is superseded")
         for name, job in inp.jobs.items()
-        if _is_mix_job(name) and job.phase == "Running"
-        and (step is None or name != step.job_name)
-    ]  # fmt: skip
+        if _is_mix_job(name) and job.phase == "Running" and name != keep
+    ]
     if step is None:
         if inp.pending:
             status.phase = "Waiting" if manifest.mix is None else "Ready"
@@ -183,6 +184,14 @@ def plan_mix(inp: MixInput) -> tuple[MixStatus | None, list[Action]]:
 
 
 _MIX_JOB = re.compile(rf"-{ROLE}-[0-9a-f]{{6}}$")  # forest_job_name's suffix, kept when shortened
+
+
+def _recorded_job(forest: str, spec: ElmForestSpec, manifest: Manifest) -> str | None:
+    entry = manifest.mix
+    if entry is None:
+        return None
+    argv = mix_argv(spec, entry.mix.number, entry.mix.key, entry.experts())
+    return forest_job_name(forest, ROLE, digest(argv))
 
 
 def _is_mix_job(name: str) -> bool:
