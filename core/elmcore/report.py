@@ -16,6 +16,8 @@ SEED = "seed"
 ENSEMBLE = "ensemble"
 AVERAGE_POSTERIOR = "average-posterior"
 AVERAGE_UNIFORM = "average-uniform"
+MOE_UNTRAINED = "moe-untrained"  # the manifest's mix (spec.mix) before its finetuning
+MOE = "moe"  # the manifest's mix, finetuned: what <forest>/moe serves
 
 
 def expert_row(domain: str) -> str:
@@ -71,13 +73,15 @@ class Report(BaseModel):
     weights: dict[str, dict[str, float]]  # domain -> expert -> cached prior (averaging weights)
     prior_source: dict[str, str]  # domain -> "held-out" | "uniform"
     top_k: int | None = None
+    mix_revision: int | None = None  # the mix of the moe rows (manifest.mix.mix.number)
     seconds: float = 0.0
 
     def row_order(self) -> list[str]:
-        """Display order: seed, experts, ensembles, then the two averages."""
+        """Display order: seed, experts, ensembles, the two averages, then the mix."""
         order = [SEED, *map(expert_row, self.experts), ENSEMBLE]
         order += [top_k_row(self.top_k)] if self.top_k else []
-        return [row for row in [*order, AVERAGE_POSTERIOR, AVERAGE_UNIFORM] if row in self.rows]
+        order += [AVERAGE_POSTERIOR, AVERAGE_UNIFORM, MOE_UNTRAINED, MOE]
+        return [row for row in order if row in self.rows]
 
     def perplexity(self, row: str, domain: str) -> float:
         score = self.rows.get(row, {}).get(domain)

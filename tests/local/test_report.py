@@ -73,6 +73,24 @@ def test_markdown_marks_the_best_and_compares_experts_with_the_seed() -> None:
     assert text.index("| seed |") < text.index("| expert a |") < text.index("| average (uniform)")
 
 
+def test_the_mix_rows_come_last_with_their_revision() -> None:
+    """A forest with a mix (spec.mix): its rows, before and after finetuning, follow the
+    averages, and the heading names the mix's revision."""
+    rows = {"seed": {"a": score(50)}, "expert:a": {"a": score(30)}, "ensemble": {"a": score(29)},
+            "moe": {"a": score(27)}, "moe-untrained": {"a": score(33)},
+            "average-uniform": {"a": score(30)}}  # fmt: skip
+    report = Report(forest="file:///tmp/f", manifest_revision=6, experts=["a"], domains=["a"],
+                    rows=rows, weights={"a": {"a": 1.0}}, prior_source={"a": "uniform"},
+                    mix_revision=2)  # fmt: skip
+    assert report.row_order()[-3:] == ["average-uniform", "moe-untrained", "moe"]
+    text = render_markdown(report, "Forest f")
+    assert "manifest revision 6, mix v2 (spec.mix)." in text
+    assert "| moe (mix, finetuned) | **27.0** |" in text
+    assert text.index("| moe (mix, untrained) | 33.0 |") < text.index("| moe (mix, finetuned)")
+    plain = report.model_copy(update={"mix_revision": None, "rows": {"seed": rows["seed"]}})
+    assert "manifest revision 6." in render_markdown(plain, "Forest f")
+
+
 def test_progress_table_columns() -> None:
     lines = format_table(
         [

@@ -1,7 +1,8 @@
 """``elmtrain mix-forest`` (the operator's ``spec.mix`` step, planner/mix.py): the real CLI mixes
 test_mix.py's three tiny Llama experts, finetunes the mix and writes a ``kind: "mix"`` result
-that the manifest records once; a retried Job returns that result without training again; a
-Job planned for an expert set the manifest no longer holds exits 65 and says why."""
+that the manifest records once and ``elmtrain report`` scores (before and after finetuning); a
+retried Job returns that result without training again; a Job planned for an expert set the
+manifest no longer holds exits 65 and says why."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
 from elmcore import layout
 from elmcore.errors import ExitCode
-from elmcore.manifest import Manifest, merge_result
+from elmcore.manifest import ArtifactEntry, Manifest, merge_result
 from elmcore.names import mix_run_id
 from elmcore.records import Progress, Result
+from elmcore.report import MOE, MOE_UNTRAINED, EvalSet, Report, ReportRequest
 from elmcore.storage import open_storage
 from elmcore.storage.manifest_store import update_manifest
 from tests.conftest import elmtrain
@@ -72,6 +74,20 @@ def test_mix_forest_mixes_finetunes_and_records_once(
     assert isinstance(once, Manifest) and once.mix is not None
     assert once.mix.sha256 == result.sha256 and twice == once
     assert once.mix.experts() == dict.fromkeys(DOMAINS, 1)
+
+    # The report scores the mix before and after its finetuning, beside the other rows. (These
+    # experts have no seed of their own: the first expert's folder stands in for it.)
+    seed = ArtifactEntry(path=once.experts[DOMAINS[0]].path, sha256=once.experts[DOMAINS[0]].sha256)
+    update_manifest(storage, lambda m: m.model_copy(update={"seed": seed}))
+    sets = [
+        EvalSet(domain=d, data=texts(corpus, "train")[i : i + 1]) for i, d in enumerate(DOMAINS)
+    ]
+    request = ReportRequest(sets=sets, seq_len=32, max_sequences=8)
+    reported = elmtrain("report", "--forest", str(forest), "--request", request.model_dump_json())
+    report = Report.model_validate_json(reported.stdout)
+    assert report.mix_revision == 1 and report.row_order()[-2:] == [MOE_UNTRAINED, MOE]
+    for domain in DOMAINS:  # the finetuning's own text: the finetuned mix fits it better
+        assert report.perplexity(MOE, domain) < report.perplexity(MOE_UNTRAINED, domain)
 
     # A retried Job: the finished result comes back as is, nothing trained or rewritten.
     stamp = (forest / result.path / layout.COMMIT_MARKER).stat().st_mtime_ns

@@ -19,6 +19,8 @@ from elmcore.report import (
     AVERAGE_POSTERIOR,
     AVERAGE_UNIFORM,
     ENSEMBLE,
+    MOE,
+    MOE_UNTRAINED,
     SEED,
     EvalSet,
     Report,
@@ -34,6 +36,8 @@ LABELS = {
     ENSEMBLE: "ensemble (posterior)",
     AVERAGE_POSTERIOR: "average (posterior-weighted)",
     AVERAGE_UNIFORM: "average (uniform)",
+    MOE_UNTRAINED: "moe (mix, untrained)",
+    MOE: "moe (mix, finetuned)",
 }
 
 
@@ -118,7 +122,8 @@ def render_markdown(report: Report, title: str) -> str:
         f"# {title}",
         "",
         f"Perplexity on each domain's evaluation text (lower is better); forest "
-        f"`{report.forest}`, manifest revision {report.manifest_revision}.",
+        f"`{report.forest}`, manifest revision {report.manifest_revision}"
+        + (f", mix v{report.mix_revision} (spec.mix)." if report.mix_revision else "."),
         "",
         "| model | " + " | ".join(domains) + " |",
         "|---|" + "---:|" * len(domains),

@@ -1,9 +1,10 @@
 """``elmtrain report``: the forest's perplexity table, one column per evaluation domain.
 
 Rows: the seed, every expert, the posterior ensemble (full and top-k), the parameter average
-weighted by the domain's cached prior, and the uniform average. Each expert scores each domain's
-text once; the ensembles reuse those token log-probabilities, so the table costs about
-(experts + 3) forward passes per domain, plus the prior's sample.
+weighted by the domain's cached prior, the uniform average, and, once the forest has a mix
+(``spec.mix``, docs/btx.md), the mix before and after its finetuning. Each expert scores each
+domain's text once; the ensembles reuse those token log-probabilities, so the table costs about
+(experts + 3, + 2 with a mix) forward passes per domain, plus the prior's sample.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from elmcore.errors import BadInputError
+from elmcore.manifest import ArtifactEntry, Manifest
 from elmcore.report import (
     AVERAGE_POSTERIOR,
     AVERAGE_UNIFORM,
     ENSEMBLE,
+    MOE,
+    MOE_UNTRAINED,
     SEED,
     EvalSet,
     Report,
@@ -28,6 +32,7 @@ from elmcore.report import (
     expert_row,
     top_k_row,
 )
+from elmcore.storage.commit import read_marker
 from elmtrain.cache import cache_dir
 from elmtrain.commands.common import add_forest_args, open_forest, write_output
 from elmtrain.config import load_json_arg, parse_config
@@ -69,6 +74,18 @@ def _prior(
     return [weights[n] for n in names], "held-out"
 
 
+def _mix_dirs(forest: Forest, manifest: Manifest) -> dict[str, Path]:
+    """The mix's rows and folders: finetuned, and untrained where its folder is still there."""
+    if manifest.mix is None:
+        return {}
+    dirs = {MOE: forest.fetch(manifest.mix)}
+    untrained = manifest.mix.mix.untrained_path
+    found = read_marker(forest.storage, untrained) if untrained else None
+    if found is not None:  # the sha256 read now: the untrained mix is not in the manifest
+        dirs = {MOE_UNTRAINED: forest.fetch(ArtifactEntry(path=untrained, sha256=found[1])), **dirs}
+    return dirs
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     # torch and transformers: only when it runs (see elmtrain.cli).
     import torch
@@ -95,6 +112,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     order = [SEED, *map(expert_row, names), ENSEMBLE, *([top_k_row(k)] if k else [])]
     rows: dict[str, dict[str, Score]] = {row: {} for row in [*order, AVERAGE_POSTERIOR]}
     rows[AVERAGE_UNIFORM] = {}
+    mixes = _mix_dirs(forest, manifest)
+    rows.update({row: {} for row in mixes})
     weights: dict[str, dict[str, float]] = {}
     sources: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="report-", dir=cache_dir()) as tmp:
@@ -120,6 +139,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             shutil.rmtree(average_dir)
             rows[AVERAGE_UNIFORM][domain] = _score(model_logprobs(uniform_dir, sequences, runtime))
+            for row, folder in mixes.items():
+                rows[row][domain] = _score(model_logprobs(folder, sequences, runtime))
     report = Report(
         forest=str(forest.storage.root),
         manifest_revision=manifest.revision,
@@ -129,6 +150,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         weights=weights,
         prior_source=sources,
         top_k=k,
+        mix_revision=manifest.mix.mix.number if manifest.mix else None,
         seconds=round(time.monotonic() - started, 2),
     )
     data = report.model_dump(mode="json")
