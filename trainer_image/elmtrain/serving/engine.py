@@ -351,9 +351,9 @@ class Engine:
         return _Route([member], [read], torch.zeros(1, dtype=torch.float64), routing)
 
     def _route_single(self, completion: Completion, model_set: ModelSet) -> _Route:
-        """An expert or the seed alone."""
+        """An expert, the seed or the mix alone."""
         target = completion.target
-        member = model_set.seed if target.kind == SEED else model_set.experts[target.member or 0]
+        member = model_set.single(target)
         routing = [_weight(member, 1.0)] if target.kind == EXPERT else []
         read = self._prefill(model_set, member, [completion])
         return _Route([member], [read], torch.zeros(1, dtype=torch.float64), routing)

@@ -6,6 +6,8 @@ Model names (``GET /v1/models``), for a server named N:
     N/average          one model: the posterior-weighted parameter average for the prompt
     N/expert/<domain>  one expert alone
     N/seed             the seed alone
+    N/moe              the manifest's mixture-of-experts model (spec.mix, docs/btx.md), once
+                       made: one Mixtral model, its router picks experts per token
 A forest without experts yet serves its seed as the ensemble's only member.
 """
 
@@ -33,7 +35,7 @@ from elmtrain.runtime import Runtime
 from elmtrain.scoring.priors import forest_prior
 
 log = structlog.get_logger(__name__)
-ENSEMBLE, AVERAGE, EXPERT, SEED = "ensemble", "average", "expert", "seed"
+ENSEMBLE, AVERAGE, EXPERT, SEED, MOE = "ensemble", "average", "expert", "seed", "moe"
 AVERAGE_GRID = 20  # average weights are rounded to 1/20: nearby prompts share one model
 AVERAGES_KEPT = 4
 
@@ -61,7 +63,7 @@ def member_label(key: str) -> str:
 class Target:
     """What a request's model name asks for."""
 
-    kind: str  # ENSEMBLE, AVERAGE, EXPERT or SEED
+    kind: str  # ENSEMBLE, AVERAGE, EXPERT, SEED or MOE
     member: int | None = None  # EXPERT: index into ``experts``
 
 
@@ -96,6 +98,9 @@ class ModelSet:
     averages_lock: threading.Lock = field(default_factory=threading.Lock)
     # Experts of this revision the endpoint opted out (--exclude-experts): never loaded.
     excluded: tuple[str, ...] = ()
+    # The manifest's mix (N/moe); None when there is none, or when the endpoint opted an
+    # expert out (the mix holds every expert it was made of, so it cannot honour that).
+    moe: Member | None = None
 
     @property
     def eos(self) -> int:
@@ -117,7 +122,18 @@ class ModelSet:
         names = [self.name, f"{self.name}/{SEED}"]
         if self.expert_dirs:
             names.insert(1, f"{self.name}/{AVERAGE}")
+        if self.moe is not None:
+            names.append(f"{self.name}/{MOE}")
         return names + [f"{self.name}/{EXPERT}/{m.domain}" for m in self.experts if m.domain]
+
+    def single(self, target: Target) -> Member:
+        """The one model a SEED, MOE or EXPERT target decodes with."""
+        if target.kind == SEED:
+            return self.seed
+        if target.kind == MOE:
+            assert self.moe is not None, "resolve() names MOE only when it is loaded"
+            return self.moe
+        return self.experts[target.member or 0]
 
     def resolve(self, model: str) -> Target | None:
         if model == self.name:
@@ -126,6 +142,8 @@ class ModelSet:
             return Target(SEED)
         if model == f"{self.name}/{AVERAGE}" and self.expert_dirs:
             return Target(AVERAGE)
+        if model == f"{self.name}/{MOE}" and self.moe is not None:
+            return Target(MOE)
         prefix = f"{self.name}/{EXPERT}/"
         for i, member in enumerate(self.experts):
             if member.domain and model == prefix + member.domain:
@@ -196,6 +214,10 @@ def load_model_set(
         weights = forest_prior(forest, prior_data, prior_sequences, length, runtime, only=only)
         prior = [weights[e.domain] for e in entries]
     log_prior = torch.tensor([math.log(max(p, 1e-300)) for p in prior], dtype=torch.float64)
+    moe = None
+    if manifest.mix is not None and not opted_out:
+        mixed = manifest.mix
+        moe = Member(MOE, None, mixed.mix.number, _load(forest.fetch(mixed), runtime, dtype))
     return ModelSet(
         name,
         manifest.revision,
@@ -207,4 +229,5 @@ def load_model_set(
         runtime,
         dtype,
         excluded=opted_out,
+        moe=moe,
     )

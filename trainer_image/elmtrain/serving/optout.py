@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from elmtrain.serving.modelset import AVERAGE, ENSEMBLE, EXPERT, SEED, ModelSet, Target
+from elmtrain.serving.modelset import AVERAGE, ENSEMBLE, EXPERT, MOE, SEED, ModelSet, Target
 from elmtrain.serving.protocol import ApiError, ExpertChoice
 
 PARAM = "elmforest.experts"
@@ -48,6 +48,10 @@ def scope(model_set: ModelSet, target: Target, choice: ExpertChoice) -> Scope:
         raise ApiError(
             400, f"{PARAM}: the model asked for is expert {domain}, which it excludes", param=PARAM
         )
+    if target.kind == MOE and opted_out:
+        # The mix's experts are inside one model, and its router may pick any of them.
+        message = f"{PARAM}: the moe model mixes every expert and cannot leave one out"
+        raise ApiError(400, message, param=PARAM)
     if not allowed and target.kind in (ENSEMBLE, AVERAGE):
         served = ", ".join(m.domain or SEED for m in experts)
         message = f"{PARAM}: no expert is left to serve the request (this forest serves: {served})"

@@ -23,7 +23,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from elmtrain.scoring.logprobs import ensemble_logprobs, log_posterior
-from elmtrain.serving.modelset import AVERAGE, ENSEMBLE, SEED, Member, ModelSet, Target
+from elmtrain.serving.modelset import AVERAGE, ENSEMBLE, Member, ModelSet, Target
 
 CHUNK = 64  # positions whose mixed laws over the vocabulary are built at once
 
@@ -79,8 +79,7 @@ def score(
         return _laws(member.model, ids, device)
 
     if target.kind not in (ENSEMBLE, AVERAGE):
-        member = model_set.seed if target.kind == SEED else model_set.experts[target.member or 0]
-        laws = laws_of(member)
+        laws = laws_of(model_set.single(target))
         return Scores(_chosen(laws, ids).tolist(), _top(laws, k))
     experts = list(range(len(model_set.experts)) if allowed is None else allowed)
     every = [laws_of(model_set.experts[i]) for i in experts]  # K x [T-1, V]
