@@ -31,6 +31,7 @@ from tests.harness.controlplane import free_port
 from tests.harness.kubectl import Kube, wait_for
 from tests.harness.kueue import KueueManager
 from tests.harness.nodeagent import PROGRAMS, ProcessKubelet
+from tests.planner.test_nodes import branch, created, forest, plan
 from tests.reliability.scenario import STANDIN
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -76,7 +77,9 @@ def kueue(kueue_kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         manager.stop()
 
 
-def _queues(namespace: str) -> list[dict[str, Any]]:
+def _queues(
+    namespace: str, cluster_queue: str = CLUSTER_QUEUE, queue: str = QUEUE
+) -> list[dict[str, Any]]:
     """One flavor, a ClusterQueue with 2 GPUs of quota (CPU and memory to spare), a LocalQueue."""
     quota = {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": str(GPU_QUOTA)}
     return [
@@ -88,7 +91,7 @@ def _queues(namespace: str) -> list[dict[str, Any]]:
         {
             "apiVersion": "kueue.x-k8s.io/v1beta2",
             "kind": "ClusterQueue",
-            "metadata": {"name": CLUSTER_QUEUE},
+            "metadata": {"name": cluster_queue},
             "spec": {
                 "namespaceSelector": {},
                 # Strict: a newer Workload never overtakes an older one waiting for quota
@@ -112,8 +115,8 @@ def _queues(namespace: str) -> list[dict[str, Any]]:
         {
             "apiVersion": "kueue.x-k8s.io/v1beta2",
             "kind": "LocalQueue",
-            "metadata": {"name": QUEUE, "namespace": namespace},
-            "spec": {"clusterQueue": CLUSTER_QUEUE},
+            "metadata": {"name": queue, "namespace": namespace},
+            "spec": {"clusterQueue": cluster_queue},
         },
     ]
 
@@ -263,3 +266,63 @@ def test_a_forest_is_admitted_two_gpus_at_a_time_by_kueue(
     assert queued >= set(quickstart.DOMAINS), queued
     manifest_experts = kube.json("get", "ef", quickstart.FOREST, "-n", ns)["status"]["expertCount"]
     assert manifest_experts == len(quickstart.DOMAINS)
+
+
+def _workload_of(kube: Kube, ns: str, job: str) -> dict[str, Any] | None:
+    for workload in kube.json("get", "workloads.kueue.x-k8s.io", "-n", ns)["items"]:
+        if any(r["name"] == job for r in workload["metadata"].get("ownerReferences", [])):
+            return workload  # type: ignore[no-any-return]
+    return None
+
+
+def test_a_two_node_branch_is_admitted_whole_as_one_workload(
+    kueue_kube: Kube, kueue: KueueManager
+) -> None:
+    """``trainer.nodes: 2`` with one GPU a pod, through a queue of 2 GPUs: Kueue makes one
+    Workload of the Indexed Job (one pod set of 2 pods) and admits both pods' quota at once; a
+    second such branch waits whole (no pod of it starts) until the first's quota is free."""
+    kube = kueue_kube
+    ns = kube.namespace("gang")
+    queues = _queues(ns, "gang-gpus", "gang")
+    wait("Kueue's webhooks to answer", lambda: kube.apply(queues, check=False).returncode == 0)
+    jobs = []
+    for name in ("first", "second"):
+        rendered = plan(forest(nodes=2, gpus=1, queueName="gang"), branch(), name=name).actions
+        service, job = created(rendered)
+        assert service is not None and job["spec"]["suspend"] is True
+        for body in (service, job):
+            body["metadata"]["namespace"] = ns
+            del body["metadata"]["ownerReferences"]  # no ElmBranch here
+        jobs.append(job["metadata"]["name"])
+        kube.apply([service, job])
+        if name == "first":
+            admitted = wait(
+                "the first gang admitted",
+                lambda: (w := _workload_of(kube, ns, jobs[0])) and _condition(w, "Admitted") and w,
+                alive=kueue.exited,
+            )
+    assert [p["count"] for p in admitted["spec"]["podSets"]] == [2]
+    assignments = admitted["status"]["admission"]["podSetAssignments"]
+    assert [a["count"] for a in assignments] == [2]
+    assert assignments[0]["resourceUsage"]["nvidia.com/gpu"] == "2"
+    assert kube.json("get", "job", jobs[0], "-n", ns)["spec"]["suspend"] is False
+
+    def refused() -> dict[str, Any] | None:
+        workload = _workload_of(kube, ns, jobs[1])
+        conditions = (workload or {}).get("status", {}).get("conditions", [])
+        pending = [c for c in conditions if c["type"] == "QuotaReserved" and c["status"] == "False"]
+        return workload if pending and "insufficient" in pending[0]["message"] else None
+
+    # The second gang has no quota while the first holds it: suspended, without a pod.
+    waiting = wait("the second gang held back", refused, alive=kueue.exited)
+    assert [p["count"] for p in waiting["spec"]["podSets"]] == [2]
+    assert kube.json("get", "job", jobs[1], "-n", ns)["spec"]["suspend"] is True
+    selector = f"batch.kubernetes.io/job-name={jobs[1]}"
+    assert kube.json("get", "pods", "-n", ns, "-l", selector)["items"] == []
+    kube.kubectl("delete", "job", jobs[0], "-n", ns, "--cascade=foreground", "--wait=false")
+    second = wait(
+        "the second gang admitted once the first is gone",
+        lambda: (w := _workload_of(kube, ns, jobs[1])) and _condition(w, "Admitted") and w,
+        alive=kueue.exited,
+    )
+    assert [a["count"] for a in second["status"]["admission"]["podSetAssignments"]] == [2]
