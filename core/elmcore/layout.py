@@ -3,10 +3,10 @@
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from elmcore.errors import BadInputError
-from elmcore.names import validate_label, validate_run_id, version_dir
+from elmcore.names import parse_version_dir, validate_label, validate_run_id, version_dir
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer"
@@ -59,6 +59,17 @@ def mix(number: int, key: str) -> str:
     ``model/`` the finetuned one. Keyed by number and key, so a mix Job of a superseded
     expert set never writes where the current one does."""
     return f"{MOE}/{version_dir(number)}-{_hex(key, 'mix key')[:16]}"
+
+
+def superseded_mixes(names: Iterable[str], number: int) -> list[str]:
+    """The folders under ``moe/`` (children ``names``) of mixes numbered below ``number``: once
+    mix ``number`` is recorded no manifest names them, so they may go."""
+    found = []
+    for name in names:
+        version = parse_version_dir(name.split("-", 1)[0])
+        if version is not None and version < number:
+            found.append(f"{MOE}/{name}")
+    return found
 
 
 def mix_untrained(number: int, key: str) -> str:

@@ -142,7 +142,10 @@ class ForestStorage:
         match action:
             case MergeResult(result=result):
                 manifest = self.merge(result)
-                return f"merged {result.run_id} (manifest revision {manifest.revision})"
+                line = f"merged {result.run_id} (manifest revision {manifest.revision})"
+                if result.kind == "mix" and manifest.mix and manifest.mix.run_id == result.run_id:
+                    line += f"; deleted {self.delete_superseded_mixes(manifest)} older mix objects"
+                return line
             case RemoveExpert(domain=domain):
                 manifest = self.remove_expert(domain)
                 return f"removed expert {domain} (manifest revision {manifest.revision})"
@@ -177,6 +180,15 @@ class ForestStorage:
 
     def remove_expert(self, domain: str) -> Manifest:
         return update_manifest(self.storage, lambda manifest: remove_expert(manifest, domain))
+
+    def delete_superseded_mixes(self, manifest: Manifest) -> int:
+        """The folders of the mixes before the recorded one: kept until it was committed and
+        recorded (they were served until then), never named by a manifest again. A server
+        still on an older revision has its mix in its local cache."""
+        assert manifest.mix is not None
+        names = self.storage.list_children(layout.MOE)
+        stale = layout.superseded_mixes(names, manifest.mix.mix.number)
+        return sum(self.storage.delete_prefix(prefix) for prefix in stale)
 
     def delete_expert_files(self, domain: str) -> int:
         """The domain's expert files and every run of its versions (training and prepare)."""
