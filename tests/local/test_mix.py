@@ -16,6 +16,9 @@ import openai
 import pytest
 import yaml
 
+from elmforest.api.forest import ElmForestSpec
+from elmforest.local.resources import load
+from elmforest.planner.mix import MIXABLE
 from tests.harness.serve import serving
 
 REPO = Path(__file__).resolve().parents[2]
@@ -131,3 +134,16 @@ def test_up_mixes_the_merged_experts_once(tmp_path: Path) -> None:
     assert (storage / "manifest.json").read_text() == before
     state = read_json(state_dir / "state.json")
     assert len([j for j in state["jobs"].values() if j["role"] == "mix"]) == 1
+
+
+def test_the_btx_example_declares_a_mixable_forest() -> None:
+    """examples/btx/ (docs/btx.md) loads as local mode reads it, its text exists, and it mixes."""
+    declared = load([REPO / "examples" / "btx"])
+    (forest,) = declared.forests.values()
+    spec = forest.spec
+    assert isinstance(spec, ElmForestSpec)
+    assert spec.mix.enabled and spec.model.model_dump()["family"] in MIXABLE
+    assert sorted(declared.branches) == ["code", "legal", "quotes", "scripture"]
+    for name in declared.branches:
+        for location in declared.branch_spec(name).data.train:
+            assert Path(location.removeprefix("file://")).is_file(), location
