@@ -134,6 +134,12 @@ def test_host_and_service_names_are_dns_labels_for_any_branch_name(name: str) ->
     assert node_job_name(name, 1, 1, 2) != node_job_name(name, 1, 2, 2)
 
 
+def test_branches_whose_names_differ_only_by_dots_share_nothing() -> None:
+    assert node_service_name("a.b") != node_service_name("a-b")
+    assert node_job_name("a.b", 1, 1, 2) != node_job_name("a-b", 1, 1, 2)
+    assert node_service_name("9lives") != node_service_name("n9lives")
+
+
 def test_progress_comes_from_the_runs_records_and_retries_are_new_jobs() -> None:
     # Rank 0 writes the run's records; the planner reads them as for one pod.
     own = branch(nodes=2)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from elmforest.planner.naming import MAX_NAME, child_name
+from elmforest.planner.naming import MAX_NAME, child_name, digest
 
 RENDEZVOUS_PORT = 29400  # torchrun's default c10d port
 NODE_RANK_ENV = "JOB_COMPLETION_INDEX"  # set by the Job controller on each pod
@@ -27,9 +27,12 @@ NODE_RANK_ENV = "JOB_COMPLETION_INDEX"  # set by the Job controller on each pod
 
 def label_safe(name: str) -> str:
     """A DNS-1035 label's start of an object name (a DNS-1123 subdomain may have dots and a
-    leading digit; host names and Service names may not)."""
+    leading digit; host names and Service names may not). A name that had to change carries a
+    hash of itself, so that branches "a.b" and "a-b" never share a Job or a Service."""
+    if "." not in name and name[:1].isalpha():
+        return name
     safe = name.replace(".", "-")
-    return safe if safe[:1].isalpha() else f"n{safe}"
+    return f"{safe if safe[:1].isalpha() else 'n' + safe}-{digest(name, 6)}"
 
 
 def node_job_name(branch: str, version: int, attempt: int, nodes: int) -> str:
