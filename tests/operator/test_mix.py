@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import boto3
 import pytest
 
 from tests.harness.cluster import Cluster
@@ -79,6 +80,12 @@ def test_mix_job_runs_once_and_is_recorded_once(
     assert manifest.mix is not None and manifest.mix.experts() == {"cooking": 1, "sailing": 2}
     mix_jobs = {n: c for n, c in cluster.jobs_created().items() if "-mix-" in n}
     assert sorted(mix_jobs.values()) == [1, 1], mix_jobs
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    listed = client.list_objects_v2(
+        Bucket=s3_data.removeprefix("s3://"), Prefix="forests/mixed/moe/"
+    )
+    folders = {o["Key"].split("/")[3] for o in listed.get("Contents", [])}
+    assert folders == {manifest.mix.path.split("/")[1]}  # mix 1's folders deleted once 2 landed
     merged = merges_of_mixes(cluster)
     assert len(merged) == 2 and len(set(merged)) == 2, merged  # each mix merged exactly once
     assert cluster.unpermitted_requests() == []
