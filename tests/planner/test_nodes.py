@@ -71,6 +71,7 @@ def test_one_node_is_one_plain_pod_without_a_service() -> None:
     assert service is None
     assert "completionMode" not in job["spec"]
     assert "subdomain" not in job["spec"]["template"]["spec"]
+    assert "affinity" not in job["spec"]["template"]["spec"]
     assert job["spec"]["template"]["spec"]["containers"][0]["command"][:2] == [
         "elmtrain-torchrun",
         "--standalone",
@@ -97,6 +98,10 @@ def test_many_nodes_run_as_an_indexed_job_behind_a_headless_service() -> None:
     assert spec["backoffLimit"] == 6  # a gang restart fails every pod once
     pod = spec["template"]["spec"]
     assert pod["subdomain"] == svc
+    # One pod per node: required anti-affinity among the branch's trainer pods.
+    (term,) = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"] == service["spec"]["selector"]
     container = pod["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 4  # per pod, not per Job
     command = container["command"]

@@ -20,7 +20,7 @@ from elmforest.planner.naming import (
     MANAGED_BY,
     OPERATOR,
 )
-from elmforest.planner.nodes import headless_service, rendezvous_command
+from elmforest.planner.nodes import headless_service, one_pod_per_node, rendezvous_command
 from elmforest.planner.observed import QUEUE_LABEL
 
 CONTAINER = "trainer"
@@ -269,6 +269,7 @@ def build_job(request: JobRequest) -> dict[str, Any]:
         spec["completions"] = spec["parallelism"] = request.nodes
         spec["backoffLimit"] = trainer.backoff_limit * request.nodes
         pod_spec["subdomain"] = request.service
+        pod_spec["affinity"] = one_pod_per_node(labels)
     if trainer.active_deadline_seconds:
         spec["activeDeadlineSeconds"] = trainer.active_deadline_seconds
     if trainer.queue_name:

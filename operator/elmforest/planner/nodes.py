@@ -61,6 +61,13 @@ def rendezvous_command(job: str, service: str, namespace: str, nodes: int, gpus:
     ]
 
 
+def one_pod_per_node(labels: dict[str, str]) -> dict[str, Any]:
+    """Required anti-affinity among the branch's trainer pods: the nodes of ``trainer.nodes``
+    are nodes, even where one node's free GPUs (or CPUs) would hold two pods."""
+    term = {"labelSelector": {"matchLabels": labels}, "topologyKey": "kubernetes.io/hostname"}
+    return {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}
+
+
 def headless_service(
     name: str,
     namespace: str,
