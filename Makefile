@@ -66,14 +66,14 @@ reliability: $(STAMP)
 	  tests/trainer/test_resume.py tests/operator/test_end_to_end.py::test_operator_restart_and_preemption
 	ELMFOREST_SERVE_FUZZ_SCALE=10 $(VENV)/bin/pytest -s tests/serving/test_hostile_traffic.py
 
-# Every benchmark at full size (docs/benchmarks.md; about 2.5 hours on 2 cores, the BTM
+# Every benchmark at full size (docs/benchmarks.md; about 2.7 hours on 2 cores, the BTM
 # quality run most of it); results to bench/results/, plots to docs/img/.
 bench: $(STAMP)
-	for b in merge train ensemble serve data operator cli btm_quality; do $(PY) -m bench.$$b || exit 1; done
+	for b in merge train ensemble serve data operator cli btm_quality btx; do $(PY) -m bench.$$b || exit 1; done
 
 # Every benchmark's small variant (a few minutes in all); the suite runs them too.
 bench-quick: $(STAMP)
-	for b in merge train ensemble serve data operator cli btm_quality; do $(PY) -m bench.$$b --quick || exit 1; done
+	for b in merge train ensemble serve data operator cli btm_quality btx; do $(PY) -m bench.$$b --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
