@@ -159,6 +159,49 @@ def measure(out: Path, mode: str) -> dict[str, Any]:
     return {"load_kib": load_kib, "export_kib": export_kib, "plain_copy_kib": before_kib}
 
 
+def largest_tensor(out: Path) -> dict[str, Any]:
+    """The most bytes a tensor of this rank ever held (a DTensor: its local part; meta
+    tensors hold no memory) from placing the lazy model to the end of the export: what
+    ``seed --pretrained`` does after building it (read the shards, check the loss, export).
+    Every tensor an operation creates passes through the dispatcher, so this counts what a
+    rank materialises, exactly. (Building the lazy model is left out: ``from_config`` makes
+    each parameter with ``torch.empty``, pages never touched, and moves it to meta at once.)"""
+    import torch
+    from torch.distributed.tensor import DTensor
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from elmtrain.model.families import check_trainable
+    from elmtrain.run.export import export_model
+    from elmtrain.run.parallel import place, placed
+    from elmtrain.run.sharded_load import lazy_model
+    from elmtrain.runtime import setup_runtime
+
+    class Largest(TorchDispatchMode):
+        bytes, op = 0, ""
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):  # type: ignore[no-untyped-def]
+            result = func(*args, **(kwargs or {}))
+            for value in result if isinstance(result, (tuple, list)) else [result]:
+                local = value.to_local() if isinstance(value, DTensor) else value
+                if isinstance(local, torch.Tensor) and local.device.type != "meta":
+                    size = local.numel() * local.element_size()
+                    if size > Largest.bytes:
+                        Largest.bytes, Largest.op = size, str(func)
+            return result
+
+    cfg = _cfg("fsdp")
+    runtime = setup_runtime(cfg)
+    lazy = lazy_model(out / "pretrained-wide")
+    assert lazy is not None
+    with Largest():
+        model = place(lazy, cfg, runtime)
+        parallel = placed(model)
+        assert parallel is not None
+        check_trainable(model, "wide", loss=parallel.engine)
+        export_model(model, out / "export-wide", runtime, max_shard_bytes=1 << 20)
+    return {"largest_bytes": Largest.bytes, "op": Largest.op}
+
+
 def worker(out: Path) -> None:
     import torch.distributed as dist
 
@@ -167,6 +210,8 @@ def worker(out: Path) -> None:
         result = {family: train_and_export(out, family) for family in TINY}
         result["averaged_shards_equal"] = shards_equal(out / "averaged-gpt2")
         result["offloaded_shards_equal"] = shards_equal(out / "pretrained-llama", offload=True)
+    elif job["what"] == "largest":
+        result = largest_tensor(out)
     else:
         result = measure(out, job["what"])
     (out / f"rank-{dist.get_rank()}.json").write_text(json.dumps(result))
@@ -243,6 +288,29 @@ def test_loading_and_exporting_hold_no_whole_copy_per_rank(tmp_path: Path) -> No
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "export-large")  # loads
+
+
+def test_no_rank_ever_holds_a_whole_tensor_from_load_to_export(tmp_path: Path) -> None:
+    """``seed --pretrained``'s path on 2 ranks (shards read, the loss check, the streamed
+    export) never creates a tensor larger than a rank's shard of the largest parameter: no
+    rank gathers a whole vocabulary matrix, let alone the model (before, the check's forward
+    passes and the export's ``full_tensor`` gathered the embeddings whole on every rank, 2x
+    this bound). Bytes of tensors counted, not memory read: no allocator, machine or timing
+    in it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from elmtrain.model.families import load_model
+
+    vocab = 4096  # the embeddings (4096 x 48) dwarf every other tensor of this model
+    write_pretrained(tmp_path / "pretrained-wide", TINY["llama"], vocab, "100KB")
+    ranks = _launch(tmp_path, "largest")
+    shard = -(-vocab // 2) * int(TINY["llama"]["d_model"]) * 4  # fp32 bytes of a rank's rows
+    assert all(0 < rank["largest_bytes"] <= shard for rank in ranks), (ranks, shard)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export-wide")
+    original = load_model(tmp_path / "pretrained-wide")
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(exported.state_dict()[name], tensor), name  # written whole, exactly
 
 
 if __name__ == "__main__":  # a rank of the launches above

@@ -1,11 +1,12 @@
 """The trained model as a Hugging Face folder, from whole weights or from fsdp shards (issue 27,
 point 4).
 
-Under fsdp no rank ever holds the whole model: the weights are streamed tensor by tensor, each
-parameter gathered (``DTensor.full_tensor``, every rank together), written by rank 0 into
-safetensors files of at most ``max_shard_bytes`` (``model-0000i-of-0000n.safetensors`` and
-``model.safetensors.index.json``, as ``save_pretrained`` shards; one ``model.safetensors`` when
-it fits), and dropped before the next. Rank 0's peak is its own shards plus one full tensor.
+Under fsdp no rank ever holds the whole model, nor one whole tensor: the weights are streamed
+tensor by tensor, each rank sending its rows of a parameter to rank 0 a slice at a time
+(``run/shard_rows.py``), which writes them into safetensors files of at most
+``max_shard_bytes`` (``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``,
+as ``save_pretrained`` shards; one ``model.safetensors`` when it fits). A rank's peak is its
+own shards plus one slice.
 Whole models (ddp, one process) are saved by ``save_pretrained`` on rank 0, as before. Either
 way the folder is then committed like every artifact (``commit_dir``: each file's sha256, the
 marker last).
@@ -24,6 +25,7 @@ from transformers import PreTrainedModel
 from elmtrain.model.families import save_model
 from elmtrain.model.files import WEIGHTS_FILE, write_index
 from elmtrain.model.safetensors_io import SafetensorsWriter
+from elmtrain.run.shard_rows import row_slices
 from elmtrain.runtime import Runtime
 
 log = structlog.get_logger(__name__)
@@ -73,12 +75,12 @@ def export_model(
         for name in names:
             tensor = tensors[name]
             # Every rank gathers (a collective); only rank 0 keeps and writes the result.
-            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-            if writer is not None:
-                values = full.detach().to("cpu").contiguous()
-                writer.write(name, _raw(values))
-                written += values.numel() * values.element_size()
-            del full
+            # Every rank sends its rows (run/shard_rows.py); only rank 0 receives and writes.
+            for piece in row_slices(tensor):
+                if writer is not None:
+                    values = piece.contiguous()
+                    writer.write(name, _raw(values))
+                    written += values.numel() * values.element_size()
         if writer is not None:
             writer.close()
     if runtime.is_main and len(files) > 1:
