@@ -11,13 +11,15 @@ finetuning resumes from its checkpoints, a written result ends the run at once).
 from __future__ import annotations
 
 import argparse
+import os
+import time
 from typing import Any
 
 from elmcore import layout
 from elmcore.errors import BadInputError
 from elmcore.names import mix_run_id
 from elmcore.records import Lineage, MixRecord, Parent, Result
-from elmcore.storage import open_storage
+from elmcore.storage import Storage, open_storage
 from elmcore.storage.commit import read_marker
 from elmtrain.commands import mix, mix_train
 from elmtrain.commands.common import add_forest_args, open_forest, write_output
@@ -78,7 +80,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         root = args.forest.rstrip("/")
         untrained = layout.mix_untrained(args.number, args.key)
         model = layout.mix_model(args.number, args.key)
-        if read_marker(open_storage(f"{root}/{untrained}", endpoint=forest.endpoint), "") is None:
+        target = open_storage(f"{root}/{untrained}", endpoint=forest.endpoint)
+        if os.environ.get("RANK", "0") != "0":
+            _wait_committed(target)  # one writer: rank 0 mixes, the others train with it
+        elif read_marker(target, "") is None:
             check_current(forest, expected)
             mix.run(_mix_args(args, f"{root}/{untrained}", ",".join(sorted(expected))))
         report = mix_train.run(_train_args(args, f"{root}/{untrained}", f"{root}/{model}", run_id))
@@ -88,6 +93,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     forest.storage.write_bytes(layout.run_result(run_id), result.model_dump_json(indent=1).encode())
     write_output(result.model_dump(mode="json"), None, forest.endpoint)
     return result.model_dump(mode="json")
+
+
+def _wait_committed(target: Storage, poll: float = 2.0) -> None:
+    """Until rank 0's mix is committed; if rank 0 fails, torchrun stops this rank."""
+    while read_marker(target, "") is None:
+        time.sleep(poll)
 
 
 def _mix_args(args: argparse.Namespace, out: str, experts: str) -> argparse.Namespace:
