@@ -121,6 +121,48 @@ def test_btm_quality(tmp_path: Path) -> None:
     assert set(results["domain_count"]["advantage"]["in-domain"]["gain"]) == {"2", "4"}
 
 
+def test_btx(tmp_path: Path) -> None:
+    """On a synthetic corpus: every row for every domain and seed (the mixes before and after
+    finetuning among them), the dense budget that counts the finetuning, and a cost row for each
+    way to run the forest, the dense model's own ratios exactly 1."""
+    domains = ["cooking", "sailing", "finance", "weather", "poetry"]
+    corpus = write_domains(tmp_path / "corpus", domains)
+    for domain in domains:
+        (corpus / domain / "test.txt").write_text(domain_text(domain, 12, seed=2))
+    results = quick(
+        "btx", tmp_path, "--corpus", str(corpus), "--domains", "cooking,sailing,finance",
+        "--held-out", "weather", "--ood", "poetry",
+    )  # fmt: skip
+    mixes = {f"mix ({r} router){f}" for r in ("centroids", "random") for f in ("", " finetuned")}
+    assert set(results["per_seed"]) == {"0", "1"}
+    for rows in results["per_seed"].values():
+        assert set(rows) == {
+            "dense", "expert", "ensemble", "ensemble top-2", "ensemble routed top-2",
+            "posterior average", "uniform average", *mixes,
+        }  # fmt: skip
+        for row in rows.values():
+            assert set(row) == set(domains)
+            assert all(v > 1 and math.isfinite(v) for v in row.values())
+        # Finetuning moves the mix: a step that changed nothing would score the same.
+        assert rows["mix (random router) finetuned"] != rows["mix (random router)"]
+    assert set(results["groups"]) == {"in-domain", "held-out", "weather", "poetry"}
+    steps = results["steps"]
+    assert steps["dense"] == steps["expert"] * steps["experts"] + steps["finetune"]
+    assert all(c["seeds"] == 2 and isinstance(c["holds"], bool) for c in results["orderings"])
+    cost = results["cost"]["rows"]
+    assert set(cost) == {
+        "dense", "parameter average", "mix (top-2 MoE)", "ensemble (all experts)",
+        "ensemble top-2 (per position)", "ensemble routed top-2",
+    }  # fmt: skip
+    assert all(v == 1 for k, v in cost["dense"].items() if k.endswith("_vs_dense"))
+    assert cost["ensemble (all experts)"]["active_parameters_vs_dense"] == pytest.approx(3)
+    assert cost["ensemble routed top-2"]["active_parameters_vs_dense"] == pytest.approx(2)
+    # Top-2 of three experts' FFNs and one attention: more than dense, less than two models.
+    assert 1 < cost["mix (top-2 MoE)"]["active_parameters_vs_dense"] < 2
+    for row in cost.values():
+        assert row["scoring_tokens_per_second"] > 0 and row["generation_tokens_per_second"] > 0
+
+
 def test_merge(tmp_path: Path) -> None:
     results = quick("merge", tmp_path)
     (row,) = results["rows"]

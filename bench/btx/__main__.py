@@ -1,0 +1,3 @@
+from bench.btx.run import main
+
+main()
