@@ -38,11 +38,11 @@ test:
 	$(MAKE) lint typecheck pytest
 
 # The real Kubernetes control plane of the cluster tests (tests/cluster; docs/testing.md):
-# built once from the pinned Go modules tests/cluster/kube and tests/cluster/kueue into
+# built once from the pinned Go modules tests/cluster/kube, kueue and coredns into
 # ~/.cache/elmforest/kube.
 # pytest starts and stops it; without Go those tests are skipped, and say why.
 cluster-build:
-	@if command -v go >/dev/null; then python3 -m tests.harness.kubebuild --kueue; \
+	@if command -v go >/dev/null; then python3 -m tests.harness.kubebuild --kueue --coredns; \
 	else echo "no Go toolchain on PATH: the cluster tests (tests/cluster) will be skipped"; fi
 
 # A control plane to use by hand: writes .cluster/kubeconfig and .cluster/bin/{kubectl,helm,...}.

@@ -39,6 +39,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             kubebuild.binary()
         if "kueue" in needed:
             kubebuild.build(kubebuild.KUEUE)
+        if "cluster_dns" in needed:
+            kubebuild.build(kubebuild.COREDNS)
 
 
 def _unavailable(why: str) -> None:

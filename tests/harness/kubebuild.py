@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 MODULE = ROOT / "tests" / "cluster" / "kube"
 KUEUE_MODULE = ROOT / "tests" / "cluster" / "kueue"
+COREDNS_MODULE = ROOT / "tests" / "cluster" / "coredns"
 COMPONENTS = (
     "kube-apiserver",
     "kube-controller-manager",
@@ -37,6 +38,7 @@ COMPONENTS = (
 KUBERNETES_VERSION = "v1.37.2"
 HELM_VERSION = "v4.3.2"
 KUEUE_VERSION = "v0.17.0"
+COREDNS_VERSION = "v1.15.0"  # the cluster DNS of multi-node Jobs (tests/harness/clusterdns.py)
 # Kubernetes' own build stamps these (hack/lib/version.sh); clients and Helm compare them.
 _STAMPED = ("k8s.io/client-go/pkg/version", "k8s.io/component-base/version")
 
@@ -108,6 +110,8 @@ KUEUE = GoBuild(
     KUEUE_VERSION,
     f"-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion={KUEUE_VERSION}",
 )
+
+COREDNS = GoBuild("coredns", COREDNS_MODULE, ".", COREDNS_VERSION, "-s -w")
 
 
 def cache_root() -> Path:
@@ -192,3 +196,5 @@ if __name__ == "__main__":
     print(binary())
     if "--kueue" in sys.argv[1:]:
         print(build(KUEUE))
+    if "--coredns" in sys.argv[1:]:
+        print(build(COREDNS))

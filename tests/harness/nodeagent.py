@@ -12,7 +12,10 @@ counts successes and failures and applies each Job's ``podFailurePolicy``. A con
 ``httpGet`` readiness probe is Ready only while the probe answers (every ``periodSeconds``), so
 Kubernetes' EndpointSlice controller puts the pod behind its Service when it can answer; the
 pod's IP is ``pod_ip`` (this machine's: all pods share its network, so each listens on its
-own port). A pod being deleted
+own port). With ``dns`` (a cluster DNS address, tests/harness/clusterdns.py) each pod is as on a
+cluster instead: an address of its own in the pod network, its own mount and UTS namespaces
+with the kubelet's resolv.conf (that DNS, the namespace's search path) and /etc/hosts bound in,
+and its host name (``spec.hostname``, else its name). A pod being deleted
 (the Job controller, garbage collection, or an eviction through the Eviction API, which adds
 DisruptionTarget) gets SIGTERM, then SIGKILL after its grace period, and is then released.
 """
@@ -37,6 +40,7 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from tests.harness import clusterdns
 from tests.harness.controlplane import kubeconfig
 
 # What an image's entrypoint is on this machine (a container's command word -> argv here).
@@ -63,6 +67,7 @@ class Running:
     kill_at: float | None = None  # monotonic deadline for SIGKILL once SIGTERM was sent
     ready: bool = True  # as last reported (a readiness probe decides, where there is one)
     probed_at: float = 0.0  # monotonic time of the last readiness probe
+    address: str | None = None  # the pod's own, in the pod network (with a cluster DNS)
 
 
 @dataclass
@@ -88,6 +93,7 @@ class ProcessKubelet:
     # before ``programs``: another version of the code (tests/cluster/test_upgrade.py).
     images: dict[str, list[str]] = field(default_factory=dict)
     taints: list[dict[str, str]] = field(default_factory=list)  # registered with the Node
+    dns: str | None = None  # the cluster DNS: each pod networked and named as on a cluster
     pods: dict[str, Running] = field(default_factory=dict)  # by pod uid
     done: set[str] = field(default_factory=set)  # uids reported terminal
     started_pods: list[str] = field(default_factory=list)  # "namespace/name", in start order
@@ -118,6 +124,8 @@ class ProcessKubelet:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(running.process.pid, signal.SIGKILL)
             running.process.wait(10)
+            if running.address:
+                clusterdns.release_address(running.address)
         self.pods.clear()
 
     def _register(self) -> None:
@@ -254,6 +262,8 @@ class ProcessKubelet:
                 key = f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
                 self.lifetimes[key] = (self.lifetimes[key][0], time.time())
                 self._report_exit(pod, running)
+                if running.address:  # the sandbox is gone: its address back to the pool
+                    clusterdns.release_address(running.address)
                 del self.pods[uid]
                 self.done.add(uid)
                 if deleting:
@@ -266,7 +276,10 @@ class ProcessKubelet:
                 self._release(pod)
         for uid in [u for u in self.pods if u not in seen]:  # force-deleted behind our back
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pods.pop(uid).process.pid, signal.SIGKILL)
+                gone = self.pods.pop(uid)
+            os.killpg(gone.process.pid, signal.SIGKILL)
+            if gone.address:
+                clusterdns.release_address(gone.address)
 
     def _probe(self, pod: dict[str, Any], running: Running) -> None:
         """Run the first container's httpGet readiness probe when its period is up; report a
@@ -354,7 +367,7 @@ class ProcessKubelet:
             kubeconfig(self.server, host / "ca.crt", {"token": token.status.token})
         )
 
-    def _env(self, pod: dict[str, Any], mounts: dict[str, Path]) -> dict[str, str]:
+    def _env(self, pod: dict[str, Any], mounts: dict[str, Path], ip: str) -> dict[str, str]:
         namespace = pod["metadata"]["namespace"]
         container = pod["spec"]["containers"][0]
         host, port = self.server.removeprefix("https://").rsplit(":", 1)
@@ -379,7 +392,7 @@ class ProcessKubelet:
                 ref = source["config_map_key_ref"]
                 value = self._config_map(namespace, ref["name"]).get(ref["key"])
             elif source.get("field_ref"):
-                value = _field(pod, source["field_ref"]["field_path"], self.pod_ip)
+                value = _field(pod, source["field_ref"]["field_path"], ip)
             if value is not None:
                 env[item["name"]] = _mapped(value, mounts)
         if TOKEN_PATH in mounts:
@@ -405,7 +418,8 @@ class ProcessKubelet:
         folder.mkdir(parents=True, exist_ok=True)
         container = spec["containers"][0]
         mounts = self._volumes(pod, folder)
-        env = self._env(pod, mounts)
+        address = clusterdns.claim_address() if self.dns else None
+        env = self._env(pod, mounts, address or self.pod_ip)
         termination = folder / "termination-log"
         env["ELMTRAIN_TERMINATION_LOG"] = str(termination)  # the kubelet's bind of the log file
         command = list(container.get("command") or _entrypoint(container["image"]))
@@ -415,6 +429,8 @@ class ProcessKubelet:
         by_image = [argv for end, argv in self.images.items() if container["image"].endswith(end)]
         program = (by_image or [self.programs.get(command[0], [_mapped(command[0], mounts)])])[0]
         argv = [*program, *(_mapped(a, mounts) for a in inside)]
+        if address and self.dns:
+            argv = self._sandboxed(pod, folder, address, self.dns, argv)
         cwd = _mapped(container.get("working_dir") or str(folder), mounts)
         log = folder / "container.log"
         with log.open("ab") as out:
@@ -427,13 +443,32 @@ class ProcessKubelet:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        running = Running(process, folder, _now(), termination, log)
+        running = Running(process, folder, _now(), termination, log, address=address)
         running.ready = not container.get("readiness_probe")  # else the probe says when
         self.pods[meta["uid"]] = running
         self.started_pods.append(f"{meta['namespace']}/{meta['name']}")
         self.lifetimes[f"{meta['namespace']}/{meta['name']}"] = (time.time(), None)
         state = {"running": {"startedAt": running.started}}
         self._patch_status(pod, "Running", state, ready=running.ready, started=running.started)
+
+    def _sandboxed(
+        self, pod: dict[str, Any], folder: Path, address: str, dns: str, argv: list[str]
+    ) -> list[str]:
+        """``argv`` in the pod's own mount and UTS namespaces, with the kubelet's resolv.conf
+        and /etc/hosts bound over this machine's and the pod's host name set (a container
+        runtime's sandbox, without the network namespace: the pod's address is on lo)."""
+        meta, spec = pod["metadata"], pod["spec"]
+        hostname = spec.get("hostname") or meta["name"]
+        resolv, hosts = folder / "resolv.conf", folder / "hosts"
+        resolv.write_text(clusterdns.resolv_conf(dns, meta["namespace"]))
+        subdomain = spec.get("subdomain")
+        hosts.write_text(clusterdns.hosts_file(address, hostname, subdomain, meta["namespace"]))
+        script = (
+            'mount --bind "$1" /etc/resolv.conf && mount --bind "$2" /etc/hosts && '
+            'hostname "$3" && shift 3 && exec "$@"'
+        )
+        isolate = ["unshare", "--mount", "--uts", "--propagation", "private"]
+        return [*isolate, "sh", "-c", script, "pod", str(resolv), str(hosts), hostname, *argv]
 
     # ---- status -------------------------------------------------------------------------------
 
@@ -465,6 +500,8 @@ class ProcessKubelet:
     ) -> None:
         meta = pod["metadata"]
         container = pod["spec"]["containers"][0]
+        running = self.pods.get(meta["uid"])
+        ip = (running.address if running else None) or self.pod_ip
         for _ in range(10):  # conflicts: the API server adds conditions too (DisruptionTarget)
             current = self.api.read_namespaced_pod(meta["name"], meta["namespace"])
             raw = self.api.api_client.sanitize_for_serialization(current)
@@ -483,8 +520,8 @@ class ProcessKubelet:
                 "conditions": list(conditions.values()),
                 "hostIP": "127.0.0.1",
                 "hostIPs": [{"ip": "127.0.0.1"}],
-                "podIP": self.pod_ip,
-                "podIPs": [{"ip": self.pod_ip}],
+                "podIP": ip,
+                "podIPs": [{"ip": ip}],
                 "startTime": started,
                 "containerStatuses": [
                     {
