@@ -68,12 +68,9 @@ def _rendered(ns: str) -> tuple[dict[str, Any], dict[str, Any]]:
         del body["metadata"]["ownerReferences"]  # no ElmBranch here: the GC would collect it
     name, svc = job["metadata"]["name"], service["metadata"]["name"]
     pod = job["spec"]["template"]["spec"]
-    # One pod per node (here by anti-affinity; on GPU nodes their requests spread them too).
-    selector = {"matchLabels": job["spec"]["template"]["metadata"]["labels"]}
-    term = {"labelSelector": selector, "topologyKey": "kubernetes.io/hostname"}
-    pod["affinity"] = {
-        "podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}
-    }
+    # One pod per node: the planner's required anti-affinity spreads them over dns-0 and dns-1.
+    anti = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert anti[0]["topologyKey"] == "kubernetes.io/hostname"
     container = pod["containers"][0]
     command = container["command"]
     assert command[0] == "elmtrain-torchrun" and command[-2:] == ["-m", "elmtrain"]
