@@ -2,6 +2,7 @@
 
     python -m bench.scale            # a 277M Llama, a ladder up to 1B, 2 CPU ranks (~15 min)
     python -m bench.scale --quick    # a ~20M Llama, the same rows (~3 min)
+    python -m bench.scale --only-load  # row 3 alone (~2 min), into the results beside rows 1-2
 
 Every row is one run of the real CLI, repeatable by hand (the results hold each command line):
 
@@ -29,6 +30,7 @@ fit.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -44,7 +46,7 @@ from typing import Any
 
 import psutil
 
-from bench.common import ROOT, parser, plot_path, table, write_results
+from bench.common import RESULTS, ROOT, machine, parser, plot_path, table, write_results
 from elmcore import layout
 from elmcore.names import SEED_RUN_ID
 from elmcore.sharding import training_state_bytes
@@ -475,7 +477,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cli = parser(__doc__.splitlines()[0])
     cli.add_argument("--skip-load", action="store_true", help="leave out row 3")
+    cli.add_argument(
+        "--only-load",
+        action="store_true",
+        help="run row 3 alone; rows 1 and 2 are kept from the results file it updates",
+    )
     args = cli.parse_args(argv)
+    if args.only_load:
+        return only_load(args)
     scale = QUICK if args.quick else FULL
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
@@ -522,6 +531,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if load:
         print(f"load: fsdp {load.get('fsdp_ratio')} ddp {load.get('ddp_ratio')} (target <= 1.3)")
     print(f"results: {path} ({results['seconds']:.0f} s)")
+    return results
+
+
+def only_load(args: argparse.Namespace) -> dict[str, Any]:
+    """Row 3 alone, written into the results file beside the rows 1 and 2 it already holds
+    (each row's machine and date are its own: ``load.machine``, ``load.date``)."""
+    scale = QUICK if args.quick else FULL
+    path = args.out or RESULTS / ("quick" if args.quick else "") / "scale.json"
+    results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    # Rows 1-2's machine stays at the top (write_results keeps a "machine" already there).
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        work = Path(tmp)
+        bench = Bench(scale, work)
+        bench.prepare()
+        load = bench.load()
+        commands = {r.label: shown(r.command, work) for r in bench.runs}
+    load["machine"], load["date"] = machine(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load["seconds"] = time.perf_counter() - started
+    results["load"] = load
+    results["commands"] = {**results.get("commands", {}), **commands}
+    written = write_results("scale", results, argparse.Namespace(out=path, quick=args.quick))
+    if results.get("compare") and results.get("largest"):
+        plot(results, plot_path("scale", args))
+    print(f"load: fsdp {load.get('fsdp_ratio')} ddp {load.get('ddp_ratio')} (target <= 1.3)")
+    print(f"results: {written} ({load['seconds']:.0f} s)")
     return results
 
 
