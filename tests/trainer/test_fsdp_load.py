@@ -191,15 +191,19 @@ def largest_tensor(out: Path) -> dict[str, Any]:
 
     cfg = _cfg("fsdp")
     runtime = setup_runtime(cfg)
-    lazy = lazy_model(out / "pretrained-wide")
-    assert lazy is not None
-    with Largest():
-        model = place(lazy, cfg, runtime)
-        parallel = placed(model)
-        assert parallel is not None
-        check_trainable(model, "wide", loss=parallel.engine)
-        export_model(model, out / "export-wide", runtime, max_shard_bytes=1 << 20)
-    return {"largest_bytes": Largest.bytes, "op": Largest.op}
+    found = {}
+    for name in ("pretrained-wide", "averaged-wide"):  # a seed's folder, a branch's init
+        lazy = lazy_model(out / name)
+        assert lazy is not None
+        Largest.bytes = 0
+        with Largest():
+            model = place(lazy, cfg, runtime)
+            parallel = placed(model)
+            assert parallel is not None
+            check_trainable(model, "wide", loss=parallel.engine)
+            export_model(model, out / f"export-{name}", runtime, max_shard_bytes=1 << 20)
+        found[name] = {"largest_bytes": Largest.bytes, "op": Largest.op}
+    return found
 
 
 def worker(out: Path) -> None:
@@ -292,25 +296,32 @@ def test_loading_and_exporting_hold_no_whole_copy_per_rank(tmp_path: Path) -> No
 
 def test_no_rank_ever_holds_a_whole_tensor_from_load_to_export(tmp_path: Path) -> None:
     """``seed --pretrained``'s path on 2 ranks (shards read, the loss check, the streamed
-    export) never creates a tensor larger than a rank's shard of the largest parameter: no
-    rank gathers a whole vocabulary matrix, let alone the model (before, the check's forward
-    passes and the export's ``full_tensor`` gathered the embeddings whole on every rank, 2x
-    this bound). Bytes of tensors counted, not memory read: no allocator, machine or timing
-    in it."""
+    export), and a branch's averaged init placed the same way, never creates a tensor larger
+    than a rank's shard of the largest parameter: no rank gathers a whole vocabulary matrix,
+    let alone the model (before, the check's forward passes and the export's ``full_tensor``
+    gathered the embeddings whole on every rank, 2x this bound). Bytes of tensors counted, not
+    memory read: no allocator, machine or timing in it."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from elmtrain.model.averaging import average_models
     from elmtrain.model.families import load_model
 
     vocab = 4096  # the embeddings (4096 x 48) dwarf every other tensor of this model
     write_pretrained(tmp_path / "pretrained-wide", TINY["llama"], vocab, "100KB")
+    write_pretrained(tmp_path / "other-wide", TINY["llama"], vocab, "100KB", seed=1)
+    # A branch's init as branch_init writes it (streamed), placed the same way.
+    experts = [tmp_path / "pretrained-wide", tmp_path / "other-wide"]
+    average_models(experts, [0.6, 0.4], tmp_path / "averaged-wide")
     ranks = _launch(tmp_path, "largest")
     shard = -(-vocab // 2) * int(TINY["llama"]["d_model"]) * 4  # fp32 bytes of a rank's rows
-    assert all(0 < rank["largest_bytes"] <= shard for rank in ranks), (ranks, shard)
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export-wide")
-    original = load_model(tmp_path / "pretrained-wide")
-    for name, tensor in original.state_dict().items():
-        assert torch.equal(exported.state_dict()[name], tensor), name  # written whole, exactly
+    for folder in ("pretrained-wide", "averaged-wide"):
+        sizes = [rank[folder]["largest_bytes"] for rank in ranks]
+        assert all(0 < size <= shard for size in sizes), (folder, ranks, shard)
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / f"export-{folder}")
+        original = load_model(tmp_path / folder)
+        for name, tensor in original.state_dict().items():
+            assert torch.equal(exported.state_dict()[name], tensor), (folder, name)
 
 
 if __name__ == "__main__":  # a rank of the launches above
