@@ -3,6 +3,7 @@
     python -m bench.btx            # the full run (about 45 min on 2 loaded CPU cores)
     python -m bench.btx --quick    # tiny model, few domains (< 2 min): the pipeline only
     python -m bench.btx --work DIR # keep the models; a rerun trains only what is missing
+    python -m bench.btx --total-steps 2400 --finetune-steps 240  # BTM quality's step budget
 
 Per training seed (bench/btx/forests.py): a Llama-family seed and one expert per domain (BTM),
 the compute-matched dense model, and the forest mixed into a top-2 Mixtral model by router
@@ -134,9 +135,13 @@ def _scale(args: Any) -> BtxScale:
     overrides: dict[str, Any] = {k: tuple(v.split(",")) for k, v in names.items() if v}
     if args.ood:
         overrides["ood"] = args.ood
+    if args.total_steps:
+        overrides["total_steps"] = args.total_steps
     if overrides:
         btm = replace(scale.btm, **overrides)
         scale = replace(scale, btm=replace(btm, count_order=btm.first))
+    if args.finetune_steps:
+        scale = replace(scale, finetune_steps=args.finetune_steps)
     return scale
 
 
@@ -147,6 +152,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cli.add_argument("--held-out", help="comma-separated training domains nobody trains on")
     cli.add_argument("--ood", help="the evaluation-only domain (default: devil)")
     cli.add_argument("--work", type=Path, help="keep the models here (default: a temp folder)")
+    cli.add_argument("--total-steps", type=int, help="one forest's steps, seed + experts")
+    cli.add_argument("--finetune-steps", type=int, help="each mix's finetuning steps")
     args = cli.parse_args(argv)
     scale = _scale(args)
     missing = [d for d in scale.btm.evaluated if not (args.corpus / d).is_dir()]
