@@ -375,3 +375,53 @@ def test_seed_and_branch_from_a_pretrained_folder_under_fsdp_through_the_cli(
         assert not any(info.values()), info
     metrics = json.loads((forest / "experts" / "cooking" / "v1" / "metrics.json").read_text())
     assert metrics["val_loss_after"] < metrics["val_loss_before"]
+
+
+def test_a_posterior_branch_on_two_ranks_scores_its_prior_on_rank_0_alone(
+    tmp_path: Path, corpus: Path
+) -> None:
+    """``branch --init posterior`` under fsdp: scoring the prior loads every expert whole, so
+    rank 0 alone scores it and sends it to rank 1 (one model on the node, not one per rank);
+    both ranks start from the same posterior-weighted average, recorded in init.json."""
+    import subprocess
+
+    import torch
+
+    from elmcore import layout
+    from elmcore.manifest import Manifest
+    from elmtrain.forest import Forest
+    from tests.conftest import training
+    from tests.trainer.test_ddp import two_rank_command
+    from tests.trainer.test_pretrained import pretrained_forest
+
+    forest = pretrained_forest(tmp_path, "llama", torch.float32, "sentencepiece")
+    settings = training(steps=4, seq_len=32, learning_rate=1e-2, strategy="fsdp")
+    runs = [
+        ["seed", "--pretrained", str(tmp_path / "hf-model")],
+        ["branch", "--domain", "cooking", "--init", "seed"],
+        ["branch", "--domain", "sailing", "--init", "seed"],
+        ["branch", "--domain", "finance", "--init", "posterior"],
+    ]
+    for args in runs:
+        opened = Forest.open(str(forest))  # a warm cache: see the test above
+        opened.tokenizer_dir()
+        if args[0] == "branch":
+            opened.seed_dir()
+            for entry in opened.manifest().sorted_experts():
+                opened.fetch(entry)
+        data = corpus / (args[2] if args[0] == "branch" else "cooking")
+        launch = two_rank_command("-m", "elmtrain", *args, "--forest", str(forest),
+                                  "--data", str(data / "train.txt"),
+                                  "--val-data", str(data / "valid.txt"),
+                                  "--training", settings, "--merge")  # fmt: skip
+        done = subprocess.run(launch, capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-4000:]
+    lines = [json.loads(x[x.index("{") :]) for x in done.stderr.splitlines() if "{" in x]
+    scored = [line for line in lines if line.get("event") == "branch.prior_scored"]
+    assert [line["rank"] for line in scored] == [0], scored  # once, by rank 0
+    manifest = Manifest.model_validate_json((forest / "manifest.json").read_text())
+    run_id = manifest.experts["finance"].run_id
+    init = json.loads((forest / layout.run(run_id) / "init.json").read_text())
+    assert sorted(init["prior"]) == ["cooking", "sailing"]
+    assert abs(sum(init["prior"].values()) - 1) < 1e-6
+    assert sorted(p["domain"] for p in init["parents"]) == ["cooking", "sailing"]

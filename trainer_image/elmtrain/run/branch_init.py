@@ -7,6 +7,7 @@ from pathlib import Path
 
 import structlog
 import torch
+import torch.distributed as dist
 
 from elmcore.btm import InitStrategy, init_weights
 from elmcore.manifest import Manifest
@@ -42,7 +43,7 @@ def initialize(
     dirs = {e.domain: forest.fetch(e) for e in experts}
     prior: dict[str, float] = {}
     if strategy is InitStrategy.POSTERIOR and experts:
-        prior = dict(zip(dirs, domain_prior(list(dirs.values()), sample, runtime), strict=True))
+        prior = dict(zip(dirs, _prior(list(dirs.values()), sample, runtime), strict=True))
         log.info("branch.prior", domain=domain, prior={d: round(w, 4) for d, w in prior.items()})
     weights = init_weights(strategy, list(dirs), prior=prior, k=k, copy_from=copy_from)
     if not weights:
@@ -56,3 +57,19 @@ def initialize(
     out = workdir / "init"
     average_models([dirs[d] for d in weights], list(weights.values()), out)
     return BranchInit(out, parents, prior)
+
+
+def _prior(model_dirs: list[Path], sample: torch.Tensor, runtime: Runtime) -> list[float]:
+    """The posterior prior, scored by rank 0 alone and sent to the others.
+
+    Scoring loads each expert whole; on every rank that would be one model per rank on a node
+    again, which sharded loading exists to avoid (issue 27 point 2). The others wait for it.
+    """
+    prior: list[list[float] | None] = [None]
+    if runtime.is_main:
+        prior[0] = domain_prior(model_dirs, sample, runtime)
+        log.info("branch.prior_scored", rank=runtime.rank, experts=len(model_dirs))
+    if runtime.distributed:
+        dist.broadcast_object_list(prior, src=0, device=runtime.device)
+    assert prior[0] is not None
+    return prior[0]
