@@ -108,14 +108,17 @@ SLOWEST_MODULES = (
     "tests/trainer/test_resume.py",  # 184 s
     "tests/trainer/test_lineage.py",  # 155 s
     "tests/serving/test_lm_eval.py",  # 145 s
+    "tests/operator/test_mix.py",  # 139 s
     "tests/operator/test_end_to_end.py",  # 131 s
     "tests/serving/test_traffic.py",  # 128 s
     "tests/trainer/test_cli_errors.py",  # 120 s
     "tests/trainer/test_end_to_end_s3.py",  # 115 s
+    "tests/trainer/test_fsdp_load.py",  # 110-125 s
     "tests/local/test_quickstart.py",  # 107 s
+    "tests/local/test_mix.py",  # 100 s
     "tests/trainer/test_pretrained.py",  # 90 s
     "tests/trainer/test_ddp.py",  # 80 s
-    "tests/trainer/test_fsdp_load.py",  # 64-83 s
+    "tests/trainer/test_nodes_gang.py",  # 76 s
     "tests/bench/test_gpu_smoke.py",  # 75 s
     "tests/reliability/test_concurrency.py",  # 70 s
 )
