@@ -254,6 +254,11 @@ class ProcessKubelet:
             running = self.pods.get(uid)
             deleting = pod["metadata"].get("deletion_timestamp") is not None
             if running is None and uid not in self.done:
+                if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                    # Finished under an earlier kubelet of this node's name (a module's node
+                    # started again): terminal, never run again, as a kubelet does.
+                    self.done.add(uid)
+                    continue
                 if deleting:
                     self._release(pod)  # never started: nothing to stop
                     continue
