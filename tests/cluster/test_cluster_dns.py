@@ -11,6 +11,7 @@ Nothing in the operator knows it is in a test.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,10 @@ def dns_nodes(
             nodes.append(
                 start_node(kube.plane, kube, folder, name, dns=cluster_dns.address, taints=[TAINT])
             )
+            # The probe's package, as the node's own environment (a pod's env naming a path
+            # under /tmp would be rewritten into its /tmp volume: a checkout under /tmp broke).
+            env = nodes[-1].base_env
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         yield nodes
     finally:
         for node in nodes:
@@ -77,7 +82,6 @@ def _rendered(ns: str) -> tuple[dict[str, Any], dict[str, Any]]:
     hosts = [f"{name}-{index}.{svc}" for index in range(2)]
     container["command"] = [*command[:-1], "tests.cluster.rendezvous_probe", *hosts]
     container["args"] = []
-    container["env"].append({"name": "PYTHONPATH", "value": str(ROOT)})
     return service, job
 
 
@@ -94,6 +98,20 @@ def _done(kube: Kube, ns: str, name: str) -> dict[str, Any] | None:
     return None
 
 
+def _stuck(kube: Kube, nodes: list[ProcessKubelet], ns: str, job: str) -> str:
+    """Why the Job did not finish: its pods (phase, node, address) and their logs' tails (it
+    timed out once in a full two-worker run of the suite and passed alone; this says where)."""
+    lines = []
+    for pod in _pods(kube, ns, job):
+        meta, status = pod["metadata"], pod.get("status", {})
+        lines.append(
+            f"{meta['name']}: {status.get('phase')} on {pod['spec'].get('nodeName')} "
+            f"ip {status.get('podIP')} {status.get('containerStatuses', '')}"
+        )
+        lines += [f"  {n.log_of(ns, meta['name'])[-2000:]}" for n in nodes]
+    return "\n".join(lines) or "no pods"
+
+
 def test_two_nodes_rendezvous_by_dns_and_all_reduce_over_gloo(
     kube: Kube, dns_nodes: list[ProcessKubelet], tmp_path: Path
 ) -> None:
@@ -101,7 +119,10 @@ def test_two_nodes_rendezvous_by_dns_and_all_reduce_over_gloo(
     service, job = _rendered(ns)
     name, svc = job["metadata"]["name"], service["metadata"]["name"]
     kube.apply([service, job])
-    done = wait_for("the 2-node Job to finish", lambda: _done(kube, ns, name), timeout=300)
+    try:
+        done = wait_for("the 2-node Job to finish", lambda: _done(kube, ns, name), timeout=300)
+    except AssertionError as timeout:
+        raise AssertionError(_stuck(kube, dns_nodes, ns, name)) from timeout
     every = _pods(kube, ns, name)
     logs = [n.log_of(ns, p["metadata"]["name"]) for n in dns_nodes for p in every]
     assert done["type"] == "Complete", (done, [log[-3000:] for log in logs])
