@@ -55,7 +55,9 @@ class Manifest(BaseModel):
     tokenizer: ArtifactEntry | None = None
     seed: ArtifactEntry | None = None
     experts: dict[str, ExpertEntry] = Field(default_factory=dict)  # keyed by domain
-    mix: MixEntry | None = None  # the experts as one MoE model (spec.mix), once made
+    # The experts as one MoE model (spec.mix), once made. Left out while None: the previous
+    # release's readers forbid unknown fields, and read this file during an upgrade.
+    mix: MixEntry | None = Field(default=None, exclude_if=lambda value: value is None)
 
     def expert(self, domain: str) -> ExpertEntry:
         try:

@@ -137,7 +137,9 @@ class Result(Record):
     parents: list[Parent] = Field(default_factory=list)
     metrics: Metrics = Field(default_factory=Metrics)
     lineage: Lineage | None = None  # None: written before lineage was recorded
-    mix: MixRecord | None = None  # kind "mix" only; parents: the experts mixed, their weights
+    # Kind "mix" only (parents: the experts mixed, their weights). Left out while None: the
+    # previous release's operator forbids unknown fields and reads results during an upgrade.
+    mix: MixRecord | None = Field(default=None, exclude_if=lambda value: value is None)
     finished_at: str = Field(default_factory=utc_now)
 
 
