@@ -35,7 +35,7 @@ from bench.btm.evaluate import (
 from bench.btm.recipes import Recipes
 from bench.btm.report import markdown, plot
 from bench.btm.scale import FULL, QUICK, Scale
-from bench.common import ROOT, parser, plot_path, write_results
+from bench.common import ROOT, parser, run_in_work
 
 CLAIMS = (
     ("the ensemble beats the compute-matched dense model", ENSEMBLE, DENSE),
@@ -185,8 +185,6 @@ def run(corpus: Path, scale: Scale, work: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import tempfile
-
     cli = parser(__doc__.splitlines()[0])
     cli.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus")
     cli.add_argument("--first", help="comma-separated domains of the first stage")
@@ -196,20 +194,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cli.add_argument("--work", type=Path, help="keep the forests here (default: a temp folder)")
     args = cli.parse_args(argv)
     scale = _scale(args)
-    missing = [d for d in {*scale.evaluated, *scale.count_order} if not (args.corpus / d).is_dir()]
-    if missing:
-        raise SystemExit(f"{args.corpus}: no domains {sorted(missing)} (see ../shared/corpus/)")
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="btm-quality-") as tmp:
-        work = args.work or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        results = run(args.corpus, scale, work)
-    results["seconds"]["total"] = round(time.monotonic() - started, 1)
-    path = write_results("btm_quality", results, args)
-    plot(results, plot_path("btm_quality", args))
-    print(markdown(results))
-    print(f"results: {path} ({results['seconds']['total']:.0f} s)")
-    return results
+    domains = {*scale.evaluated, *scale.count_order}
+    return run_in_work(
+        "btm_quality", args, domains, lambda work: run(args.corpus, scale, work), plot, markdown
+    )
 
 
 if __name__ == "__main__":

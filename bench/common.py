@@ -10,7 +10,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,3 +121,31 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def run_in_work(
+    name: str,
+    args: argparse.Namespace,
+    domains: Iterable[str],
+    run: Callable[[Path], dict[str, Any]],
+    plot: Callable[[dict[str, Any], Path], None],
+    markdown: Callable[[dict[str, Any]], str],
+) -> dict[str, Any]:
+    """A corpus benchmark's driver: every domain present in ``args.corpus``, ``run`` in
+    ``args.work`` (or a temporary folder), timed; results written, plotted and printed."""
+    import tempfile
+
+    missing = [d for d in set(domains) if not (args.corpus / d).is_dir()]
+    if missing:
+        raise SystemExit(f"{args.corpus}: no domains {sorted(missing)} (see ../shared/corpus/)")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix=f"{name}-") as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        results = run(work)
+    results["seconds"]["total"] = round(time.monotonic() - started, 1)
+    path = write_results(name, results, args)
+    plot(results, plot_path(name, args))
+    print(markdown(results))
+    print(f"results: {path} ({results['seconds']['total']:.0f} s)")
+    return results

@@ -28,7 +28,7 @@ from bench.btx import cost
 from bench.btx.forests import ROUTERS, SeedRun, train_seed
 from bench.btx.report import CLAIMS, markdown, mix_row, plot
 from bench.btx.scale import FULL, QUICK, BtxScale
-from bench.common import ROOT, parser, plot_path, write_results
+from bench.common import ROOT, parser, run_in_work
 
 
 def groups_of(scale: BtxScale) -> dict[str, tuple[str, ...]]:
@@ -156,17 +156,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cli.add_argument("--finetune-steps", type=int, help="each mix's finetuning steps")
     args = cli.parse_args(argv)
     scale = _scale(args)
-    missing = [d for d in scale.btm.evaluated if not (args.corpus / d).is_dir()]
-    if missing:
-        raise SystemExit(f"{args.corpus}: no domains {sorted(missing)} (see ../shared/corpus/)")
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="btx-") as tmp:
-        work = args.work or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        results = run(args.corpus, scale, work)
-    results["seconds"]["total"] = round(time.monotonic() - started, 1)
-    path = write_results("btx", results, args)
-    plot(results, plot_path("btx", args))
-    print(markdown(results))
-    print(f"results: {path} ({results['seconds']['total']:.0f} s)")
-    return results
+    return run_in_work(
+        "btx", args, scale.btm.evaluated, lambda work: run(args.corpus, scale, work), plot, markdown
+    )
