@@ -9,6 +9,7 @@ ranks with it when one exits, and passes the pod's own on).
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -47,5 +48,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_now(code: int) -> None:
+    """Exit with ``code`` without the interpreter's teardown. The workers are gone and the code
+    is decided; what is left is torch's native state (the rendezvous store, its threads), whose
+    destructors once aborted an evicted node (SIGABRT: -6, a pod failure the Job counts against
+    its backoffLimit) after it had decided on 75 (clean-clone CI, test_nodes_gang)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def cli() -> None:
+    """The ``elmtrain-torchrun`` console script."""
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
