@@ -18,8 +18,10 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from elmcore.errors import BadInputError, NotFoundError
+from elmcore.errors import BadInputError, IntegrityError, NotFoundError
 from elmcore.storage import Storage
+from elmcore.storage.base import sha256_bytes
+from elmtrain.data.chunks import CHUNK_BYTES, REPAIR, ChunkDigests, VerifiedChunks, digest_file
 
 SHARD_TOKENS = 1 << 26  # 64 Mi tokens: 128 MiB of uint16 per shard file
 # Windows read at once from remote storage: one ranged GET each, so a batch costs about one
@@ -53,11 +55,19 @@ def shard_name(number: int) -> str:
     return f"tokens-{number:05d}.bin"
 
 
+def checksums_name(number: int) -> str:
+    """The shard file's chunk checksums (``elmtrain.data.chunks``)."""
+    return f"tokens-{number:05d}.sha256"
+
+
 class ShardWriter:
     """Appends token arrays to shard files in a local folder, starting a new file at the cap."""
 
-    def __init__(self, folder: Path, dtype: str, cap: int = SHARD_TOKENS) -> None:
+    def __init__(
+        self, folder: Path, dtype: str, cap: int = SHARD_TOKENS, chunk_bytes: int = CHUNK_BYTES
+    ) -> None:
         self.folder, self.dtype, self.cap = folder, np.dtype(dtype), cap
+        self.chunk_bytes = chunk_bytes
         self.shards: list[int] = []
         self._handle: BinaryIO | None = None
 
@@ -80,9 +90,13 @@ class ShardWriter:
         self.shards.append(0)
 
     def close(self) -> list[int]:
+        """Token counts per shard file; each file's chunk checksums written beside it."""
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+        for number in range(len(self.shards)):
+            digests = digest_file(self.folder / shard_name(number), self.chunk_bytes)
+            (self.folder / checksums_name(number)).write_text(digests.model_dump_json())
         return self.shards
 
 
@@ -90,6 +104,8 @@ class ShardWriter:
 class ShardFile:
     key: str  # the shard file's key in storage
     tokens: int
+    checksums: str | None = None  # the key of its chunk checksums; None: shards made before them
+    checksums_sha256: str | None = None  # the checksum file's own sha256 (from the marker)
 
 
 class TokenStream:
@@ -105,6 +121,8 @@ class TokenStream:
         # closed for every window; remote storage reads several windows at once.
         self.local = bool(self.files) and storage.local_path(self.files[0].key) is not None
         self._descriptors: dict[int, int | None] = {}
+        self._digests: dict[int, ChunkDigests] = {}
+        self._verified = VerifiedChunks()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -124,15 +142,39 @@ class TokenStream:
             number = bisect.bisect_right(self.starts, at) - 1
             offset = at - self.starts[number]
             take = min(len(out) - filled, self.files[number].tokens - offset)
-            descriptor = self._descriptor(number)
-            if descriptor is None:
-                data = self.storage.read_range(self.files[number].key, offset * size, take * size)
-            else:
-                data = os.pread(descriptor, take * size, offset * size)
-                if len(data) != take * size:
-                    raise NotFoundError(f"{self.files[number].key}: shorter than its index says")
+            data = self._read(number, offset * size, take * size)
             out[filled : filled + take] = np.frombuffer(data, dtype=self.dtype)
             filled += take
+
+    def _read(self, number: int, start: int, length: int) -> bytes:
+        """Bytes of shard file ``number``, checked against its chunk checksums where it has
+        them (every shard ``prepare`` writes)."""
+        key, descriptor = self.files[number].key, self._descriptor(number)
+
+        def read(at: int, count: int) -> bytes:
+            if descriptor is None:
+                return self.storage.read_range(key, at, count)
+            return os.pread(descriptor, count, at)
+
+        digests = self._checksums(number)
+        if digests is not None:
+            return self._verified.read(key, digests, read, start, length)
+        data = read(start, length)
+        if len(data) != length:
+            raise NotFoundError(f"{key}: shorter than its index says")
+        return data
+
+    def _checksums(self, number: int) -> ChunkDigests | None:
+        shard = self.files[number]
+        if shard.checksums is None:
+            return None
+        if number not in self._digests:
+            with self._lock:
+                if number not in self._digests:
+                    self._digests[number] = _load_checksums(
+                        shard, self.dtype.itemsize, self.storage
+                    )
+        return self._digests[number]
 
     def _descriptor(self, number: int) -> int | None:
         if number not in self._descriptors:
@@ -146,6 +188,18 @@ class TokenStream:
         for descriptor in getattr(self, "_descriptors", {}).values():
             if descriptor is not None:
                 os.close(descriptor)
+
+
+def _load_checksums(shard: ShardFile, itemsize: int, storage: Storage) -> ChunkDigests:
+    assert shard.checksums is not None
+    raw = storage.read_bytes(shard.checksums)
+    if shard.checksums_sha256 is not None and sha256_bytes(raw) != shard.checksums_sha256:
+        raise IntegrityError(f"{shard.checksums}: does not match its commit marker; {REPAIR}")
+    digests = ChunkDigests.model_validate_json(raw)
+    if digests.file_bytes != shard.tokens * itemsize:
+        raise IntegrityError(f"{shard.key}: its checksums cover {digests.file_bytes} bytes, its "
+                             f"index {shard.tokens} tokens; {REPAIR}")  # fmt: skip
+    return digests
 
 
 class TokenSequences:

@@ -21,10 +21,10 @@ import structlog
 from pydantic import ValidationError
 
 from elmcore import layout
-from elmcore.errors import BadInputError, NotFoundError
-from elmcore.records import SourceFile, utc_now
+from elmcore.errors import BadInputError, IntegrityError, NotFoundError
+from elmcore.records import FileDigest, SourceFile, utc_now
 from elmcore.storage import Storage, open_storage
-from elmcore.storage.base import sha256_file
+from elmcore.storage.base import sha256_bytes, sha256_file
 from elmcore.storage.commit import commit_dir, read_marker
 from elmcore.uris import StorageURI
 from elmtrain.cache import cache_dir
@@ -44,6 +44,7 @@ from elmtrain.data.shards import (
     ShardWriter,
     TokenSequences,
     TokenStream,
+    checksums_name,
     shard_name,
     token_dtype,
 )
@@ -92,6 +93,7 @@ class TokenStore:
         # Shard indexes are content-addressed (they never change): read once per store,
         # though streaming and lineage both ask.
         self._indexes: dict[str, ShardIndex] = {}
+        self._files: dict[str, dict[str, FileDigest]] = {}  # each folder's marker: name -> digest
 
     def prepare(self, locations: Sequence[str], progress: Progress | None = None) -> DatasetRecord:
         """The locations' shards, made where missing; the dataset record written."""
@@ -238,13 +240,40 @@ class TokenStore:
             return shards, index.tokens
 
     def _index(self, shards: str) -> ShardIndex:
+        """The folder's index, checked against its commit marker (kept for the checksums)."""
         if shards not in self._indexes:
+            found = read_marker(self.storage, shards)
+            if found is None:
+                raise BadInputError(f"{shards}: not committed (no marker); prepare it again")
             try:
                 raw = self.storage.read_bytes(f"{shards}/{INDEX}")
-                self._indexes[shards] = ShardIndex.model_validate_json(raw)
+                index = ShardIndex.model_validate_json(raw)
             except (NotFoundError, ValidationError) as error:
                 raise BadInputError(f"{shards}: unreadable shard index ({error})") from None
+            listed = found[0].files.get(INDEX)
+            if listed is not None and sha256_bytes(raw) != listed.sha256:
+                raise IntegrityError(f"{shards}/{INDEX}: does not match its commit marker")
+            self._indexes[shards], self._files[shards] = index, found[0].files
         return self._indexes[shards]
+
+    def _shard_files(self, shards: str) -> list[ShardFile]:
+        """The folder's shard files, each with its chunk checksums where it has them."""
+        index, committed = self._index(shards), self._files[shards]
+        files = []
+        for number, count in enumerate(index.shards):
+            checksums = committed.get(checksums_name(number))
+            files.append(
+                ShardFile(
+                    f"{shards}/{shard_name(number)}",
+                    count,
+                    None if checksums is None else f"{shards}/{checksums_name(number)}",
+                    None if checksums is None else checksums.sha256,
+                )
+            )
+        if index.shards and checksums_name(0) not in committed:
+            # Shards prepared before chunk checksums (before issue 27): still read, not checked.
+            log.warning("tokens.unchecked", shards=shards, reason="made before chunk checksums")
+        return [f for f in files if f.tokens]
 
     def sources(self, locations: Sequence[str]) -> list[SourceFile]:
         """Each text file of the locations with the sha256 of the content tokenized (lineage)."""
@@ -261,12 +290,7 @@ class TokenStore:
     def stream(self, dataset: DatasetRecord) -> TokenStream:
         files = []
         for record in dataset.files:
-            index = self._index(record.shards)
-            files += [
-                ShardFile(f"{record.shards}/{shard_name(i)}", count)
-                for i, count in enumerate(index.shards)
-                if count
-            ]
+            files += self._shard_files(record.shards)
         return TokenStream(self.storage, files, dataset.dtype)
 
     def sequences(self, locations: Sequence[str], seq_len: int) -> TokenSequences:
