@@ -1,4 +1,4 @@
-"""Averaging experts larger than half this machine's memory (issue 27 point 4).
+"""Averaging and the posterior over experts larger than half this machine's memory (issue 27.4).
 
     python -m bench.average_large           # two bf16 Llama experts, each > MemAvailable / 2
     python -m bench.average_large --quick   # two small ones (seconds): the same path
@@ -7,7 +7,9 @@ The experts are sized from ``MemAvailable`` at start, so that holding two of the
 the output) could not fit: a run that finishes proves the average streams. It measures the
 peak RSS of the process that averages (``average_models``, what ``elmtrain average`` and a
 branch's averaged init call) against one expert's bytes, and checks some output tensors
-against ``w1 * a + w2 * b`` computed here. Disk: three models (two experts and the output).
+against ``w1 * a + w2 * b`` computed here. Then it scores a token sample under both experts as a
+posterior branch's prior does (``domain_prior``: one expert loaded at a time, in its stored
+bf16) and measures that process's peak RSS too. Disk: three models (two experts and the output).
 """
 
 from __future__ import annotations
@@ -114,6 +116,19 @@ average_models([a, b], [float(sys.argv[4]), float(sys.argv[5])], out)
 """
 
 
+POSTERIOR = """
+import json
+import sys
+from pathlib import Path
+import torch
+from elmtrain.runtime import Runtime
+from elmtrain.scoring.evaluation import domain_prior
+a, b = Path(sys.argv[1]), Path(sys.argv[2])
+sample = torch.randint(0, int(sys.argv[3]), (4, 64), generator=torch.Generator().manual_seed(0))
+print(json.dumps(domain_prior([a, b], sample, Runtime(torch.device("cpu")))))
+"""
+
+
 def check(a: Path, b: Path, out: Path, names: list[tuple[str, str]]) -> float:
     """The largest |out - (w1 a + w2 b)| over ``names`` (file, tensor)."""
     import torch
@@ -151,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
                 str(WEIGHTS[1]),
             ]
         )
+        posterior = run_measured(
+            [sys.executable, "-c", POSTERIOR, str(experts[0]), str(experts[1]), str(size["vocab"])]
+        )
+        prior = [float(p) for p in json.loads(posterior.stdout.strip().splitlines()[-1])]
         files = shapes(size["hidden"], size["ffn"], size["vocab"], size["layers"])
         sample = [(f, tensors[0][0]) for f, tensors in list(files.items())[:2]]
         sample.append(("model-head.safetensors", "lm_head.weight"))
@@ -167,10 +186,17 @@ def main(argv: list[str] | None = None) -> int:
         "average_peak_rss_gib": round(measured.peak_rss_mb / 1024, 3),
         "peak_over_one_expert": round(measured.peak_rss_mb * (1 << 20) / expert_bytes[0], 3),
         "max_abs_error": worst,
+        "posterior_prior": [round(p, 4) for p in prior],
+        "posterior_seconds": round(posterior.seconds, 1),
+        "posterior_peak_rss_gib": round(posterior.peak_rss_mb / 1024, 3),
+        "posterior_peak_over_one_expert": round(
+            posterior.peak_rss_mb * (1 << 20) / expert_bytes[0], 3
+        ),
     }
+    prior_ok = len(prior) == 2 and abs(sum(prior) - 1) < 1e-6 and all(0 <= p <= 1 for p in prior)
     print(table(["figure", "value"], [[k, v] for k, v in results.items()]))
     print(f"results: {write_results('average_large', results, args)}")
-    return 0 if worst < TOLERANCE else 1
+    return 0 if worst < TOLERANCE and prior_ok else 1
 
 
 if __name__ == "__main__":

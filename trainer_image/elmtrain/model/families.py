@@ -62,13 +62,15 @@ def build_model(config: ModelConfig, vocab_size: int, eos_id: int, seed: int) ->
     return model
 
 
-def load_model(directory: Path, device: torch.device | None = None) -> PreTrainedModel:
+def load_model(
+    directory: Path, device: torch.device | None = None, dtype: torch.dtype | str = torch.float32
+) -> PreTrainedModel:
+    """The HF model in ``directory``, in eval mode. ``dtype="auto"`` keeps the folder's own
+    dtype: what scoring uses, so a bf16 expert takes one copy of its bytes, not two (fp32)."""
     if not (directory / "config.json").is_file():
         raise BadInputError(f"{directory} holds no config.json: not a Hugging Face model")
     try:
-        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch.float32
-        )
+        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         # Shape mismatches (a checkpoint of another architecture) land here too.
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)

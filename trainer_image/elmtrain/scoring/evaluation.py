@@ -14,7 +14,9 @@ from elmtrain.scoring.logprobs import token_logprobs
 
 
 def model_logprobs(model_dir: Path, sequences: torch.Tensor, runtime: Runtime) -> torch.Tensor:
-    model = load_model(model_dir, runtime.device)
+    # In the expert's stored dtype: scoring a 7B bf16 expert in fp32 would need twice its bytes
+    # (issue 27 point 4); the log-softmax is fp32 whatever the weights are (token_logprobs).
+    model = load_model(model_dir, runtime.device, dtype="auto")
     try:
         return token_logprobs(model, sequences, runtime)
     finally:

@@ -79,7 +79,7 @@ def serving_dtype(choice: str, device: torch.device) -> torch.dtype:
 
 
 def _load(directory: Path, runtime: Runtime, dtype: torch.dtype) -> PreTrainedModel:
-    return load_model(directory, runtime.device).to(dtype)
+    return load_model(directory, runtime.device, dtype=dtype)  # never an fp32 copy first
 
 
 @dataclass
