@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: test test-fast lint typecheck pytest install clean quickstart reliability bench bench-quick \
-	cluster-build cluster-up cluster-down
+	cluster-build cluster-up cluster-down images
 
 install: $(STAMP)
 
@@ -32,10 +32,17 @@ pytest: $(STAMP)
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not heavy"
 
-# The Go build of the control plane (CPU) runs beside the Python installs (mostly downloads).
+# The Go build of the control plane (CPU) runs beside the Python installs and the image builds
+# (mostly downloads).
 test:
-	$(MAKE) -j2 install cluster-build
+	$(MAKE) -j2 install cluster-build images
 	$(MAKE) lint typecheck pytest
+
+# The operator and trainer images, built with podman from Debian's packages and a wheelhouse at
+# constraints.txt's versions (tests/harness/imagebuild.py; podman, runc and mmdebstrap are
+# installed from Debian's packages where missing). Cached by their inputs: warm, seconds.
+images:
+	python3 -m tests.harness.imagebuild
 
 # The real Kubernetes control plane of the cluster tests (tests/cluster; docs/testing.md):
 # built once from the pinned Go modules tests/cluster/kube, kueue and coredns into
