@@ -33,7 +33,7 @@ test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not heavy"
 
 # The Go build of the control plane (CPU) runs beside the Python installs and the image builds
-# (mostly downloads).
+# (mostly downloads); the images wait for the install (both build the project's metadata in place).
 test:
 	$(MAKE) -j2 install cluster-build images
 	$(MAKE) lint typecheck pytest
@@ -41,7 +41,7 @@ test:
 # The operator and trainer images, built with podman from Debian's packages and a wheelhouse at
 # constraints.txt's versions (tests/harness/imagebuild.py; podman, runc and mmdebstrap are
 # installed from Debian's packages where missing). Cached by their inputs: warm, seconds.
-images:
+images: $(STAMP)
 	python3 -m tests.harness.imagebuild
 
 # The real Kubernetes control plane of the cluster tests (tests/cluster; docs/testing.md):
