@@ -104,6 +104,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # module is one worker's unit, so a long one started last would end the run alone.
 SLOWEST_MODULES = (
     "tests/bench/test_quick.py",  # 495 s
+    "tests/images/test_container_mode.py",  # a plane of its own and a forest in containers
     "tests/serving/test_hostile_traffic.py",  # 226 s
     "tests/trainer/test_resume.py",  # 184 s
     "tests/trainer/test_lineage.py",  # 155 s

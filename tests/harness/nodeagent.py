@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
+import json
 import os
 import re
 import signal
@@ -40,7 +41,7 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from tests.harness import clusterdns
+from tests.harness import clusterdns, podrun
 from tests.harness.controlplane import kubeconfig
 
 # What an image's entrypoint is on this machine (a container's command word -> argv here).
@@ -68,6 +69,14 @@ class Running:
     ready: bool = True  # as last reported (a readiness probe decides, where there is one)
     probed_at: float = 0.0  # monotonic time of the last readiness probe
     address: str | None = None  # the pod's own, in the pod network (with a cluster DNS)
+    container: str | None = None  # container mode: podman's name for it
+
+    @property
+    def container_id(self) -> str:
+        """``<runtime>://<id>``, as a kubelet reports it."""
+        if self.container:
+            return f"podman://{self.container}"
+        return f"process://{self.process.pid}"
 
 
 @dataclass
@@ -94,6 +103,9 @@ class ProcessKubelet:
     images: dict[str, list[str]] = field(default_factory=dict)
     taints: list[dict[str, str]] = field(default_factory=list)  # registered with the Node
     dns: str | None = None  # the cluster DNS: each pod networked and named as on a cluster
+    # Container mode: a pod whose image was built here (localhost/...) runs in it, by podman,
+    # as its spec says (tests/harness/podrun.py); other pods still run as processes.
+    containers: bool = False
     pods: dict[str, Running] = field(default_factory=dict)  # by pod uid
     done: set[str] = field(default_factory=set)  # uids reported terminal
     started_pods: list[str] = field(default_factory=list)  # "namespace/name", in start order
@@ -123,6 +135,7 @@ class ProcessKubelet:
         for running in self.pods.values():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(running.process.pid, signal.SIGKILL)
+            podrun.remove(running.container)
             running.process.wait(10)
             if running.address:
                 clusterdns.release_address(running.address)
@@ -283,6 +296,7 @@ class ProcessKubelet:
             with contextlib.suppress(ProcessLookupError):
                 gone = self.pods.pop(uid)
             os.killpg(gone.process.pid, signal.SIGKILL)
+            podrun.remove(gone.container)
             if gone.address:
                 clusterdns.release_address(gone.address)
 
@@ -322,6 +336,7 @@ class ProcessKubelet:
         elif time.monotonic() >= running.kill_at:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(running.process.pid, signal.SIGKILL)
+            podrun.remove(running.container)  # podman's own process is not the container
 
     def _release(self, pod: dict[str, Any]) -> None:
         """The kubelet's last word on a deleted pod: its containers are gone, remove it now."""
@@ -372,12 +387,16 @@ class ProcessKubelet:
             kubeconfig(self.server, host / "ca.crt", {"token": token.status.token})
         )
 
-    def _env(self, pod: dict[str, Any], mounts: dict[str, Path], ip: str) -> dict[str, str]:
+    def _env(
+        self, pod: dict[str, Any], mounts: dict[str, Path], ip: str, process: bool = True
+    ) -> dict[str, str]:
+        """The container's env; a process also gets this machine's (``base_env``), a container
+        only what its pod says."""
         namespace = pod["metadata"]["namespace"]
         container = pod["spec"]["containers"][0]
         host, port = self.server.removeprefix("https://").rsplit(":", 1)
         env = {
-            **self.base_env,
+            **(self.base_env if process else {}),
             "KUBERNETES_SERVICE_HOST": host,
             "KUBERNETES_SERVICE_PORT": port,
             "HOSTNAME": pod["metadata"]["name"],
@@ -422,6 +441,9 @@ class ProcessKubelet:
         folder = self.workdir / meta["namespace"] / f"{meta['name']}-{meta['uid'][:8]}"
         folder.mkdir(parents=True, exist_ok=True)
         container = spec["containers"][0]
+        if self.containers and not self.dns and container["image"].startswith("localhost/"):
+            self._start_container(pod, folder)
+            return
         mounts = self._volumes(pod, folder)
         address = clusterdns.claim_address() if self.dns else None
         env = self._env(pod, mounts, address or self.pod_ip)
@@ -450,6 +472,37 @@ class ProcessKubelet:
             )
         running = Running(process, folder, _now(), termination, log, address=address)
         running.ready = not container.get("readiness_probe")  # else the probe says when
+        self.pods[meta["uid"]] = running
+        self.started_pods.append(f"{meta['namespace']}/{meta['name']}")
+        self.lifetimes[f"{meta['namespace']}/{meta['name']}"] = (time.time(), None)
+        state = {"running": {"startedAt": running.started}}
+        self._patch_status(pod, "Running", state, ready=running.ready, started=running.started)
+
+    def _start_container(self, pod: dict[str, Any], folder: Path) -> None:
+        """The pod's container run by podman from the pod spec as the API serves it; the
+        service-account token, where the pod mounts one, bound at its real path."""
+        meta = pod["metadata"]
+        served = self.api.read_namespaced_pod(
+            meta["name"], meta["namespace"], _preload_content=False
+        )
+        spec = json.loads(served.data)["spec"]
+        mounts = self._volumes(pod, folder)
+        mounted = {TOKEN_PATH: mounts[TOKEN_PATH]} if TOKEN_PATH in mounts else {}
+        env = self._env(pod, {}, self.pod_ip, process=False)
+        name = f"{meta['namespace']}-{meta['name']}-{meta['uid'][:8]}"
+        log = folder / "container.log"
+        try:
+            argv = podrun.run_command(spec, name=name, env=env, folder=folder, mounted=mounted)
+        except podrun.PodRefusedError as refused:
+            log.write_text(f"{refused}\n")
+            argv = ["sh", "-c", f"exit {podrun.REFUSED}"]  # reported as a StartError
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # fmt: skip
+        running = Running(process, folder, _now(), folder / "termination-log", log, container=name)
+        running.ready = not spec["containers"][0].get("readinessProbe")
         self.pods[meta["uid"]] = running
         self.started_pods.append(f"{meta['namespace']}/{meta['name']}")
         self.lifetimes[f"{meta['namespace']}/{meta['name']}"] = (time.time(), None)
@@ -488,13 +541,19 @@ class ProcessKubelet:
         policy = pod["spec"]["containers"][0].get("termination_message_policy")
         if not message.strip() and code != 0 and policy == "FallbackToLogsOnError":
             message = running.log.read_text(errors="replace")[-2048:]
+        reason = "Completed" if code == 0 else "Error"
+        if running.container and code in podrun.START_ERRORS:
+            # podman could not create or start it (no such image, a spec it refuses): as a
+            # kubelet reports it, not an exit of the program, and never retried in place.
+            reason, code = "StartError", 128
+            message = running.log.read_text(errors="replace")[-2048:]
         terminated = {
             "exitCode": code,
-            "reason": "Completed" if code == 0 else "Error",
+            "reason": reason,
             "message": message,
             "startedAt": running.started,
             "finishedAt": _now(),
-            "containerID": f"process://{running.process.pid}",
+            "containerID": running.container_id,
         }
         phase = "Succeeded" if code == 0 else "Failed"
         state = {"terminated": terminated, "running": None, "waiting": None}  # one state only
@@ -537,6 +596,7 @@ class ProcessKubelet:
                         "started": "running" in state,
                         "restartCount": 0,
                         "state": state,
+                        **({"containerID": running.container_id} if running else {}),
                     }
                 ],
             }

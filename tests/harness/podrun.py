@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,10 @@ from typing import Any
 # runc may set in this VM ("error setting rlimit ... operation not permitted").
 ULIMITS = ["--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096"]
 TERMINATION_LOG = "/dev/termination-log"
+# podman's own exits (125: podman failed, e.g. no such image; 126: cannot invoke; 127: no such
+# command in the image) and ours for a spec refused before podman ran: a kubelet's StartError.
+REFUSED = 125
+START_ERRORS = (125, 126, 127)
 
 
 class PodRefusedError(ValueError):
@@ -131,3 +136,10 @@ def _volumes(
 def _own(path: Path, uid: int | None, group: int | None) -> None:
     if os.geteuid() == 0 and uid is not None:
         os.chown(path, uid, group if group is not None else uid)
+
+
+def remove(name: str | None) -> None:
+    """Stop and remove a container now (SIGKILL'ing ``podman run`` leaves it running)."""
+    if name is not None:
+        subprocess.run(podman("rm", "--force", "--time", "0", name), capture_output=True,
+                       check=False)  # fmt: skip
