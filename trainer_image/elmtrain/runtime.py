@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,19 @@ class Runtime:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+    @contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block before the other ranks, which then find what it wrote.
+
+        For preparing text: ranks tokenizing one file at once would each commit its token
+        folder, and a commit un-commits the folder before it writes (elmcore commit_dir), so a
+        rank could find it without its marker. Every rank must enter the block."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
 
     def any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any rank; every rank must call it at the same point."""

@@ -94,9 +94,10 @@ def _train(args: argparse.Namespace, forest: Forest, domain: str, run_id: str) -
         recorded = InitRecord.model_validate_json(forest.storage.read_bytes(init_key))
         spec.parents = recorded.parents
         return run_training_job(forest, spec, open_model(forest.seed_dir()), runtime)
-    sample = sample_sequences(
-        forest.token_store().sequences(args.data, cfg.seq_len), args.init_sample, cfg.seed
-    )
+    with runtime.main_first():  # the branch's text, prepared once (Runtime.main_first)
+        sample = sample_sequences(
+            forest.token_store().sequences(args.data, cfg.seq_len), args.init_sample, cfg.seed
+        )
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         init = branch_init.initialize(
             forest,

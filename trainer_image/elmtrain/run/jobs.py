@@ -112,22 +112,17 @@ def train_and_evaluate(
     )
     reporter.report(Progress(run_id=run_id, phase="initializing"), force=True)
     store = forest.token_store()
-    # Training reads its windows lazily from the token shards (prepared here if the prepare
-    # step has not); validation is a few batches, read into memory. Rank 0 prepares first and
-    # the others then find its records: ranks tokenizing one file at once would each commit
-    # its folder, and a commit un-commits the folder before it writes (elmcore commit_dir).
-    if not runtime.is_main:
-        runtime.barrier()
-    sequences: TokenSequences | torch.Tensor = (
-        store.sequences(train_data, cfg.seq_len)
-        if train_data
-        else torch.empty(0, cfg.seq_len, dtype=torch.long)  # importing weights: nothing to train
-    )
-    val = None
-    if val_data:
-        val = load_sequences(val_data, store, cfg.seq_len, cfg.eval_batches * cfg.batch_size)
-    if runtime.is_main:
-        runtime.barrier()
+    # Training reads its windows lazily from the token shards (prepared here, rank 0 first,
+    # if the prepare step has not); validation is a few batches, read into memory.
+    with runtime.main_first():
+        sequences: TokenSequences | torch.Tensor = (
+            store.sequences(train_data, cfg.seq_len)
+            if train_data
+            else torch.empty(0, cfg.seq_len, dtype=torch.long)  # importing weights: no training
+        )
+        val = None
+        if val_data:
+            val = load_sequences(val_data, store, cfg.seq_len, cfg.eval_batches * cfg.batch_size)
     log.info(
         "job.data",
         run_id=run_id,
