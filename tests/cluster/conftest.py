@@ -215,9 +215,10 @@ def start_node(
 
 @pytest.fixture(scope="session")
 def node(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessKubelet]:
-    """One node whose pods run as processes here (the local control plane only)."""
+    """One node whose pods run as processes here (the local control plane only); in container
+    mode, so a pod of an image built here (``make images``) runs in it, by podman."""
     if kube.plane is None:
         pytest.skip("the process kubelet joins the local control plane only")
-    agent = start_node(kube.plane, kube, tmp_path_factory.mktemp("node-0"))
+    agent = start_node(kube.plane, kube, tmp_path_factory.mktemp("node-0"), containers=True)
     yield agent
     agent.stop()

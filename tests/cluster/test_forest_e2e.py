@@ -1,8 +1,9 @@
 """A forest end to end on the real control plane, as a user runs it, judged by Kubernetes itself.
 
-``helm install`` the chart (the operator's pod runs on the process kubelet with the chart's
-ServiceAccount), S3 from moto, ``kubectl apply -f`` the quickstart's YAML with ``s3://``
-storage; the seed and four branches train with the real ``elmtrain`` in pods run as processes,
+``helm install`` the chart with the images ``make images`` built (the operator's pod runs on
+the process kubelet, in container mode: in its image, by podman, as the chart's ServiceAccount),
+S3 from moto, ``kubectl apply -f`` the quickstart's YAML with ``s3://`` storage; the seed and
+four branches train with the real ``elmtrain`` in pods run in the trainer image,
 under the real Job controller, garbage collector and scheduler, and the forest is served (its
 Deployment's pod answers through its Service's endpoint). Then, on the same cluster: a
 branch's training is edited (version 2 replaces version 1) while its pod is evicted twice (with
@@ -13,7 +14,9 @@ deleted (its Jobs go by garbage collection); a branch whose data has no text fai
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 import time
 from functools import partial
 from pathlib import Path
@@ -28,6 +31,7 @@ from elmcore.manifest import Manifest
 from tests.cluster import quickstart
 from tests.cluster.conftest import Release, install_chart
 from tests.cluster.quickstart import DOMAINS, all_merged, branches
+from tests.harness import imagebuild
 from tests.harness.controlplane import free_port
 from tests.harness.kubectl import Kube, wait_for
 from tests.harness.nodeagent import ProcessKubelet
@@ -135,14 +139,39 @@ def _evict(kube: Kube, ns: str, pod: str, grace: int | None) -> None:
     )
 
 
+@pytest.fixture(scope="module")
+def built_images() -> dict[str, str]:
+    """The chart's values for the images ``make images`` built (built now where missing)."""
+    try:
+        imagebuild.ensure_tools()
+        digests = {n: str(imagebuild.build(i)["digest"]) for n, i in imagebuild.IMAGES.items()}
+    except (OSError, subprocess.CalledProcessError, SystemExit) as error:
+        if os.environ.get("ELMFOREST_REQUIRE_CLUSTER"):
+            raise
+        pytest.skip(f"the images cannot be built here: {error}")
+    return {
+        "image.repository": f"{imagebuild.REPOSITORY}-operator",
+        "image.digest": digests["operator"],
+        "trainer.image": f"{imagebuild.REPOSITORY}-trainer@{digests['trainer']}",
+    }
+
+
 @pytest.mark.timeout(1500)  # a whole forest and its life on 2 cores: many minutes
 def test_quickstart_forest_on_a_real_control_plane(
-    kube: Kube, node: ProcessKubelet, s3_endpoint: str, s3_bucket: str, tmp_path: Path
+    kube: Kube,
+    node: ProcessKubelet,
+    built_images: dict[str, str],
+    s3_endpoint: str,
+    s3_bucket: str,
+    tmp_path: Path,
 ) -> None:
+    # The images built here, run by the node in container mode: every pod of the operator and
+    # the forest runs in them as its spec says (uid 10001, read-only root, no capabilities).
     release: Release = install_chart(
         kube,
         "e2e",
         "forest",
+        settings=built_images,
         healthPort=str(free_port()),
         # One replica (still behind the Lease): the process kubelet runs pods in this machine's
         # network, where a standby's health port would clash with the leader's; the handover
@@ -191,6 +220,10 @@ def test_quickstart_forest_on_a_real_control_plane(
         jobs = [j["metadata"]["name"] for j in _jobs(kube, ns, f"{GROUP_LABEL}/branch={domain}")]
         assert sorted(jobs) == [f"{domain}-v1-a1", f"{domain}-v1-prep"], jobs  # prepare, train
     assert node.started_pods[0].startswith(f"{release.namespace}/e2e-elmforest-")  # the operator
+    for namespace in (release.namespace, ns):
+        for item in kube.json("get", "pods", "-n", namespace)["items"]:
+            for status in item["status"].get("containerStatuses") or []:
+                assert status["containerID"].startswith("podman://"), (item["metadata"], status)
 
     # Serving: the forest's Deployment runs `elmtrain serve` in a pod on the node, behind a
     # Service whose endpoint Kubernetes publishes once the pod's readiness probe answers; the
