@@ -18,6 +18,9 @@ with the kubelet's resolv.conf (that DNS, the namespace's search path) and /etc/
 and its host name (``spec.hostname``, else its name). A pod being deleted
 (the Job controller, garbage collection, or an eviction through the Eviction API, which adds
 DisruptionTarget) gets SIGTERM, then SIGKILL after its grace period, and is then released.
+In container mode (``containers=True``) a pod whose image was built here (``localhost/...``)
+runs in that image by podman instead, as its spec says (tests/harness/podrun.py); a container
+podman cannot start is reported terminated with reason StartError, exit 128.
 """
 
 from __future__ import annotations
