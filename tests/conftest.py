@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HEAVY_FIXTURES = frozenset(
     {
         "s3_endpoint",  # a moto server process
+        "image_digests",  # podman images, built where missing
         "corpus",  # only ever made for a trainer run
         "tokenizer_forest",
         "seeded_forest",
@@ -135,6 +136,20 @@ def _start_order(item: pytest.Item) -> int:
     if module in SLOWEST_MODULES:
         return 1 + SLOWEST_MODULES.index(module)
     return 1 + len(SLOWEST_MODULES) + (0 if item.get_closest_marker("heavy") else 1)
+
+
+@pytest.fixture(scope="session")
+def image_digests() -> dict[str, str]:
+    """name -> digest of this checkout's images (``make images``; built now where missing)."""
+    from tests.harness import imagebuild
+
+    try:
+        imagebuild.ensure_tools()
+        return {n: str(imagebuild.build(i)["digest"]) for n, i in imagebuild.IMAGES.items()}
+    except (OSError, subprocess.CalledProcessError, SystemExit) as error:
+        if os.environ.get("ELMFOREST_REQUIRE_CLUSTER"):  # CI: building the images is required
+            raise
+        pytest.skip(f"the images cannot be built here: {error}")
 
 
 @pytest.fixture(scope="session")

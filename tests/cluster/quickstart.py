@@ -11,6 +11,8 @@ from typing import Any
 import boto3
 import yaml
 
+from tests.harness import imagebuild
+from tests.harness.controlplane import free_port
 from tests.harness.kubectl import Kube
 from tests.local.test_quickstart import QUICKSTART, TINY_MODEL, TINY_TRAINING
 
@@ -97,3 +99,40 @@ def all_merged(kube: Kube, ns: str, names: tuple[str, ...]) -> bool:
     failed = {n: s for n, s in statuses.items() if n in names and s.get("phase") == "Failed"}
     assert not failed, failed
     return all(statuses.get(n, {}).get("phase") == "Merged" for n in names)
+
+
+def node_chart(**more: str) -> dict[str, str]:
+    """The chart's values for a forest that trains on the test node: one replica (still behind
+    the Lease: pods share this machine's network, where a standby's health port would clash
+    with the leader's; two replicas are tests/cluster/test_leader_election.py's), ports of its
+    own, resyncs every 2 s, CPU trainers; ``more`` on top."""
+    return {
+        "healthPort": str(free_port()),
+        "replicas": "1",
+        "metrics.port": str(free_port()),
+        "resyncSeconds": "2",
+        "trainer.gpus": "0",
+        "trainer.resources.requests.cpu": "1",
+        "trainer.resources.requests.memory": "1Gi",
+        "trainer.resources.limits.memory": "8Gi",
+        **more,
+    }
+
+
+def built_images(digests: dict[str, str]) -> dict[str, str]:
+    """The chart's values for the images ``make images`` built (the node runs them in podman)."""
+    return {
+        "image.repository": f"{imagebuild.REPOSITORY}-operator",
+        "image.digest": digests["operator"],
+        "trainer.image": f"{imagebuild.REPOSITORY}-trainer@{digests['trainer']}",
+    }
+
+
+def container_ids(kube: Kube, namespace: str) -> dict[str, str]:
+    """pod name -> its container's ID (``podman://...`` where it ran in a container)."""
+    pods = kube.json("get", "pods", "-n", namespace)["items"]
+    return {
+        p["metadata"]["name"]: status.get("containerID", "")
+        for p in pods
+        for status in p.get("status", {}).get("containerStatuses") or []
+    }

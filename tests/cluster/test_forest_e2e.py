@@ -14,9 +14,7 @@ deleted (its Jobs go by garbage collection); a branch whose data has no text fai
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import time
 from functools import partial
 from pathlib import Path
@@ -31,7 +29,6 @@ from elmcore.manifest import Manifest
 from tests.cluster import quickstart
 from tests.cluster.conftest import Release, install_chart
 from tests.cluster.quickstart import DOMAINS, all_merged, branches
-from tests.harness import imagebuild
 from tests.harness.controlplane import free_port
 from tests.harness.kubectl import Kube, wait_for
 from tests.harness.nodeagent import ProcessKubelet
@@ -139,28 +136,11 @@ def _evict(kube: Kube, ns: str, pod: str, grace: int | None) -> None:
     )
 
 
-@pytest.fixture(scope="module")
-def built_images() -> dict[str, str]:
-    """The chart's values for the images ``make images`` built (built now where missing)."""
-    try:
-        imagebuild.ensure_tools()
-        digests = {n: str(imagebuild.build(i)["digest"]) for n, i in imagebuild.IMAGES.items()}
-    except (OSError, subprocess.CalledProcessError, SystemExit) as error:
-        if os.environ.get("ELMFOREST_REQUIRE_CLUSTER"):
-            raise
-        pytest.skip(f"the images cannot be built here: {error}")
-    return {
-        "image.repository": f"{imagebuild.REPOSITORY}-operator",
-        "image.digest": digests["operator"],
-        "trainer.image": f"{imagebuild.REPOSITORY}-trainer@{digests['trainer']}",
-    }
-
-
 @pytest.mark.timeout(1500)  # a whole forest and its life on 2 cores: many minutes
 def test_quickstart_forest_on_a_real_control_plane(
     kube: Kube,
     node: ProcessKubelet,
-    built_images: dict[str, str],
+    image_digests: dict[str, str],
     s3_endpoint: str,
     s3_bucket: str,
     tmp_path: Path,
@@ -171,20 +151,7 @@ def test_quickstart_forest_on_a_real_control_plane(
         kube,
         "e2e",
         "forest",
-        settings=built_images,
-        healthPort=str(free_port()),
-        # One replica (still behind the Lease): the process kubelet runs pods in this machine's
-        # network, where a standby's health port would clash with the leader's; the handover
-        # of two replicas is tests/cluster/test_leader_election.py's.
-        replicas="1",
-        **{
-            "metrics.port": str(free_port()),
-            "resyncSeconds": "2",
-            "trainer.gpus": "0",
-            "trainer.resources.requests.cpu": "1",
-            "trainer.resources.requests.memory": "1Gi",
-            "trainer.resources.limits.memory": "8Gi",
-        },
+        settings=quickstart.node_chart(**quickstart.built_images(image_digests)),
     )
     ns = release.watched
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
@@ -220,10 +187,11 @@ def test_quickstart_forest_on_a_real_control_plane(
         jobs = [j["metadata"]["name"] for j in _jobs(kube, ns, f"{GROUP_LABEL}/branch={domain}")]
         assert sorted(jobs) == [f"{domain}-v1-a1", f"{domain}-v1-prep"], jobs  # prepare, train
     assert node.started_pods[0].startswith(f"{release.namespace}/e2e-elmforest-")  # the operator
-    for namespace in (release.namespace, ns):
-        for item in kube.json("get", "pods", "-n", namespace)["items"]:
-            for status in item["status"].get("containerStatuses") or []:
-                assert status["containerID"].startswith("podman://"), (item["metadata"], status)
+    ran = {
+        **quickstart.container_ids(kube, release.namespace),
+        **quickstart.container_ids(kube, ns),
+    }
+    assert all(cid.startswith("podman://") for cid in ran.values()), ran
 
     # Serving: the forest's Deployment runs `elmtrain serve` in a pod on the node, behind a
     # Service whose endpoint Kubernetes publishes once the pod's readiness probe answers; the

@@ -27,7 +27,6 @@ from tests.cluster.conftest import install_chart
 from tests.cluster.quickstart import all_merged
 from tests.cluster.test_cluster_dns import TAINT, cluster_dns, dns_nodes
 from tests.cluster.test_forest_e2e import GROUP_LABEL, _evict, _jobs, _logged_steps
-from tests.harness.controlplane import free_port
 from tests.harness.kubectl import Kube, wait_for
 from tests.harness.nodeagent import ProcessKubelet
 
@@ -80,21 +79,7 @@ def test_two_node_branch_resumes_after_an_eviction_and_merges_once(
     s3_bucket: str,
     tmp_path: Path,
 ) -> None:
-    release = install_chart(
-        kube,
-        "gang",
-        "gang",
-        healthPort=str(free_port()),
-        replicas="1",
-        settings={
-            "metrics.port": str(free_port()),
-            "resyncSeconds": "2",
-            "trainer.gpus": "0",
-            "trainer.resources.requests.cpu": "1",
-            "trainer.resources.requests.memory": "1Gi",
-            "trainer.resources.limits.memory": "8Gi",
-        },
-    )
+    release = install_chart(kube, "gang", "gang", settings=quickstart.node_chart())
     ns = release.watched
     kube.kubectl("label", "node", *(n.name for n in dns_nodes), f"{POOL}=true", "--overwrite")
     folder = quickstart.on_s3(

@@ -14,8 +14,6 @@ never retried in place.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -28,8 +26,6 @@ import yaml
 from elmcore.manifest import Manifest
 from tests.cluster import quickstart
 from tests.cluster.conftest import install_chart, own_plane, start_node
-from tests.harness import imagebuild
-from tests.harness.controlplane import free_port
 from tests.harness.kubectl import Kube, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -37,30 +33,9 @@ wait = partial(wait_for, timeout=420, every=1.0)
 
 
 @pytest.fixture(scope="module")
-def images() -> dict[str, str]:
-    """name -> digest of this checkout's images (built now where missing)."""
-    try:
-        imagebuild.ensure_tools()
-        return {n: str(imagebuild.build(i)["digest"]) for n, i in imagebuild.IMAGES.items()}
-    except (OSError, subprocess.CalledProcessError, SystemExit) as error:
-        if os.environ.get("ELMFOREST_REQUIRE_CLUSTER"):
-            raise
-        pytest.skip(f"the images cannot be built here: {error}")
-
-
-@pytest.fixture(scope="module")
 def containers_kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
     with own_plane(tmp_path_factory, "containers", "container mode runs on its own plane") as kube:
         yield kube
-
-
-def _container_ids(kube: Kube, namespace: str) -> dict[str, str]:
-    pods = kube.json("get", "pods", "-n", namespace)["items"]
-    return {
-        p["metadata"]["name"]: status.get("containerID", "")
-        for p in pods
-        for status in p.get("status", {}).get("containerStatuses") or []
-    }
 
 
 def _start_error(kube: Kube, ns: str) -> dict[str, Any] | None:
@@ -72,25 +47,15 @@ def _start_error(kube: Kube, ns: str) -> dict[str, Any] | None:
 
 @pytest.mark.timeout(900)
 def test_the_chart_and_a_forest_run_in_containers_of_the_built_images(
-    containers_kube: Kube, images: dict[str, str], s3_endpoint: str, s3_bucket: str,
+    containers_kube: Kube, image_digests: dict[str, str], s3_endpoint: str, s3_bucket: str,
     tmp_path: Path,
 ) -> None:  # fmt: skip
     kube = containers_kube
     assert kube.plane is not None
     node = start_node(kube.plane, kube, tmp_path / "node", containers=True)
     try:
-        release = install_chart(
-            kube, "ctr", "ctr", healthPort=str(free_port()), replicas="1",
-            settings={
-                "image.repository": "localhost/elmforest-operator",
-                "image.digest": images["operator"],
-                "trainer.image": f"localhost/elmforest-trainer@{images['trainer']}",
-                "metrics.port": str(free_port()), "resyncSeconds": "2", "trainer.gpus": "0",
-                "trainer.resources.requests.cpu": "1",
-                "trainer.resources.requests.memory": "1Gi",
-                "trainer.resources.limits.memory": "6Gi",
-            },
-        )  # fmt: skip
+        settings = quickstart.node_chart(**quickstart.built_images(image_digests))
+        release = install_chart(kube, "ctr", "ctr", settings=settings)
         ns = release.watched
         folder = quickstart.on_s3(kube, ns, s3_endpoint, s3_bucket, tmp_path / "q", seed_steps=10)
         kube.kubectl("apply", "-f", str(folder / "forest.yaml"), "-n", ns)
@@ -101,7 +66,10 @@ def test_the_chart_and_a_forest_run_in_containers_of_the_built_images(
         body = s3.get_object(Bucket=s3_bucket, Key="forests/quickstart/manifest.json")["Body"]
         assert sorted(Manifest.model_validate(json.loads(body.read())).experts) == ["quotes"]
         # Every pod of the operator and of the forest ran in a container of the built images.
-        ran = {**_container_ids(kube, release.namespace), **_container_ids(kube, ns)}
+        ran = {
+            **quickstart.container_ids(kube, release.namespace),
+            **quickstart.container_ids(kube, ns),
+        }
         assert any(name.startswith("ctr-elmforest-") for name in ran), ran
         assert {name.split("-")[0] for name in ran} >= {"ctr", "quickstart", "quotes"}, ran
         assert all(cid.startswith("podman://") for cid in ran.values()), ran
