@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 import yaml
 
-from elmforest.api import BRANCH, FOREST, crds
+from elmforest.api import BRANCH, CLUSTER_SET, FOREST, crds
+from elmforest.api.clusterset import ElmClusterSetSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,7 +42,7 @@ def _walk(node: dict[str, Any], path: str) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("kind", [FOREST, BRANCH], ids=lambda k: k.kind)
+@pytest.mark.parametrize("kind", [FOREST, BRANCH, CLUSTER_SET], ids=lambda k: k.kind)
 def test_schema_is_structural_with_rules_and_columns(kind: crds.Kind) -> None:
     crd = yaml.safe_load(crds.render(kind))
     version = crd["spec"]["versions"][0]
@@ -71,3 +72,41 @@ def test_branch_schema_bounds_and_immutability() -> None:
     assert spec["properties"]["init"]["x-kubernetes-validations"][0]["rule"].startswith(
         "self.strategy != 'copy'"
     )
+
+
+def test_cluster_set_schema_rules_match_the_model() -> None:
+    """ElmClusterSet (issue 30, point 1): the spec's fields, bounds and CEL rules, each rule
+    enforced by the model too (local mode has no API server)."""
+    crd = yaml.safe_load(crds.render(CLUSTER_SET))
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    spec = schema["properties"]["spec"]
+    assert set(spec["required"]) == {"forest", "data", "clusters"}
+    fields = spec["properties"]
+    assert {"sample", "features", "balance", "validationFraction", "branchTemplate"} <= set(fields)
+    assert {"rule": "self == oldSelf", "message": "is immutable once set"} in fields["forest"][
+        "x-kubernetes-validations"
+    ]
+    assert fields["data"]["maxItems"] == 64 and fields["data"]["minItems"] == 1
+    assert fields["validationFraction"]["default"] == 0.02
+    assert fields["validationFraction"]["exclusiveMaximum"] is True
+    template = fields["branchTemplate"]["properties"]
+    assert {"init", "training", "trainer", "retention"} <= set(template)
+    assert spec["x-kubernetes-validations"][0]["rule"] == "self.sample >= self.clusters"
+    features = fields["features"]
+    assert features["x-kubernetes-validations"][0]["rule"] == "self.ngramMin <= self.ngramMax"
+    phases = schema["properties"]["status"]["properties"]["phase"]["enum"]
+    assert {"Fitting", "Assigning", "Branching", "Ready"} <= set(phases)
+    assert crd["spec"]["names"]["shortNames"] == ["ecs"]
+
+    good = {"forest": "web", "data": ["s3://b/crawl/"], "clusters": 8}
+    parsed = ElmClusterSetSpec.model_validate(good)
+    assert parsed.sample == 100_000 and parsed.balance and parsed.features.ngram_max == 1
+    bad = {
+        "sample": {**good, "sample": 4},
+        "ngramMin": {**good, "features": {"ngramMin": 2, "ngramMax": 1}},
+        "data": {**good, "data": []},
+        "validationFraction": {**good, "validationFraction": 0.5},
+    }
+    for what, body in bad.items():
+        with pytest.raises(ValueError, match=what):
+            ElmClusterSetSpec.model_validate(body)

@@ -1,4 +1,5 @@
-"""The typed resources: ``ElmForest`` and ``ElmBranch`` (the CRDs are generated from these)."""
+"""The typed resources: ``ElmForest``, ``ElmBranch`` and ``ElmClusterSet`` (the CRDs are generated
+from these)."""
 
 from __future__ import annotations
 
@@ -26,3 +27,4 @@ class Kind:
 
 FOREST = Kind("ElmForest", "elmforests", "elmforest", "ef")
 BRANCH = Kind("ElmBranch", "elmbranches", "elmbranch", "eb")
+CLUSTER_SET = Kind("ElmClusterSet", "elmclustersets", "elmclusterset", "ecs")

@@ -11,8 +11,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from elmforest.api import BRANCH, CATEGORY, FOREST, GROUP, VERSION, Kind
+from elmforest.api import BRANCH, CATEGORY, CLUSTER_SET, FOREST, GROUP, VERSION, Kind
 from elmforest.api.branch import ElmBranchSpec, ElmBranchStatus
+from elmforest.api.clusterset import ElmClusterSetSpec, ElmClusterSetStatus
 from elmforest.api.forest import ElmForestSpec, ElmForestStatus
 from elmforest.api.rules import NAME_IS_LABEL
 from elmforest.api.schema import crd_schema
@@ -40,11 +41,22 @@ COLUMNS = {
         _column("Version", ".status.version", "integer", priority=1),
         AGE,
     ],
+    CLUSTER_SET.kind: [
+        _column("Forest", ".spec.forest"),
+        _column("Clusters", ".spec.clusters", "integer"),
+        _column("Phase", ".status.phase"),
+        _column("Documents", ".status.documents", "integer"),
+        _column("Clusterer", ".status.clustererSha256", priority=1),
+        _column("Version", ".status.version", "integer", priority=1),
+        AGE,
+    ],
 }
 
 DESCRIPTIONS = {
     FOREST.kind: "A forest of expert LMs (BTM): storage, architecture, tokenizer, seed, trainer.",
     BRANCH.kind: "One domain's expert LM: initialised from the forest, trained, then merged.",
+    CLUSTER_SET.kind: "Domains found, not given (c-BTM): an unlabeled corpus clustered into "
+    "k branches.",
 }
 
 
@@ -90,6 +102,7 @@ def crd(kind: Kind) -> dict[str, Any]:
     models: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
         FOREST.kind: (ElmForestSpec, ElmForestStatus),
         BRANCH.kind: (ElmBranchSpec, ElmBranchStatus),
+        CLUSTER_SET.kind: (ElmClusterSetSpec, ElmClusterSetStatus),
     }
     spec, status = models[kind.kind]
     return {
@@ -129,7 +142,7 @@ def render(kind: Kind) -> str:
 
 
 def files() -> dict[str, str]:
-    return {f"{GROUP}_{kind.plural}.yaml": render(kind) for kind in (FOREST, BRANCH)}
+    return {f"{GROUP}_{kind.plural}.yaml": render(kind) for kind in (FOREST, BRANCH, CLUSTER_SET)}
 
 
 def write(folder: Path) -> list[Path]:

@@ -78,3 +78,16 @@ PEER_HAS_SELECTOR = Rule(
     "an allowFrom entry needs namespaceSelector, podSelector or both",
     lambda peer: peer.namespace_selector is not None or peer.pod_selector is not None,
 )
+
+# c-BTM's cluster sets (issue 30): k-means needs a document per cluster at least, and a tf-idf
+# n-gram range must not be empty.
+SAMPLE_COVERS_CLUSTERS = Rule(
+    "self.sample >= self.clusters",
+    "sample must be at least clusters (k-means needs a document per cluster)",
+    lambda spec: spec.sample >= spec.clusters,
+)
+NGRAM_RANGE = Rule(
+    "self.ngramMin <= self.ngramMax",
+    "ngramMin must not exceed ngramMax",
+    lambda features: features.ngram_min <= features.ngram_max,
+)
