@@ -17,11 +17,12 @@ import kopf
 import structlog
 
 from elmforest.adapters.kube import Kube, load_config
-from elmforest.api import BRANCH, FOREST, GROUP, VERSION
+from elmforest.api import BRANCH, CLUSTER_SET, FOREST, GROUP, VERSION
 from elmforest.planner.defaults import Defaults
 from elmforest.planner.naming import (
     FINALIZER,
     LABEL_BRANCH,
+    LABEL_CLUSTER_SET,
     LABEL_FOREST,
     LABEL_ROLE,
     MANAGED_BY,
@@ -31,9 +32,10 @@ from elmforest.planner.observed import JobState, OwnedObject, job_state, owned_o
 from elmforest.planner.policy import Policy
 from elmforest.planner.serving import ROLE as SERVING_ROLE
 from elmforest.planner.siblings import ForestBranches, Sibling, sibling
+from elmforest.reconcile.clustersets import reconcile_cluster_set
 from elmforest.reconcile.context import OperatorContext, Settings
 from elmforest.reconcile.forests import reconcile_forest
-from elmforest.reconcile.sources import ClusterForestSource
+from elmforest.reconcile.sources import ClusterForestSource, ClusterSetSource
 from elmforest.scheduling.worker import BranchSources, BranchWorker
 
 log = structlog.get_logger("elmforest.operator")
@@ -97,6 +99,13 @@ def forest_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) ->
 
 @kopf.index(GROUP, VERSION, BRANCH.plural)
 def branch_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {(namespace or "", name): dict(body)}
+
+
+@kopf.index(GROUP, VERSION, CLUSTER_SET.plural)
+def cluster_set_index(
+    namespace: str | None, name: str, body: kopf.Body, **_: Any
+) -> dict[Any, Any]:
     return {(namespace or "", name): dict(body)}
 
 
@@ -230,7 +239,9 @@ async def job_changed(
     **_: Any,
 ) -> None:
     ctx, worker, namespace = _ctx(memo), _worker(memo), namespace or ""
-    if LABEL_BRANCH in labels:
+    if LABEL_CLUSTER_SET in labels:  # a set's fit or assignment Job
+        ctx.wakeups.wake((CLUSTER_SET.kind, namespace, labels[LABEL_CLUSTER_SET]))
+    elif LABEL_BRANCH in labels:
         # A Job's own creation is no news to the branch that created it; a pod starting, the
         # Job ending or going away is.
         state = job_state(dict(body))
@@ -266,6 +277,9 @@ async def branch_changed(
     ctx, worker, namespace = _ctx(memo), _worker(memo), namespace or ""
     forest = spec.get("forest", "")
     key = (namespace, name)
+    owner_set = (body.get("metadata", {}).get("labels") or {}).get(LABEL_CLUSTER_SET)
+    if owner_set:  # a generated branch: its set counts merged branches (our writes too)
+        ctx.wakeups.wake((CLUSTER_SET.kind, namespace, owner_set))
     if ctx.expectations.echo(key, str(body.get("metadata", {}).get("resourceVersion"))):
         worker.caught_up(namespace, name)  # our own write: news only to a reconcile waiting on it
         return
@@ -279,10 +293,15 @@ async def branch_changed(
 
 @kopf.on.event(GROUP, VERSION, FOREST.plural)
 async def forest_changed(
-    type: str, namespace: str | None, name: str, body: kopf.Body, memo: Any, **_: Any
+    type: str,
+    namespace: str | None,
+    name: str,
+    body: kopf.Body,
+    memo: Any,
+    **kwargs: Any,
 ) -> None:
-    """Wake the branches waiting on this forest when what they wait for changed: its
-    existence, spec or readiness (not its expert count)."""
+    """Wake the branches and cluster sets waiting on this forest when what they wait for
+    changed: its existence, spec or readiness (not its expert count)."""
     ctx, worker, namespace = _ctx(memo), _worker(memo), namespace or ""
     meta = body.get("metadata", {})
     seen = (
@@ -294,6 +313,28 @@ async def forest_changed(
     if ctx.forest_states.get((namespace, name)) != seen:
         ctx.forest_states[namespace, name] = seen
         worker.wake_waiting(namespace, name)
+        for set_name in _sets_of(kwargs["cluster_set_index"], namespace, name):
+            ctx.wakeups.wake((CLUSTER_SET.kind, namespace, set_name))
+
+
+def _sets_of(index: kopf.Index[Any, Any], namespace: str, forest: str) -> list[str]:
+    return [
+        name
+        for (ns, name), bodies in index.items()
+        for body in bodies
+        if ns == namespace and (body.get("spec") or {}).get("forest") == forest
+    ]
+
+
+@kopf.on.event(GROUP, VERSION, CLUSTER_SET.plural)
+async def cluster_set_changed(
+    type: str, namespace: str | None, name: str, memo: Any, **_: Any
+) -> None:
+    """A deleted set's loop ends with it (its branches go by owner reference)."""
+    if type == "DELETED":
+        ctx, key = _ctx(memo), (CLUSTER_SET.kind, namespace or "", name)
+        ctx.wakeups.forget(key)
+        ctx.metrics.phase(*key, None)
 
 
 # ---- the reconcile loops -------------------------------------------------------------------
@@ -322,6 +363,43 @@ async def forest_loop(
         return await reconcile_forest(ctx, body, source)
 
     await _run_loop(ctx, (FOREST.kind, ns, name), stopped, reconcile_once)
+
+
+def _generated(index: kopf.Index[Any, Any], namespace: str, owner: str) -> list[Mapping[str, Any]]:
+    """The branches an ElmClusterSet generated (by its label), from the one branch index."""
+    return [
+        body
+        for (ns, _), bodies in index.items()
+        for body in bodies
+        if ns == namespace
+        and (body.get("metadata", {}).get("labels") or {}).get(LABEL_CLUSTER_SET) == owner
+    ]
+
+
+@kopf.daemon(GROUP, VERSION, CLUSTER_SET.plural, cancellation_timeout=2.0)
+async def cluster_set_loop(
+    body: kopf.Body,
+    spec: kopf.Spec,
+    namespace: str | None,
+    name: str,
+    stopped: kopf.DaemonStopped,
+    memo: Any,
+    **kwargs: Any,
+) -> None:
+    ctx = _ctx(memo)
+    ns = namespace or ""
+
+    async def reconcile_once() -> float | None:
+        source = ClusterSetSource(
+            ctx,
+            ns,
+            forest_body=_forest_body(kwargs["forest_index"], ns, spec.get("forest", "")),
+            jobs=_owned_jobs(kwargs["job_index"], ns, CLUSTER_SET.kind, name),
+            generated=_generated(kwargs["branch_index"], ns, name),
+        )
+        return await reconcile_cluster_set(ctx, body, source)
+
+    await _run_loop(ctx, (CLUSTER_SET.kind, ns, name), stopped, reconcile_once)
 
 
 # ---- deletion ------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def namespace(installed_crds: Kube) -> str:
 def _renamed(body: dict[str, Any], suffix: str) -> dict[str, Any]:
     """Updates need a stored object of their own: give each case's pair a unique name."""
     name = body["metadata"]["name"]
-    if name in ("f1", "b1"):
+    if name in ("f1", "b1", "s1"):
         return {**body, "metadata": {**body["metadata"], "name": f"{name}-{suffix}"}}
     return body
 
@@ -78,7 +78,8 @@ def local_verdict(tmp_path: Path, case: Case) -> tuple[bool, str]:
         before = load(case.before, "before")
     except ManifestError as error:
         return False, str(error)
-    kind = "forests" if case.body["kind"] == "ElmForest" else "branches"
+    kinds = {"ElmForest": "forests", "ElmBranch": "branches", "ElmClusterSet": "cluster_sets"}
+    kind = kinds[case.body["kind"]]
     name = case.body["metadata"]["name"]
     old, new = getattr(before, kind)[name].spec, getattr(after, kind)[name].spec
     changed = changed_immutable_fields(old, new)

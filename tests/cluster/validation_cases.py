@@ -36,6 +36,16 @@ def branch(name: str = "b1", **spec: Any) -> dict[str, Any]:
     }
 
 
+def cluster_set(name: str = "s1", **spec: Any) -> dict[str, Any]:
+    body = {"forest": "f1", "data": ["s3://bucket/crawl/"], "clusters": 4, "sample": 1000}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "ElmClusterSet",
+        "metadata": {"name": name},
+        "spec": {**body, **spec},
+    }
+
+
 def edited(body: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
     """``body`` with the dotted ``path`` set to ``value`` (``...``: removed)."""
     out = copy.deepcopy(body)
@@ -61,6 +71,17 @@ class Case:
 
 ACCEPTED = [
     Case("branch", branch()),
+    Case("cluster-set", cluster_set()),
+    Case(
+        "cluster-set-full",
+        cluster_set(
+            features={"maxFeatures": 1000, "ngramMin": 1, "ngramMax": 2},
+            balance=False,
+            validationFraction=0.05,
+            parallelism=8,
+            branchTemplate={"training": {"steps": 10}, "retention": "Delete"},
+        ),
+    ),
     Case(
         "branch-full",
         branch(
@@ -92,6 +113,21 @@ ACCEPTED = [
 ]
 
 REFUSED = [
+    # cluster sets (c-BTM): k-means needs a document per cluster; an n-gram range is not empty
+    Case(
+        "cluster-set-sample-below-clusters",
+        cluster_set(clusters=8, sample=4),
+        "spec",
+        "sample must be at least clusters",
+    ),
+    Case(
+        "cluster-set-ngram-range",
+        cluster_set(features={"ngramMin": 2, "ngramMax": 1}),
+        "spec.features",
+        "ngramMin must not exceed ngramMax",
+    ),
+    Case("cluster-set-no-data", cluster_set(data=[]), "spec.data", "should have at least 1"),
+    Case("cluster-set-zero-clusters", cluster_set(clusters=0), "spec.clusters", "should be greater"),
     # names
     Case(
         "name-not-dns", edited(branch(), "metadata.name", "Bad_Name"), "metadata.name", "RFC 1123"
@@ -316,6 +352,14 @@ REFUSED = [
 ]
 
 UPDATES = [
+    Case("cluster-set-k-change", cluster_set(clusters=8), before=cluster_set()),
+    Case(
+        "cluster-set-forest-immutable",
+        cluster_set(forest="f2"),
+        "spec.forest",
+        "is immutable once set",
+        before=cluster_set(),
+    ),
     Case(
         "branch-steps-change", branch(training={"steps": 20}), before=branch(training={"steps": 10})
     ),

@@ -19,6 +19,8 @@ PURE = [
     "elmcore.sharding",
     "elmforest.planner.branch",
     "elmforest.planner.forest",
+    "elmforest.planner.clusterset",
+    "elmforest.planner.cluster_steps",
     "elmforest.api.crds",
 ]
 

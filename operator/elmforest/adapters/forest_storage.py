@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import assert_never
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from elmcore import layout
 from elmcore.errors import ElmError
@@ -16,6 +16,7 @@ from elmcore.manifest import ExpertEntry, Manifest, remove_expert
 from elmcore.names import RunId, parse_version_dir
 from elmcore.records import Progress, Result, ServingRecord
 from elmcore.storage import S3Credentials, Storage, open_storage
+from elmcore.storage.commit import read_marker
 from elmcore.storage.manifest_store import load_manifest, merge_verified, update_manifest
 from elmforest.api.forest import StorageSpec
 from elmforest.planner.actions import (
@@ -24,10 +25,22 @@ from elmforest.planner.actions import (
     RemoveExpert,
     StorageAction,
 )
+from elmforest.planner.clusterset import AssignmentCounts
 from elmforest.planner.observed import JobState, RunRecords, StorageView
 from elmforest.planner.prepare import Preparation
 
 FOREST_ROLES = ("tokenizer", "seed")  # built in this order before any branch
+
+
+class _Assignment(BaseModel):
+    """What the operator reads of an assignment worker's record (elmtrain's
+    ``clusters.partition.AssignmentRecord``; other fields are the trainer's business)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    clusterer: str
+    train: list[int]
+    valid: list[int]
 
 
 class ForestStorage:
@@ -174,6 +187,24 @@ class ForestStorage:
         assert progress is None or isinstance(progress, Progress)
         assert result is None or isinstance(result, Result)
         return RunRecords(progress=progress, result=result)
+
+    def cluster_set(self, name: str, workers: int) -> tuple[str | None, list[AssignmentCounts]]:
+        """A cluster set version's clusterer (its marker's sha256; None until committed) and
+        the assignment records its workers wrote so far (torn or foreign ones skipped)."""
+        found = read_marker(self.storage, layout.clusterer(name))
+        if found is None:
+            return None, []
+        counts = []
+        for index in range(workers):
+            raw = self.storage.read_versioned(layout.cluster_assignment(name, index))
+            if raw is None:
+                continue
+            try:
+                record = _Assignment.model_validate_json(raw[0])
+            except ValidationError:
+                continue
+            counts.append(AssignmentCounts(record.clusterer, index, record.train, record.valid))
+        return found[1], counts
 
     def merge(self, result: Result) -> Manifest:
         return merge_verified(self.storage, result)

@@ -17,7 +17,7 @@ from kubernetes.client.exceptions import ApiException
 
 from elmcore.storage import S3Credentials
 from elmforest.adapters.errors import SecretInvalidError, SecretNotFoundError
-from elmforest.api import GROUP, VERSION, Kind
+from elmforest.api import BRANCH, GROUP, VERSION, Kind
 
 MERGE_PATCH = "application/merge-patch+json"
 APPLY_PATCH = "application/apply-patch+yaml"  # server-side apply (JSON is YAML)
@@ -38,8 +38,11 @@ class Permission:
 PERMISSIONS = (
     Permission(GROUP, "elmforests", ("list", "watch", "patch")),
     Permission(GROUP, "elmforests/status", ("patch",)),
-    Permission(GROUP, "elmbranches", ("list", "watch", "patch")),
+    # Branches are also created (applied server-side) and deleted by their ElmClusterSet.
+    Permission(GROUP, "elmbranches", ("list", "watch", "create", "patch", "delete")),
     Permission(GROUP, "elmbranches/status", ("patch",)),
+    Permission(GROUP, "elmclustersets", ("list", "watch", "patch")),
+    Permission(GROUP, "elmclustersets/status", ("patch",)),
     Permission("batch", "jobs", ("list", "watch", "create", "delete", "deletecollection")),
     # The forest's servers (spec.serving): applied server-side (which creates them: the API
     # server checks "create" then), deleted when unset.
@@ -117,8 +120,17 @@ class Kube:
             if error.status != 404:
                 _raise(error, f"delete Job {name}")
 
+    def _custom(self, method: Any) -> Any:
+        """A custom-object call shaped as the typed ones: (name, namespace, ...)."""
+
+        def call(name: str, namespace: str, *args: Any, **kwargs: Any) -> Any:
+            return method(GROUP, VERSION, namespace, BRANCH.plural, name, *args, **kwargs)
+
+        return call
+
     def _patch(self, kind: str) -> Any:
         return {
+            BRANCH.kind: self._custom(self.custom.patch_namespaced_custom_object),
             "Deployment": self.apps.patch_namespaced_deployment,
             "Service": self.core.patch_namespaced_service,
             "NetworkPolicy": self.networking.patch_namespaced_network_policy,
@@ -127,6 +139,7 @@ class Kube:
 
     def _delete(self, kind: str) -> Any:
         return {
+            BRANCH.kind: self._custom(self.custom.delete_namespaced_custom_object),
             "Deployment": self.apps.delete_namespaced_deployment,
             "Service": self.core.delete_namespaced_service,
             "NetworkPolicy": self.networking.delete_namespaced_network_policy,
@@ -134,8 +147,9 @@ class Kube:
         }[kind]
 
     def apply(self, body: dict[str, Any]) -> None:
-        """Server-side apply of a serving object the operator owns (planner/serving.py's
-        kinds): creates it, or sets the fields it manages; another manager's fields stay."""
+        """Server-side apply of an object the operator owns (planner/serving.py's kinds, an
+        ElmClusterSet's branches): creates it, or sets the fields it manages; another
+        manager's fields stay."""
         meta = body["metadata"]
         patch = self._patch(body["kind"])
         try:

@@ -69,6 +69,19 @@ class InitSpec(SpecModel):
         return self
 
 
+class ClusterRef(SpecModel):
+    """Set by an ``ElmClusterSet`` on the branches it generates: the cluster whose documents
+    the branch trains on, recorded in the expert's lineage (routing by cluster reads it)."""
+
+    set: str = Field(
+        max_length=63, pattern=DNS1123_LABEL, description="the set version's storage name"
+    )
+    index: int = Field(ge=0, le=255, description="the cluster's index in its clusterer")
+    clusterer_sha256: str = Field(
+        pattern="^[0-9a-f]{64}$", description="the clusterer that made the cluster"
+    )
+
+
 class ElmBranchSpec(SpecModel):
     forest: str = Field(
         max_length=253,
@@ -94,6 +107,9 @@ class ElmBranchSpec(SpecModel):
     )
     max_attempts: int = Field(
         3, ge=1, le=20, description="Jobs tried per version before the branch fails"
+    )
+    cluster: ClusterRef | None = Field(
+        None, description="set by an ElmClusterSet: the cluster this branch's data is"
     )
 
 

@@ -2,8 +2,9 @@
 clustered (tf-idf, balanced k-means, fitted on a bounded sample), every document is assigned
 to a cluster, and each cluster becomes an ``ElmBranch`` named ``<set>-c<i>``.
 
-The trainer's side is ``elmtrain cluster-fit``, ``cluster-assign`` and ``assign``
-(docs/clustering.md); the operator does not reconcile this kind yet.
+The operator fits the clusterer in a CPU Job, assigns every document in an Indexed Job and
+applies the branches (planner/clusterset.py); the trainer's side is ``elmtrain cluster-fit``,
+``cluster-assign`` and ``assign`` (docs/clustering.md).
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class ElmClusterSetStatus(StatusModel):
     conditions: list[Condition] = Field(default_factory=list)
     version: int | None = None  # a change of clusters, data or features starts a new one
     spec_hash: str | None = None
+    storage_name: str | None = None  # clusters/<storageName>/ holds this version's files
     clusterer_sha256: str | None = None
     documents: int | None = None  # documents assigned, over all clusters
     cluster_sizes: list[int] = Field(default_factory=list)  # documents per cluster, in order

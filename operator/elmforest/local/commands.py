@@ -72,7 +72,8 @@ class Session:
         self._saved = ""
 
     def _records(self) -> list[ObjectRecord]:
-        return [*self.state.forests.values(), *self.state.branches.values()]
+        state = self.state
+        return [*state.forests.values(), *state.cluster_sets.values(), *state.branches.values()]
 
     def _event(self, record: ObjectRecord, event: Event) -> None:
         self._log(f"{record.name}: {event.reason}: {event.message}", show=True)
@@ -140,6 +141,12 @@ class Session:
             self.declaration.branch_spec(b)
             for b, d in self.declaration.branches.items()
             if isinstance(d.spec, ElmBranchSpec) and d.spec.forest == name
+        ]
+        # and the branches its cluster sets generated (in the state, not in any file)
+        branches += [
+            ElmBranchSpec.model_validate(record.spec)
+            for record in self.engine.branches_of(name)
+            if record.owner is not None and not record.deleting
         ]
         manifest = self.engine.storage(spec.storage).view().manifest
         if manifest is None or not manifest.experts:

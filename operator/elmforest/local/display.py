@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from elmforest.local.engine import Engine
+from elmforest.local.state import ObjectRecord
 
 BAR_WIDTH = 20
 HEADER = ("NAME", "DOMAIN", "PHASE", "PROGRESS", "TOK/S", "ETA", "")
@@ -73,6 +74,9 @@ def rows(engine: Engine) -> list[Row]:
                 note=f"{status.get('expertCount', 0)} experts",
             )
         )
+        for cluster_set in engine.state.cluster_sets.values():
+            if cluster_set.spec.get("forest") == forest.name:
+                table.append(_cluster_set_row(cluster_set))
         for branch in sorted(engine.branches_of(forest.name), key=lambda b: b.name):
             status = branch.status
             job = engine.state.jobs.get(str(status.get("jobName")))
@@ -94,6 +98,25 @@ def rows(engine: Engine) -> list[Row]:
                 )
             )
     return table
+
+
+def _cluster_set_row(record: ObjectRecord) -> Row:
+    status = record.status
+    phase = str(status.get("phase", "Pending"))
+    sizes = status.get("clusterSizes") or []
+    note = str(status.get("message", "")) if phase in ("Failed", "Pending") else ""
+    if sizes and not note:
+        note = f"{len(sizes)} clusters of {status.get('documents', 0)} documents"
+    return Row(
+        name=record.name,
+        domain="(clusters)",
+        phase=phase,
+        step=0,
+        total=0,
+        tokens_per_second=0.0,
+        eta_seconds=None,
+        note=note,
+    )
 
 
 def format_table(table: list[Row]) -> list[str]:

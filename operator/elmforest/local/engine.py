@@ -18,10 +18,12 @@ from elmforest.adapters.forest_storage import ForestStorage
 from elmforest.api import BRANCH, FOREST
 from elmforest.api.forest import StorageSpec
 from elmforest.api.immutable import changed_immutable_fields
+from elmforest.local import cluster_sets
 from elmforest.local.resources import Declaration, Declared, ManifestError
 from elmforest.local.runner import ProcessRunner
 from elmforest.local.state import LocalState, ObjectRecord
 from elmforest.observe import observe_branch, observe_forest
+from elmforest.observe.clusterset import observe_cluster_set
 from elmforest.observe.reads import PassReads
 from elmforest.planner.actions import (
     ApplyObject,
@@ -36,6 +38,7 @@ from elmforest.planner.actions import (
     RemoveExpert,
 )
 from elmforest.planner.branch import plan_branch, plan_deletion
+from elmforest.planner.clusterset import plan_cluster_set
 from elmforest.planner.defaults import Defaults
 from elmforest.planner.forest import plan_forest
 from elmforest.planner.observed import JobState, OwnedObject, RunRecords
@@ -69,6 +72,7 @@ class Engine:
         pairs = (
             (self.state.forests, declaration.forests),
             (self.state.branches, declaration.branches),
+            (self.state.cluster_sets, declaration.cluster_sets),
         )
         problems = [
             problem
@@ -82,12 +86,15 @@ class Engine:
             for item in declared.values():
                 self._upsert(records, item)
             for name, record in records.items():
-                if name not in declared:
+                if name not in declared and record.owner is None:  # generated: its owner's
                     record.deleting = True
 
     def delete(self, declaration: Declaration) -> None:
         """``down``: the declared objects go, and with a forest, all of its branches."""
         forests = set(declaration.forests)
+        for name, record in self.state.cluster_sets.items():
+            if name in declaration.cluster_sets or record.spec.get("forest") in forests:
+                record.deleting = True
         for name, record in self.state.branches.items():
             if name in declaration.branches or record.spec.get("forest") in forests:
                 record.deleting = True
@@ -120,6 +127,11 @@ class Engine:
                 self._finalize_forest(record)
             else:
                 self._reconcile_forest(record)
+        for record in list(self.state.cluster_sets.values()):
+            if record.deleting:
+                self._finalize_cluster_set(record)
+            else:
+                self._reconcile_cluster_set(record)
         for record in list(self.state.branches.values()):
             if record.deleting:
                 self._finalize_branch(record)
@@ -131,8 +143,12 @@ class Engine:
     def finalize(self) -> None:
         """Carry out pending deletions only (``down``): branches first, then their forests."""
         self.reads = PassReads()
+        for record in [s for s in self.state.cluster_sets.values() if s.deleting]:
+            cluster_sets.release(self.state, record)
         for record in [b for b in self.state.branches.values() if b.deleting]:
             self._finalize_branch(record)
+        for record in [s for s in self.state.cluster_sets.values() if s.deleting]:
+            self._finalize_cluster_set(record)
         for record in [f for f in self.state.forests.values() if f.deleting]:
             self._finalize_forest(record)
 
@@ -140,8 +156,15 @@ class Engine:
         """Nothing left to do until the files change: no Job runs, every object is final."""
         if any(job.phase in ("Pending", "Running") for job in self.state.jobs.values()):
             return False
-        if any(r.deleting for r in [*self.state.forests.values(), *self.state.branches.values()]):
+        records = [*self.state.forests.values(), *self.state.branches.values()]
+        if any(r.deleting for r in [*records, *self.state.cluster_sets.values()]):
             return False
+        for cluster_set in self.state.cluster_sets.values():
+            forest = self.state.forests.get(str(cluster_set.spec.get("forest")))
+            if forest is not None and forest.status.get("phase") == "Failed":
+                continue  # it waits for a fixed forest
+            if cluster_set.status.get("phase") not in ("Ready", "Failed"):
+                return False
         for forest in self.state.forests.values():
             phase = forest.status.get("phase")
             if phase == "Failed":
@@ -195,6 +218,13 @@ class Engine:
     def serving_objects(self, forest: str) -> dict[str, OwnedObject]:
         return {}
 
+    def set_jobs(self, name: str) -> dict[str, JobState]:
+        owner = cluster_sets.owner_of(name)
+        return {n: self.runner.job_state(j) for n, j in self.state.jobs.items() if j.owner == owner}
+
+    def set_branches(self, name: str) -> list[dict[str, Any]]:
+        return [b.body() for b in cluster_sets.generated_branches(self.state, name)]
+
     def manifest(self, storage: ForestStorage) -> Manifest | None:
         return self.reads.manifest(storage)
 
@@ -223,6 +253,21 @@ class Engine:
             self.runner.delete(self.state, name)
         del self.state.forests[record.name]
         self.on_log(f"forest {record.name}: removed (its storage is kept)")
+
+    # ---- cluster sets ------------------------------------------------------------------------
+
+    def _reconcile_cluster_set(self, record: ObjectRecord) -> None:
+        observed = observe_cluster_set(self, record.body())
+        self._apply(record, plan_cluster_set(observed.input, observed.spec_error), None)
+
+    def _finalize_cluster_set(self, record: ObjectRecord) -> None:
+        if not cluster_sets.release(self.state, record):
+            return  # its branches leave first (their experts leave the manifest)
+        owner = cluster_sets.owner_of(record.name)
+        for name in [n for n, j in self.state.jobs.items() if j.owner == owner]:
+            self.runner.delete(self.state, name)
+        del self.state.cluster_sets[record.name]
+        self.on_log(f"cluster set {record.name}: removed (its clusters' files are kept)")
 
     # ---- branches ----------------------------------------------------------------------------
 
@@ -263,6 +308,13 @@ class Engine:
                     self.on_log(f"{record.name}: {storage.apply(action)}")
                 case Event():
                     self.on_event(record, action)
+                case ApplyObject(body=body) if body["kind"] == BRANCH.kind:
+                    if cluster_sets.apply_branch(self.state, body, record.source):
+                        self.on_log(f"{record.name}: ElmBranch {body['metadata']['name']} applied")
+                case DeleteObject(kind=BRANCH.kind, name=name):
+                    if name in self.state.branches:
+                        self.state.branches[name].deleting = True
+                        self.on_log(f"{record.name}: ElmBranch {name} deleted")
                 case ApplyObject() | DeleteObject():
                     # Servers are not this mode's (observation hides spec.serving): say so
                     # rather than drop a planner's action silently.

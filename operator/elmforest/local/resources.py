@@ -1,4 +1,5 @@
-"""Read ``ElmForest`` / ``ElmBranch`` YAML for local mode, failing fast on anything wrong.
+"""Read ``ElmForest``, ``ElmBranch`` and ``ElmClusterSet`` YAML for local mode, failing fast on
+anything wrong.
 
 Every error names the file, the line and the field (``forest.yaml:7: spec.foo: unknown field``).
 Relative paths in locations are resolved against the folder of the file that holds them (as
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,10 @@ from pydantic_core import ErrorDetails
 
 from elmcore.errors import BadInputError
 from elmcore.names import validate_label
-from elmforest.api import API_VERSION, BRANCH, FOREST, GROUP
+from elmforest.api import API_VERSION, BRANCH, CLUSTER_SET, FOREST, GROUP
 from elmforest.api.base import DNS1123_LABEL, DNS1123_SUBDOMAIN
 from elmforest.api.branch import ElmBranchSpec
+from elmforest.api.clusterset import ElmClusterSetSpec
 from elmforest.api.forest import STORAGE_URI, ElmForestSpec
 
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -39,7 +41,14 @@ _LOCATIONS: dict[str, tuple[tuple[str, ...], ...]] = {
         ("evaluation", "*", "priorData", "*"),
     ),
     BRANCH.kind: (("data", "train", "*"), ("data", "validation", "*"), ("data", "test", "*")),
+    CLUSTER_SET.kind: (("data", "*"),),
 }
+_MODELS: dict[str, type[ElmForestSpec | ElmBranchSpec | ElmClusterSetSpec]] = {
+    FOREST.kind: ElmForestSpec,
+    BRANCH.kind: ElmBranchSpec,
+    CLUSTER_SET.kind: ElmClusterSetSpec,
+}
+AnySpec = ElmForestSpec | ElmBranchSpec | ElmClusterSetSpec
 
 
 class ManifestError(BadInputError):
@@ -52,7 +61,7 @@ class Declared:
     name: str
     source: Path
     line: int
-    spec: ElmForestSpec | ElmBranchSpec
+    spec: AnySpec
     raw_spec: dict[str, Any]  # as written, locations resolved (what the state records)
 
     @property
@@ -65,6 +74,7 @@ class Declaration:
     forests: dict[str, Declared]
     branches: dict[str, Declared]
     files: tuple[Path, ...]
+    cluster_sets: dict[str, Declared] = field(default_factory=dict)
 
     def branch_spec(self, name: str) -> ElmBranchSpec:
         spec = self.branches[name].spec
@@ -202,10 +212,10 @@ def _declared(path: Path, node: yaml.Node, body: Any) -> Declared | None:
     api_version, kind = body.get("apiVersion"), body.get("kind")
     if not str(api_version or "").startswith(f"{GROUP}/"):
         return None  # Secrets, Namespaces ...: a cluster's business, not local mode's
-    if api_version != API_VERSION or kind not in (FOREST.kind, BRANCH.kind):
+    if api_version != API_VERSION or kind not in _MODELS:
         raise ManifestError(
             f"{path}:{line}: unknown resource {api_version}/{kind} "
-            f"(expected {API_VERSION} ElmForest or ElmBranch)"
+            f"(expected {API_VERSION} ElmForest, ElmBranch or ElmClusterSet)"
         )
     metadata: dict[str, Any] = body.get("metadata") or {}
     try:
@@ -219,32 +229,38 @@ def _declared(path: Path, node: yaml.Node, body: Any) -> Declared | None:
         raise ManifestError(f"{path}:{line}: {kind} {name!r}: spec: required field is missing")
     for location in _LOCATIONS[kind]:
         raw = _resolve(raw, location, path.parent)
-    model = ElmForestSpec if kind == FOREST.kind else ElmBranchSpec
-    spec = _validate(model, raw, path, node, f"{kind} {name!r}")
-    assert isinstance(spec, ElmForestSpec | ElmBranchSpec)
-    nodes = getattr(spec.trainer, "nodes", None) or 1
+    spec = _validate(_MODELS[kind], raw, path, node, f"{kind} {name!r}")
+    assert isinstance(spec, AnySpec)
+    trainer_path = ["branchTemplate", "trainer"] if kind == CLUSTER_SET.kind else ["trainer"]
+    holder = spec.branch_template if isinstance(spec, ElmClusterSetSpec) else spec
+    nodes = getattr(holder.trainer, "nodes", None) or 1
     if nodes > 1:
         # One machine has no nodes to spread a branch over; pretending (N processes on
         # localhost) would show nothing a cluster's rendezvous needs. Say so before any work.
-        where = _line_of(node, ["spec", "trainer", "nodes"])
+        where = _line_of(node, ["spec", *trainer_path, "nodes"])
         raise ManifestError(
-            f"{path}:{where}: {kind} {name!r}: spec.trainer.nodes: {nodes} needs a cluster "
-            "(local mode trains each branch on this machine; use trainer.gpus for its GPUs)"
+            f"{path}:{where}: {kind} {name!r}: spec.{'.'.join(trainer_path)}.nodes: {nodes} "
+            "needs a cluster (local mode trains each branch on this machine; use trainer.gpus "
+            "for its GPUs)"
         )
     return Declared(kind, name, path, line, spec, raw)
 
 
-def _check_references(forests: dict[str, Declared], branches: dict[str, Declared]) -> None:
+def _check_references(
+    forests: dict[str, Declared], branches: dict[str, Declared], sets: dict[str, Declared]
+) -> None:
+    known = ", ".join(sorted(forests)) or "none"
+    for item in [*sets.values(), *branches.values()]:
+        assert isinstance(item.spec, ElmBranchSpec | ElmClusterSetSpec)
+        if item.spec.forest not in forests:
+            raise ManifestError(
+                f"{item.where}: {item.kind} {item.name!r}: spec.forest: no ElmForest "
+                f"{item.spec.forest!r} among the given files (declared: {known})"
+            )
     owners: dict[tuple[str, str], Declared] = {}
     for branch in branches.values():
         spec = branch.spec
         assert isinstance(spec, ElmBranchSpec)
-        if spec.forest not in forests:
-            known = ", ".join(sorted(forests)) or "none"
-            raise ManifestError(
-                f"{branch.where}: ElmBranch {branch.name!r}: spec.forest: no ElmForest "
-                f"{spec.forest!r} among the given files (declared: {known})"
-            )
         other = owners.setdefault((spec.forest, spec.domain), branch)
         if other is not branch:
             raise ManifestError(
@@ -284,11 +300,12 @@ def load(paths: Iterable[Path]) -> Declaration:
     line each, in one error), not only the first.
     """
     files = yaml_files(paths)
-    found: dict[str, dict[str, Declared]] = {FOREST.kind: {}, BRANCH.kind: {}}
+    found: dict[str, dict[str, Declared]] = {kind: {} for kind in _MODELS}
     problems: list[str] = []
     for path in files:
         problems += _declared_in(path, found)
     if problems:
         raise ManifestError("\n".join(problems))
-    _check_references(found[FOREST.kind], found[BRANCH.kind])
-    return Declaration(found[FOREST.kind], found[BRANCH.kind], tuple(files))
+    forests, branches, sets = (found[k] for k in (FOREST.kind, BRANCH.kind, CLUSTER_SET.kind))
+    _check_references(forests, branches, sets)
+    return Declaration(forests, branches, tuple(files), sets)

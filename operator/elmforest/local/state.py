@@ -26,7 +26,7 @@ LocalJobPhase = Literal["Pending", "Running", "Succeeded", "Failed"]
 
 
 class ObjectRecord(BaseModel):
-    """One ElmForest or ElmBranch as the API server would hold it."""
+    """One ElmForest, ElmBranch or ElmClusterSet as the API server would hold it."""
 
     kind: str
     name: str
@@ -37,6 +37,8 @@ class ObjectRecord(BaseModel):
     spec: dict[str, Any]
     status: dict[str, Any] = Field(default_factory=dict)
     deleting: bool = False
+    owner: str | None = None  # "<Kind>/<name>" of the object that generated it (not a file)
+    labels: dict[str, str] = Field(default_factory=dict)
 
     def body(self) -> dict[str, Any]:
         """The object shaped as Kubernetes returns it (what the planners' helpers read)."""
@@ -49,6 +51,8 @@ class ObjectRecord(BaseModel):
         }
         if self.deleting:
             metadata["deletionTimestamp"] = self.created
+        if self.labels:
+            metadata["labels"] = dict(self.labels)
         return {"metadata": metadata, "spec": self.spec, "status": self.status}
 
 
@@ -75,6 +79,7 @@ class JobRecord(BaseModel):
 class LocalState(BaseModel):
     forests: dict[str, ObjectRecord] = Field(default_factory=dict)
     branches: dict[str, ObjectRecord] = Field(default_factory=dict)
+    cluster_sets: dict[str, ObjectRecord] = Field(default_factory=dict)
     jobs: dict[str, JobRecord] = Field(default_factory=dict)
     sequence: int = 0  # makes ``created`` strictly increasing within one second
 

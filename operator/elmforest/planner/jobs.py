@@ -15,6 +15,7 @@ from elmforest.api.forest import Resources, StorageSpec, TrainerSpec
 from elmforest.planner.naming import (
     ANNOTATION_RUN,
     LABEL_BRANCH,
+    LABEL_CLUSTER_SET,
     LABEL_FOREST,
     LABEL_ROLE,
     MANAGED_BY,
@@ -62,6 +63,7 @@ class JobRequest:
     completions: int = 1  # above 1: an Indexed Job of this many pods, all at once
     nodes: int = 1  # above 1: one training run over this many pods (planner/nodes.py)
     service: str | None = None  # with nodes: the headless Service, the pods' subdomain
+    cluster_set: str | None = None  # an ElmClusterSet's fit or assignment Job
 
 
 def merge_trainer(base: TrainerSpec, overrides: dict[str, Any]) -> TrainerSpec:
@@ -202,6 +204,8 @@ def pod_labels(request: JobRequest) -> dict[str, str]:
     }
     if request.branch:
         labels[LABEL_BRANCH] = request.branch
+    if request.cluster_set:
+        labels[LABEL_CLUSTER_SET] = request.cluster_set
     return labels
 
 

@@ -15,6 +15,7 @@ OPERATOR = "elmforest"
 LABEL_FOREST = f"{GROUP}/forest"
 LABEL_BRANCH = f"{GROUP}/branch"
 LABEL_ROLE = f"{GROUP}/role"
+LABEL_CLUSTER_SET = f"{GROUP}/cluster-set"  # on the Jobs and branches of an ElmClusterSet
 ANNOTATION_RUN = f"{GROUP}/run-id"
 FINALIZER = f"{GROUP}/finalizer"  # Kopf's, on forests
 BRANCH_FINALIZER = f"{GROUP}/expert"  # the branch worker's own: its expert leaves the forest

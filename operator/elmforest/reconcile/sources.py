@@ -3,7 +3,7 @@ the event loop: they are not read from threads) and from storage (read in an I/O
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,3 +87,22 @@ class ClusterForestSource(_Storage):
 
     def serving_objects(self, forest: str) -> dict[str, OwnedObject]:
         return dict(self.serving)
+
+
+@dataclass
+class ClusterSetSource(_Storage):
+    """One cluster set's reconcile: its forest, Jobs and generated branches as the indexes
+    showed them."""
+
+    forest_body: Mapping[str, Any] | None = None
+    jobs: Mapping[str, JobState] = field(default_factory=dict)
+    generated: list[Mapping[str, Any]] = field(default_factory=list)
+
+    def forest(self, name: str) -> Mapping[str, Any] | None:
+        return self.forest_body
+
+    def set_jobs(self, name: str) -> dict[str, JobState]:
+        return dict(self.jobs)
+
+    def set_branches(self, name: str) -> Sequence[Mapping[str, Any]]:
+        return list(self.generated)

@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 
@@ -24,6 +24,11 @@ from elmcore.names import validate_label
 from elmtrain.cache import cache_dir
 from elmtrain.commands.common import add_forest_args, open_forest, write_output
 from elmtrain.data.documents import iter_documents
+from elmtrain.run.outcome import failure_recorded
+
+if TYPE_CHECKING:
+    from elmtrain.clusters.partition import AssignmentRecord
+    from elmtrain.forest import Forest
 
 log = structlog.get_logger(__name__)
 SPLITS = ("train", "valid")
@@ -33,6 +38,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser("cluster-assign", help="assign a slice of a cluster set's documents")
     add_forest_args(parser)
     parser.add_argument("--set", required=True, dest="cluster_set", help="the cluster set's name")
+    parser.add_argument(
+        "--run-id", default=None, help="record bad input in this run's progress (the operator's)"
+    )
     parser.add_argument("--data", nargs="+", required=True, help="text locations (as fitted)")
     index = os.environ.get("JOB_COMPLETION_INDEX")  # set by an Indexed Job
     parser.add_argument("--index", type=int, default=int(index) if index else 0)
@@ -48,6 +56,25 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from elmcore.errors import BadInputError
+
+    name = validate_label(args.cluster_set, "cluster set")
+    if args.count < 1 or not 0 <= args.index < args.count:
+        raise BadInputError(f"--index {args.index} is not a worker of --count {args.count}")
+    if not 0.0 <= args.validation_fraction < 1.0:
+        raise BadInputError(f"--validation-fraction {args.validation_fraction} not in [0, 1)")
+    forest = open_forest(args)
+    with failure_recorded(forest, args.run_id):
+        record = _assign(args, forest, name)
+    log.info(
+        "clusters.assigned", set=name, index=args.index, train=record.train, valid=record.valid
+    )
+    result = record.model_dump()
+    write_output(result, None, None)
+    return result
+
+
+def _assign(args: argparse.Namespace, forest: Forest, name: str) -> AssignmentRecord:
+    """Assign this worker's documents, write its clusters' files and its record."""
     from elmtrain.clusters.partition import (
         AssignmentRecord,
         batches,
@@ -56,12 +83,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     from elmtrain.clusters.store import load_clusterer
 
-    name = validate_label(args.cluster_set, "cluster set")
-    if args.count < 1 or not 0 <= args.index < args.count:
-        raise BadInputError(f"--index {args.index} is not a worker of --count {args.count}")
-    if not 0.0 <= args.validation_fraction < 1.0:
-        raise BadInputError(f"--validation-fraction {args.validation_fraction} not in [0, 1)")
-    forest = open_forest(args)
     clusterer, sha = load_clusterer(forest.storage, name, args.sha256)
     k = clusterer.settings.clusters
     counts = {split: [0] * k for split in SPLITS}
@@ -95,9 +116,4 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     forest.storage.write_bytes(
         layout.cluster_assignment(name, args.index), record.model_dump_json(indent=1).encode()
     )
-    log.info(
-        "clusters.assigned", set=name, index=args.index, train=record.train, valid=record.valid
-    )
-    result = record.model_dump()
-    write_output(result, None, None)
-    return result
+    return record

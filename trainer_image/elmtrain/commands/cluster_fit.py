@@ -16,6 +16,7 @@ from elmcore.errors import BadInputError
 from elmcore.names import validate_label
 from elmtrain.commands.common import add_forest_args, open_forest, write_output
 from elmtrain.data.documents import iter_documents
+from elmtrain.run.outcome import failure_recorded
 
 log = structlog.get_logger(__name__)
 
@@ -24,6 +25,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser("cluster-fit", help="fit a cluster set's clusterer (c-BTM)")
     add_forest_args(parser)
     parser.add_argument("--set", required=True, dest="cluster_set", help="the cluster set's name")
+    parser.add_argument(
+        "--run-id", default=None, help="record bad input in this run's progress (the operator's)"
+    )
     parser.add_argument("--data", nargs="+", required=True, help="text locations (unlabeled)")
     parser.add_argument("--clusters", type=int, required=True, help="k")
     parser.add_argument("--sample", type=int, default=10_000, help="documents used to fit")
@@ -69,26 +73,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.sample < settings.clusters:
         raise BadInputError(f"--sample {args.sample} is smaller than --clusters {args.clusters}")
     forest = open_forest(args)
-    reservoir = Reservoir(args.sample, seed=args.seed).extend(
-        iter_documents(args.data, forest.endpoint)
-    )
-    if reservoir.seen < settings.clusters:
-        raise BadInputError(
-            f"{', '.join(args.data)}: {reservoir.seen} documents, "
-            f"fewer than {args.clusters} clusters"
+    with failure_recorded(forest, args.run_id):
+        reservoir = Reservoir(args.sample, seed=args.seed).extend(
+            iter_documents(args.data, forest.endpoint)
         )
-    clusterer, labels = fit_clusterer(reservoir.kept, settings)
-    sha = save_clusterer(forest.storage, name, clusterer)
-    sizes = [int((labels == c).sum()) for c in range(settings.clusters)]
-    result = {
-        "set": name,
-        "sha256": sha,
-        "clusters": settings.clusters,
-        "documents_seen": reservoir.seen,
-        "documents_fitted": clusterer.fitted_documents,
-        "features": len(clusterer.vocabulary),
-        "sample_sizes": sizes,
-    }
-    log.info("clusters.fitted", **result)
-    write_output(result, None, None)
+        if reservoir.seen < settings.clusters:
+            raise BadInputError(
+                f"{', '.join(args.data)}: {reservoir.seen} documents, "
+                f"fewer than {args.clusters} clusters"
+            )
+        clusterer, labels = fit_clusterer(reservoir.kept, settings)
+        sha = save_clusterer(forest.storage, name, clusterer)
+        sizes = [int((labels == c).sum()) for c in range(settings.clusters)]
+        result = {
+            "set": name,
+            "sha256": sha,
+            "clusters": settings.clusters,
+            "documents_seen": reservoir.seen,
+            "documents_fitted": clusterer.fitted_documents,
+            "features": len(clusterer.vocabulary),
+            "sample_sizes": sizes,
+        }
+        log.info("clusters.fitted", **result)
+        write_output(result, None, None)
     return result

@@ -38,13 +38,14 @@ def finished_result(forest: Forest, run_id: str) -> Result | None:
 
 
 @contextmanager
-def failure_recorded(forest: Forest, run_id: str) -> Iterator[None]:
+def failure_recorded(forest: Forest, run_id: str | None) -> Iterator[None]:
     """Record bad input in the run's progress (phase "failed", the message naming the file),
-    where the operator reads it: a Job's own failure only says "exit code 65"."""
+    where the operator reads it: a Job's own failure only says "exit code 65". No run id
+    (a command run by hand): nothing is recorded."""
     try:
         yield
     except ElmError as error:
-        if error.exit_code in (ExitCode.BAD_INPUT, ExitCode.USAGE):
+        if run_id and error.exit_code in (ExitCode.BAD_INPUT, ExitCode.USAGE):
             progress = Progress(run_id=run_id, phase="failed", message=str(error)[:1000])
             with suppress(ElmError, OSError):  # the error at hand matters more than this record
                 forest.storage.write_bytes(
