@@ -29,6 +29,12 @@ def _details(result: Result) -> list[str]:
         lines.append(f"init: {result.init_strategy}")
     if lineage.pretrained:
         lines.append(f"pretrained: {lineage.pretrained}")
+    if lineage.cluster:
+        cluster = lineage.cluster
+        lines.append(
+            f"cluster: {cluster.index} of set {cluster.set}, "
+            f"clusterer sha256 {cluster.clusterer_sha256[:12]}"
+        )
     for name, files in (("data", lineage.data), ("validation", lineage.val_data)):
         for f in files:
             where = f"{f.location.rstrip('/')}/{f.key}" if f.key else f.location

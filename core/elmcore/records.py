@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from elmcore.names import Domain
+from elmcore.names import DNS1123_LABEL, DNS1123_LABEL_MAX, Domain
 
 
 def utc_now() -> str:
@@ -87,6 +87,16 @@ class SourceFile(Record):
     sha256: str
 
 
+class ClusterLineage(Record):
+    """The cluster an expert was trained on (c-BTM, issue 30): cluster ``index`` of the clusterer
+    of set ``set`` whose commit marker's sha256 is ``clusterer_sha256``. Routing by cluster
+    weights this expert by that cluster (elmtrain.clusters.routing)."""
+
+    set: str = Field(pattern=DNS1123_LABEL, max_length=DNS1123_LABEL_MAX)
+    index: int = Field(ge=0)
+    clusterer_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class Lineage(Record):
     data: list[SourceFile] = Field(default_factory=list)  # training text
     val_data: list[SourceFile] = Field(default_factory=list)  # validation text
@@ -96,6 +106,9 @@ class Lineage(Record):
     seed_sha256: str | None = None  # experts: the forest's seed when this one was trained
     image: str | None = None  # the trainer image, by digest (ELMTRAIN_IMAGE)
     elmtrain_version: str = "unknown"
+    # Experts of a cluster set only. Left out while None: the previous release's operator
+    # forbids unknown fields and reads results and the manifest during an upgrade.
+    cluster: ClusterLineage | None = Field(default=None, exclude_if=lambda value: value is None)
 
     @property
     def data_sha256(self) -> str:

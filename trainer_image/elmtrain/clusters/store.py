@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +20,13 @@ from safetensors.numpy import load_file, save_file
 
 from elmcore import layout
 from elmcore.errors import BadInputError, IntegrityError
+from elmcore.manifest import ExpertEntry
 from elmcore.storage import Storage
+from elmcore.storage.base import sha256_bytes
 from elmcore.storage.commit import commit_dir, fetch_committed, read_marker
 from elmtrain.cache import cache_dir
 from elmtrain.clusters.fit import Clusterer, ClusterSettings
+from elmtrain.clusters.routing import ClusterRouter, expert_clusters
 
 DESCRIPTION = "clusterer.json"
 ARRAYS = "clusterer.safetensors"
@@ -50,6 +54,31 @@ def save_clusterer(storage: Storage, name: str, clusterer: Clusterer) -> str:
         arrays = {"idf": clusterer.idf, "centres": clusterer.centres, "prices": clusterer.prices}
         save_file(arrays, str(folder / ARRAYS))
         return commit_dir(storage, folder, layout.clusterer(name))
+
+
+def clusterer_size(storage: Storage, name: str, expected_sha256: str) -> int:
+    """The number of clusters of set ``name``'s clusterer, which must be ``expected_sha256``:
+    the marker and ``clusterer.json`` only (its bytes checked against the marker), not the
+    arrays. What ``elmtrain branch --cluster`` checks before it trains."""
+    key = layout.clusterer(name)
+    found = read_marker(storage, key)
+    if found is None:
+        raise BadInputError(f"cluster set {name!r} has no fitted clusterer at {storage.uri(key)}")
+    marker, sha = found
+    if sha != expected_sha256:
+        raise BadInputError(
+            f"{storage.uri(key)} is clusterer {sha[:12]}, not {expected_sha256[:12]} "
+            "(refitted since the branch was planned?)"
+        )
+    data = storage.read_bytes(f"{key}/{DESCRIPTION}")
+    digest = marker.files.get(DESCRIPTION)
+    if digest is None or sha256_bytes(data) != digest.sha256:
+        raise IntegrityError(f"{storage.uri(key)}/{DESCRIPTION} does not match its marker")
+    try:
+        description = ClustererFile.model_validate_json(data)
+    except (ValidationError, json.JSONDecodeError) as error:
+        raise IntegrityError(f"{storage.uri(key)}/{DESCRIPTION}: unreadable ({error})") from None
+    return description.settings.clusters
 
 
 def load_clusterer(
@@ -84,3 +113,11 @@ def load_clusterer(
         fitted_documents=description.fitted_documents,
     )
     return clusterer, sha
+
+
+def load_router(storage: Storage, experts: Sequence[ExpertEntry]) -> ClusterRouter:
+    """The router of experts trained on clusters (their lineage names one clusterer), with that
+    clusterer loaded and verified; a BadInputError naming the experts that cannot be routed."""
+    clusters = expert_clusters(experts)
+    clusterer, _ = load_clusterer(storage, clusters.set, clusters.clusterer_sha256)
+    return ClusterRouter(clusterer, clusters)

@@ -5,14 +5,19 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from elmcore.btm import top_k
 from elmcore.errors import BadInputError
 from elmcore.storage import open_storage
 from elmcore.storage.commit import commit_dir
 from elmtrain.cache import cache_dir
+from elmtrain.clusters.routing import DEFAULT_TEMPERATURE
 from elmtrain.commands.common import add_forest_args, open_forest, parse_weights, write_output
+
+if TYPE_CHECKING:
+    from elmcore.manifest import ExpertEntry
+    from elmtrain.forest import Forest
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -21,10 +26,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument(
         "--weights",
         default="uniform",
-        help="uniform | posterior (with --target-data) | domain=w,domain=w,...",
+        help="uniform | posterior (with --target-data) | clusters (with --target-data: the "
+        "mean cluster weights of its documents, c-BTM) | domain=w,domain=w,...",
     )
-    parser.add_argument("--target-data", nargs="*", default=[], help="posterior: target text")
-    parser.add_argument("--sample", type=int, default=100, help="posterior: sequences")
+    parser.add_argument(
+        "--target-data", nargs="*", default=[], help="posterior, clusters: target text"
+    )
+    parser.add_argument(
+        "--sample", type=int, default=100, help="posterior: sequences; clusters: documents"
+    )
+    parser.add_argument(
+        "--cluster-temperature",
+        type=float,
+        default=DEFAULT_TEMPERATURE,
+        help=f"clusters: softmax temperature (default {DEFAULT_TEMPERATURE}, c-BTM's)",
+    )
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--top-k", type=int, default=None, help="keep the k largest weights")
     parser.add_argument("--out", required=True, help="where to write the HF model folder")
@@ -46,6 +62,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from elmtrain.runtime import setup_runtime
 
         weights = prior_for(forest, args.target_data, args.sample, args.seq_len, 0, setup_runtime())
+    elif args.weights == "clusters":
+        weights = _cluster_weights(args, forest, list(experts.values()))
     else:
         weights = parse_weights(args.weights)
         unknown = sorted(set(weights) - set(experts))
@@ -63,3 +81,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report = {"out": args.out, "weights": chosen, "sha256": sha}
     write_output(report, None, forest.endpoint)
     return report
+
+
+def _cluster_weights(
+    args: argparse.Namespace, forest: Forest, experts: list[ExpertEntry]
+) -> dict[str, float]:
+    """Each expert's mean cluster weight over the first ``--sample`` documents of
+    ``--target-data`` (each document its own context; elmtrain.clusters.routing)."""
+    if not args.target_data:
+        raise BadInputError("--weights clusters needs --target-data")
+    if not args.cluster_temperature > 0 or args.sample < 1:
+        raise BadInputError("--weights clusters: --cluster-temperature > 0 and --sample >= 1")
+    from itertools import islice
+
+    from elmtrain.clusters.store import load_router
+    from elmtrain.data.documents import iter_documents
+
+    router = load_router(forest.storage, experts)
+    documents = list(islice(iter_documents(args.target_data, forest.endpoint), args.sample))
+    if not documents:
+        raise BadInputError(f"{', '.join(args.target_data)}: no documents")
+    mean = router.weights(documents, args.cluster_temperature).mean(axis=0)
+    return {e.domain: float(w) for e, w in zip(experts, mean, strict=True)}

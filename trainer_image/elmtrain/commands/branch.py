@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import tempfile
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from elmcore import layout
 from elmcore.btm import InitStrategy
 from elmcore.errors import BadInputError
 from elmcore.names import branch_run_id, validate_label
-from elmcore.records import Parent, Record, Result
+from elmcore.records import ClusterLineage, Parent, Record, Result
 from elmcore.storage.commit import committed_steps
 from elmtrain.cache import cache_dir
 from elmtrain.commands.common import (
@@ -22,6 +23,9 @@ from elmtrain.commands.common import (
 from elmtrain.forest import Forest
 from elmtrain.run.outcome import failure_recorded, finish_if_done
 from elmtrain.run.spec import JobSpec
+
+_INDEX = re.compile(r"[0-9]{1,6}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class InitRecord(Record):
@@ -43,6 +47,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--init-sample", type=int, default=64, help="sequences for the posterior")
     parser.add_argument("--copy-from", help="init 'copy': the expert's domain")
     parser.add_argument("--run-id", help="default: branch.<domain>.v<version>")
+    parser.add_argument(
+        "--cluster",
+        metavar="SET:INDEX:SHA256",
+        help="the cluster this expert is trained on (c-BTM): recorded in its lineage, checked "
+        "against the set's clusterer; routing by cluster weights the expert by it",
+    )
     add_training_args(parser)
     parser.set_defaults(func=run)
 
@@ -51,11 +61,43 @@ def run(args: argparse.Namespace) -> Result:
     domain = validate_label(args.domain, "domain")
     run_id = args.run_id or branch_run_id(domain, args.version)
     forest = open_forest(args)
-    with failure_recorded(forest, run_id):
-        return _train(args, forest, domain, run_id)
+    with failure_recorded(forest, run_id):  # a bad --cluster too: the operator reads why
+        cluster = parse_cluster(args.cluster) if args.cluster is not None else None
+        return _train(args, forest, domain, run_id, cluster)
 
 
-def _train(args: argparse.Namespace, forest: Forest, domain: str, run_id: str) -> Result:
+def parse_cluster(value: str) -> ClusterLineage:
+    """``SET:INDEX:SHA256`` (the set's name, a DNS label; the cluster's index; the clusterer's
+    sha256, 64 lowercase hex digits), or the BadInputError that names the flag."""
+    parts = value.split(":")
+    if len(parts) != 3 or not _INDEX.fullmatch(parts[1]) or not _SHA256.fullmatch(parts[2]):
+        raise BadInputError(
+            f"--cluster {value[:200]!r}: expected SET:INDEX:SHA256 (a cluster set's name, "
+            "a cluster index >= 0, the clusterer's 64-hex-digit sha256)"
+        )
+    name = validate_label(parts[0], "--cluster set")
+    return ClusterLineage(set=name, index=int(parts[1]), clusterer_sha256=parts[2])
+
+
+def check_cluster(forest: Forest, cluster: ClusterLineage) -> None:
+    """The clusterer exists as recorded (its marker's sha256) and has the cluster."""
+    from elmtrain.clusters.store import clusterer_size  # numpy, safetensors: not for --help
+
+    size = clusterer_size(forest.storage, cluster.set, cluster.clusterer_sha256)
+    if cluster.index >= size:
+        raise BadInputError(
+            f"--cluster: set {cluster.set!r} has {size} clusters (0..{size - 1}), "
+            f"not cluster {cluster.index}"
+        )
+
+
+def _train(
+    args: argparse.Namespace,
+    forest: Forest,
+    domain: str,
+    run_id: str,
+    cluster: ClusterLineage | None = None,
+) -> Result:
     cfg = training_config(args)
     spec = JobSpec(
         kind="expert",
@@ -68,6 +110,7 @@ def _train(args: argparse.Namespace, forest: Forest, domain: str, run_id: str) -
         version=args.version,
         init_strategy=args.init,
         merge=args.merge,
+        cluster=cluster,
     )
     previous = finish_if_done(forest, spec)
     if previous is not None:
@@ -75,6 +118,8 @@ def _train(args: argparse.Namespace, forest: Forest, domain: str, run_id: str) -
     manifest = forest.manifest()
     if manifest.seed is None:
         raise BadInputError("the forest has no seed yet: run 'elmtrain seed' first")
+    if cluster is not None:
+        check_cluster(forest, cluster)
     # torch and transformers from here on: a rerun of a finished branch never imports them.
     from elmtrain.data.order import sample_sequences
     from elmtrain.model.families import check_vocab

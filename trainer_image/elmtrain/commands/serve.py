@@ -14,6 +14,7 @@ import structlog
 from elmcore.errors import BadInputError
 from elmcore.names import validate_label
 from elmcore.uris import StorageURI
+from elmtrain.clusters.routing import DEFAULT_TEMPERATURE
 from elmtrain.commands.common import add_forest_args, open_forest
 
 if TYPE_CHECKING:
@@ -29,6 +30,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--name", help="the ensemble's model name (default: the forest's)")
     parser.add_argument("--top-k", type=int, default=2, help="experts that generate per request")
+    parser.add_argument(
+        "--routing",
+        choices=["posterior", "clusters"],
+        default="posterior",
+        help="what picks and weighs the experts of a request that does not say "
+        "(elmforest.routing): the prompt's posterior, or its cluster weights (c-BTM; the "
+        "posterior while the experts cannot be routed by cluster)",
+    )
+    parser.add_argument(
+        "--cluster-temperature",
+        type=float,
+        default=DEFAULT_TEMPERATURE,
+        help=f"routing by cluster: softmax temperature (default {DEFAULT_TEMPERATURE}, c-BTM's)",
+    )
     parser.add_argument("--max-batch", type=int, default=64, help="sequences decoding at once")
     parser.add_argument(
         "--max-waiting",
@@ -88,6 +103,8 @@ def run(args: argparse.Namespace) -> None:
     per_key = args.max_concurrent_per_key
     if (per_key is not None and per_key < 1) or args.request_timeout <= 0:
         raise BadInputError("serve: --max-concurrent-per-key >= 1 and --request-timeout > 0")
+    if not 0 < args.cluster_temperature < float("inf"):
+        raise BadInputError(f"serve: --cluster-temperature {args.cluster_temperature}: > 0")
     from elmtrain.serving.auth import ApiKeys
 
     # Bad keys and names fail before any model loads.
@@ -132,7 +149,16 @@ def run(args: argparse.Namespace) -> None:
     try:
         asyncio.run(
             _serve(
-                Server(engine, state, metrics, admission, args.request_timeout, api_keys),
+                Server(
+                    engine,
+                    state,
+                    metrics,
+                    admission,
+                    args.request_timeout,
+                    api_keys,
+                    args.routing,
+                    args.cluster_temperature,
+                ),
                 args.host,
                 args.port,
                 args.grace_seconds,

@@ -35,4 +35,5 @@ def run_lineage(forest: Forest, store: TokenStore, spec: JobSpec) -> Lineage:
         seed_sha256=manifest.seed.sha256 if spec.kind == "expert" and manifest.seed else None,
         image=os.environ.get(IMAGE_ENV) or None,
         elmtrain_version=elmtrain_version(),
+        cluster=spec.cluster,
     )

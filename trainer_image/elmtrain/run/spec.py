@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from elmcore.records import Parent
+from elmcore.records import ClusterLineage, Parent
 from elmtrain.config import TrainingConfig
 
 
@@ -27,3 +27,4 @@ class JobSpec:
     parents: list[Parent] = field(default_factory=list)
     merge: bool = False
     pretrained: str | None = None  # the seed's imported weights
+    cluster: ClusterLineage | None = None  # branch --cluster: the cluster it was trained on

@@ -26,13 +26,14 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from elmtrain.clusters.routing import DEFAULT_TEMPERATURE
 from elmtrain.serving import tokenizing
 from elmtrain.serving.admission import Admission, Ticket, client_key
 from elmtrain.serving.auth import OPEN_PATHS, ApiKeys
 from elmtrain.serving.completion import Completion, Done, Failed, Routed, Text, Update
 from elmtrain.serving.engine import Engine
 from elmtrain.serving.metrics import ServeMetrics
-from elmtrain.serving.modelset import ModelSet, Target
+from elmtrain.serving.modelset import AVERAGE, ENSEMBLE, ModelSet, Target
 from elmtrain.serving.optout import Scope, scope
 from elmtrain.serving.prompts import Prompt, check_lengths, tokenize
 from elmtrain.serving.protocol import (
@@ -49,6 +50,7 @@ log = structlog.get_logger(__name__)
 MAX_BODY = 1 << 20  # bytes of one request
 # Past its deadline, a stream still gets this long to take its error event and the end.
 CLOSING_SECONDS = 5.0
+ROUTING = "elmforest.routing"
 CLIENT_CLOSED = 499  # the status metrics count a request with when its client went away
 
 
@@ -72,9 +74,15 @@ class _Asked:
     model_set: ModelSet
     target: Target
     scope: Scope
+    # The ensemble and the average: "posterior" or "clusters" (what picks their experts).
+    routed_by: str | None = None
 
     def experts_body(self) -> dict[str, Any]:
         return self.scope.body(self.model_set)
+
+    @property
+    def by_cluster(self) -> bool:
+        return self.routed_by == "clusters"
 
 
 @dataclass(frozen=True)
@@ -114,10 +122,15 @@ class Server:
         admission: Admission,
         request_timeout: float = 600.0,
         api_keys: ApiKeys | None = None,
+        routing: str = "posterior",
+        cluster_temperature: float = DEFAULT_TEMPERATURE,
     ) -> None:
         self.engine, self.state, self.metrics = engine, state, metrics
         self.api_keys = api_keys  # None: no authentication (a trusted network only)
         self.admission, self.request_timeout = admission, request_timeout
+        # The routing of requests that do not say (``elmforest.routing``), and c-BTM's
+        # temperature when routing by cluster.
+        self.routing, self.cluster_temperature = routing, cluster_temperature
         # Tokenizing has its own two threads: a burst of long prompts waits for them, it
         # does not take every thread of the loop's default executor.
         self._tokenizers = ThreadPoolExecutor(2, thread_name_prefix="tokenize")
@@ -227,7 +240,28 @@ class Server:
         for domain in experts.excluded:
             if domain not in model_set.excluded:  # the request's own opt-outs
                 self.metrics.expert_excluded.labels(domain).inc()
-        return _Asked(request, model_set, target, experts)
+        return _Asked(
+            request, model_set, target, experts, self._routed_by(request, model_set, target)
+        )
+
+    def _routed_by(
+        self, request: CompletionRequest, model_set: ModelSet, target: Target
+    ) -> str | None:
+        """What picks the experts of an ensemble or average request: the request's routing,
+        else the server's. Clusters asked by the request of a forest whose experts cannot be
+        routed by cluster: a 400 that says why; asked only by the server's default: the
+        posterior (the model set's load logged why)."""
+        if target.kind not in (ENSEMBLE, AVERAGE):
+            return None
+        asked = request.elmforest.routing
+        if (asked or self.routing) != "clusters":
+            return "posterior"
+        if model_set.router is not None:
+            return "clusters"
+        if asked == "clusters" and model_set.expert_dirs:
+            message = f"{ROUTING}: clusters: {model_set.router_error}"
+            raise ApiError(400, message, param=ROUTING, code="routing_unavailable")
+        return "posterior"  # no experts yet (the seed alone), or the server's default
 
     async def _complete(
         self, http: web.Request, ticket: Ticket, asked: _Asked, deadline: float, started: float
@@ -236,9 +270,14 @@ class Server:
         ticket.take_prompts(len(request.prompts))
         check_lengths(model_set, request)
         loop = asyncio.get_running_loop()
+        weights: list[tuple[float, ...] | None] = []
         try:
             async with asyncio.timeout_at(deadline):
                 prompts = await loop.run_in_executor(self._tokenizers, tokenize, model_set, request)
+                if asked.by_cluster and request.max_tokens != 0:
+                    weights = await loop.run_in_executor(
+                        self._tokenizers, self._cluster_weights, asked, prompts
+                    )
         except TimeoutError:
             raise _timed_out(self.request_timeout) from None
         choices = _Choices([], asyncio.Queue(), deadline, started)
@@ -247,7 +286,7 @@ class Server:
         try:
             if request.max_tokens == 0:  # scored only: the engine has nothing to do
                 return await self._scored_only(asked, prompts, deadline)
-            self._submit(asked, prompts, choices)
+            self._submit(asked, prompts, choices, weights)
             if request.stream:
                 return await self._stream(http, asked, choices)
             return await self._whole(asked, prompts, choices)
@@ -255,7 +294,25 @@ class Server:
             choices.cancel()  # whatever is still running (the client went away) stops
             self.metrics.in_flight.dec()
 
-    def _submit(self, asked: _Asked, prompts: list[Prompt], choices: _Choices) -> None:
+    def _cluster_weights(
+        self, asked: _Asked, prompts: list[Prompt]
+    ) -> list[tuple[float, ...] | None]:
+        """Each prompt's weight of each expert by cluster (0 for those it does not allow),
+        computed on a tokenizer thread: tf-idf features of the prompt's text."""
+        router = asked.model_set.router
+        assert router is not None
+        allowed = asked.scope.allowed
+        texts = [p.text for p in prompts]
+        rows = router.weights(texts, self.cluster_temperature, among=allowed)
+        return [tuple(float(w) for w in row) for row in rows]
+
+    def _submit(
+        self,
+        asked: _Asked,
+        prompts: list[Prompt],
+        choices: _Choices,
+        weights: list[tuple[float, ...] | None] | None = None,
+    ) -> None:
         request = asked.request
         loop = asyncio.get_running_loop()
         for index, prompt in enumerate(prompts):
@@ -275,6 +332,7 @@ class Server:
                 emit=emit,
                 stream=request.stream,
                 experts=asked.scope.allowed,
+                cluster_weights=weights[index] if weights else None,
             )
             self.engine.submit(completion)
             choices.completions.append(completion)
@@ -336,6 +394,7 @@ class Server:
             routing,
             asked.model_set.revision,
             asked.experts_body(),
+            asked.routed_by,
         )
         return web.json_response(body)
 
@@ -366,6 +425,7 @@ class Server:
             [],
             asked.model_set.revision,
             asked.experts_body(),
+            asked.routed_by,
         )
         return web.json_response(body)
 
@@ -397,6 +457,7 @@ class Server:
                     request.logprobs,
                     asked.scope.allowed,
                     self.metrics.ran,
+                    self.cluster_temperature if asked.by_cluster else None,
                 )
         except TimeoutError:
             raise _timed_out(self.request_timeout) from None
@@ -441,6 +502,7 @@ class Server:
                             routing,
                             revision,
                             asked.experts_body(),
+                            asked.routed_by,
                         )
                         await send(event(body))
                     elif isinstance(update, Text):

@@ -61,6 +61,10 @@ class Completion:
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Indices into model_set.experts it may be served by (serving/optout.py); None: all.
     experts: tuple[int, ...] | None = None
+    # Routed by cluster: the prompt's weight of each expert (of ``model_set.experts``; 0 for
+    # those not allowed), which choose and mix the experts instead of the posterior. None: the
+    # posterior routes.
+    cluster_weights: tuple[float, ...] | None = None
 
     @property
     def allowed(self) -> tuple[int, ...]:

@@ -4,7 +4,9 @@ Each loop: admit waiting completions (read their prompts, route them), then one 
 active sequence. A sequence routed to experts {a, b} sits in a's and b's decode batches; each
 model runs once per step for all the sequences that use it, whatever else they use, and each
 sequence mixes its experts' next-token laws by its posterior (Bayes rule, updated as its context
-grows).
+grows). A completion routed by cluster (``Completion.cluster_weights``, c-BTM) takes the top-k
+experts by its prompt's cluster weights instead, mixed by those weights throughout; only they
+read its prompt.
 
 Completions carry the model set they were admitted under: a swap sends new ones to the new set
 while running ones finish on theirs; an old set is dropped once nothing uses it.
@@ -60,6 +62,7 @@ class _Sequence:
     generated: int = 0
     token: int | None = None  # sampled, not yet fed
     slot: dict[str, int] = field(default_factory=dict)  # member key -> its row in next_logp
+    fixed: bool = False  # routed by cluster: the weights stay the prompt's (no Bayes update)
 
     def __post_init__(self) -> None:
         self.slot = {member.key: i for i, member in enumerate(self.members)}
@@ -103,6 +106,7 @@ class _Route:
     reads: list[Prefill]
     log_prior: torch.Tensor  # [k] float64
     routing: list[dict[str, Any]]
+    fixed: bool = False  # routed by cluster: ``log_prior`` is the weights, never updated
 
 
 @dataclass
@@ -290,7 +294,7 @@ class Engine:
         reads: dict[str, _ExpertReads] = {}
         if routed:  # each expert reads the prompts that allow it, to route them (all cores)
             self._threads(self._cores)
-            allowed = [set(c.allowed) for c in routed]
+            allowed = [set(self._readers(c)) for c in routed]
             for index, member in enumerate(model_set.experts):
                 readers = [c for c, its in zip(routed, allowed, strict=True) if index in its]
                 if readers:  # an expert every one of them opted out of does not run
@@ -308,6 +312,23 @@ class Engine:
                 where = self._route_single(completion, model_set)
             started.append(_Started(self._sequence(completion, where), where.reads, where.routing))
         return started
+
+    def _readers(self, completion: Completion) -> tuple[int, ...]:
+        """The experts that read a routed completion's prompt: those it allows (for the
+        posterior); routed by cluster, only the chosen ones (the ensemble) or none (the
+        average, which reads the prompt itself)."""
+        if completion.cluster_weights is None:
+            return completion.allowed
+        if completion.target.kind == AVERAGE:
+            return ()
+        return tuple(self._cluster_choice(completion))
+
+    def _cluster_choice(self, completion: Completion) -> list[int]:
+        """The top-k experts (indices, ascending) by the prompt's cluster weights."""
+        weights = completion.cluster_weights or ()
+        allowed = [i for i in completion.allowed if weights[i] > 0]
+        chosen = route(torch.tensor([weights[i] for i in allowed], dtype=torch.float64), self.top_k)
+        return [allowed[i] for i in chosen]
 
     def _prefill(self, model_set: ModelSet, member: Member, group: list[Completion]) -> Prefill:
         self._hook("prefill", len(group))
@@ -327,7 +348,18 @@ class Engine:
     def _route_ensemble(
         self, completion: Completion, model_set: ModelSet, reads: dict[str, _ExpertReads]
     ) -> _Route:
-        """The top-k experts by the prompt's posterior decode together, mixed by it."""
+        """The top-k experts by the prompt's posterior decode together, mixed by it (or, routed
+        by cluster, by the prompt's cluster weights)."""
+        if completion.cluster_weights is not None:
+            chosen_experts = self._cluster_choice(completion)
+            kept = torch.tensor(
+                [completion.cluster_weights[i] for i in chosen_experts], dtype=torch.float64
+            )
+            kept = kept / kept.sum()
+            members = [model_set.experts[i] for i in chosen_experts]
+            states = [reads[m.key].of(completion) for m in members]
+            routing = [_weight(m, round(float(w), 6)) for m, w in zip(members, kept, strict=True)]
+            return _Route(members, states, torch.log(kept), routing, fixed=True)
         seen = self._posterior(completion, model_set, reads)
         allowed, states = seen.allowed, seen.reads
         chosen = route(seen.log_posterior.exp(), self.top_k)  # positions in ``allowed``
@@ -341,10 +373,17 @@ class Engine:
     def _route_average(
         self, completion: Completion, model_set: ModelSet, reads: dict[str, _ExpertReads]
     ) -> _Route:
-        """One model, the experts' parameters averaged by the prompt's posterior, decodes."""
-        seen = self._posterior(completion, model_set, reads)
-        weights = model_set.average_weights(seen.log_posterior, self.top_k)  # by position
-        mix = {seen.allowed[i]: w for i, w in weights.items()}
+        """One model, the experts' parameters averaged by the prompt's posterior (or its cluster
+        weights), decodes."""
+        if completion.cluster_weights is not None:
+            allowed = list(completion.allowed)
+            given = torch.tensor([completion.cluster_weights[i] for i in allowed])
+            log_weights = torch.log(given.double())
+        else:
+            seen = self._posterior(completion, model_set, reads)
+            allowed, log_weights = seen.allowed, seen.log_posterior
+        weights = model_set.average_weights(log_weights, self.top_k)  # by position
+        mix = {allowed[i]: w for i, w in weights.items()}
         member = model_set.average(mix)
         routing = [_weight(model_set.experts[i], round(w, 6)) for i, w in mix.items()]
         read = self._prefill(model_set, member, [completion])
@@ -360,14 +399,16 @@ class Engine:
 
     def _sequence(self, completion: Completion, where: _Route) -> _Sequence:
         seed = completion.seed if completion.seed is not None else self._rng.getrandbits(63)
+        context = torch.cat([s.prompt_loglik for s in where.reads])
         return _Sequence(
             completion=completion,
             members=where.members,
             log_prior=where.log_prior,
-            context_loglik=torch.cat([s.prompt_loglik for s in where.reads]),
+            context_loglik=torch.zeros_like(context) if where.fixed else context,
             next_logp=torch.cat([s.next_logp for s in where.reads]),
             text=TextStream(completion.model_set.tokenizer, completion.stop),
             generator=torch.Generator().manual_seed(seed % SEEDS),
+            fixed=where.fixed,
         )
 
     def _join(self, model_set: ModelSet, started: list[_Started]) -> None:
@@ -547,7 +588,9 @@ class Engine:
         completion = sequence.completion
         if token == completion.model_set.eos:
             return "stop"
-        sequence.context_loglik = sequence.context_loglik + sequence.next_logp[:, token].double()
+        if not sequence.fixed:  # routed by cluster: the prompt's weights throughout
+            step = sequence.next_logp[:, token].double()
+            sequence.context_loglik = sequence.context_loglik + step
         sequence.generated += 1
         sequence.token = token
         self._hook("token", 1)

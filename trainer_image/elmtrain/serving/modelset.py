@@ -9,6 +9,11 @@ Model names (``GET /v1/models``), for a server named N:
     N/moe              the manifest's mixture-of-experts model (spec.mix, docs/btx.md), once
                        made: one Mixtral model, its router picks experts per token
 A forest without experts yet serves its seed as the ensemble's only member.
+
+The ensemble and the average are routed by the prompt's posterior, or (``elmtrain serve
+--routing clusters``, a request's ``elmforest.routing``) by its cluster weights (c-BTM): the
+model set holds the cluster router when every expert it serves was trained on a cluster of one
+clusterer (elmtrain.clusters.routing), else why not.
 """
 
 from __future__ import annotations
@@ -27,7 +32,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from elmcore.btm import top_k
+from elmcore.errors import ElmError
 from elmtrain.cache import cache_dir
+from elmtrain.clusters.routing import ClusterRouter
+from elmtrain.clusters.store import load_router
 from elmtrain.forest import Forest
 from elmtrain.model.averaging import average_models
 from elmtrain.model.families import context_length, load_model
@@ -101,6 +109,9 @@ class ModelSet:
     # The manifest's mix (N/moe); None when there is none, or when the endpoint opted an
     # expert out (the mix holds every expert it was made of, so it cannot honour that).
     moe: Member | None = None
+    # Routing by cluster: the experts' clusterer and clusters (None: they cannot be, and why).
+    router: ClusterRouter | None = None
+    router_error: str = "the forest has no experts yet"
 
     @property
     def eos(self) -> int:
@@ -214,6 +225,13 @@ def load_model_set(
         weights = forest_prior(forest, prior_data, prior_sequences, length, runtime, only=only)
         prior = [weights[e.domain] for e in entries]
     log_prior = torch.tensor([math.log(max(p, 1e-300)) for p in prior], dtype=torch.float64)
+    router, router_error = None, "the forest has no experts yet"
+    if entries:
+        try:
+            router = load_router(forest.storage, entries)
+        except ElmError as error:  # posterior routing still serves; a request asking is told
+            router_error = str(error)
+            log.info("serve.no_cluster_routing", revision=manifest.revision, why=router_error)
     moe = None
     if manifest.mix is not None and not opted_out:
         mixed = manifest.mix
@@ -230,4 +248,6 @@ def load_model_set(
         dtype,
         excluded=opted_out,
         moe=moe,
+        router=router,
+        router_error=router_error,
     )

@@ -59,11 +59,17 @@ class ExpertChoice(BaseModel):
         return self
 
 
+Routing = Literal["posterior", "clusters"]
+
+
 class ElmforestOptions(BaseModel):
-    """The request's own extension (OpenAI's clients send it as ``extra_body``)."""
+    """The request's own extension (OpenAI's clients send it as ``extra_body``). ``routing``:
+    how the ensemble and the average pick and weigh experts for this request, by the prompt's
+    posterior or its cluster weights (c-BTM); None: the server's ``--routing``."""
 
     model_config = ConfigDict(extra="forbid")
     experts: ExpertChoice = ExpertChoice()
+    routing: Routing | None = None
 
 
 class CompletionRequest(BaseModel):
@@ -212,11 +218,13 @@ def completion_body(
     routing: list[dict[str, Any]],
     revision: int | None = None,
     experts: dict[str, Any] | None = None,
+    routed_by: str | None = None,
 ) -> dict[str, Any]:
     """A completion (or, streaming, one chunk of it). ``elmforest`` is ours: the manifest
     revision that served it, which experts served each choice with what weight (``routing``),
-    and which the request allowed and which not (``experts``); OpenAI's clients keep unknown
-    fields as extras."""
+    which the request allowed and which not (``experts``), and, for the ensemble and the
+    average, what chose the experts (``routed_by``: posterior or clusters); OpenAI's clients
+    keep unknown fields as extras."""
     body: dict[str, Any] = {
         "id": ident,
         "object": "text_completion",
@@ -230,6 +238,8 @@ def completion_body(
         body["elmforest"] = {"revision": revision, "routing": routing}
         if experts:
             body["elmforest"]["experts"] = experts
+        if routed_by:
+            body["elmforest"]["routed_by"] = routed_by
     return body
 
 

@@ -9,6 +9,11 @@ position (``ensemble-eval --top-k``'s ``top<k>`` row; the math is elmtrain.scori
 ``/seed`` with that one model. Experts a request opts out of (serving/optout.py) are not run: the
 mixture and the average are of the allowed experts, the prior renormalised over them.
 
+Routed by cluster (``cluster_temperature`` given), each position mixes the allowed experts by
+the cluster weights of the text before it instead, the engine's top-k nearest kept (c-BTM, as
+``ensemble-eval --routing clusters``; elmtrain.clusters.routing), and the average is weighted by
+the whole text's cluster weights; experts without weight anywhere are not run.
+
 Runs on a worker thread of its own (one): a request costs one forward pass per model over at
 most the context, and memory of experts x tokens x vocabulary floats.
 """
@@ -22,6 +27,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from elmtrain.clusters.routing import prefix_texts
 from elmtrain.scoring.logprobs import ensemble_logprobs, log_posterior
 from elmtrain.serving.modelset import AVERAGE, ENSEMBLE, Member, ModelSet, Target
 
@@ -66,10 +72,12 @@ def score(
     k: int,
     allowed: Sequence[int] | None = None,
     ran: Callable[[str], None] = lambda label: None,
+    cluster_temperature: float | None = None,
 ) -> Scores:
     """``ids``' scores under the model ``target`` names (``top_k``: the engine's), the routed
     models mixing only the ``allowed`` experts (indices; None: all). ``ran`` is told each
-    model's metrics label as it runs (the opt-out's evidence)."""
+    model's metrics label as it runs (the opt-out's evidence). ``cluster_temperature``: routed
+    by cluster (the model set must have its router), with that temperature."""
     if len(ids) < 2:
         return Scores([], [])
     device = model_set.runtime.device
@@ -82,6 +90,10 @@ def score(
         laws = laws_of(model_set.single(target))
         return Scores(_chosen(laws, ids).tolist(), _top(laws, k))
     experts = list(range(len(model_set.experts)) if allowed is None else allowed)
+    if cluster_temperature is not None:
+        return _score_by_cluster(
+            model_set, target, top_k, ids, k, experts, laws_of, cluster_temperature
+        )
     every = [laws_of(model_set.experts[i]) for i in experts]  # K x [T-1, V]
     chosen = torch.stack([_chosen(laws, ids) for laws in every])  # [K, T-1]
     prior = model_set.log_prior[experts].exp()  # renormalised by Bayes' rule below
@@ -102,6 +114,42 @@ def score(
             top += _top(laws, k)
     else:
         top = [[] for _ in range(len(ids) - 1)]
+    return Scores(mixed.tolist(), top)
+
+
+def _score_by_cluster(
+    model_set: ModelSet,
+    target: Target,
+    top_k: int,
+    ids: list[int],
+    k: int,
+    experts: list[int],
+    laws_of: Callable[[Member], torch.Tensor],
+    temperature: float,
+) -> Scores:
+    router = model_set.router
+    assert router is not None, "the server routes by cluster only with the model set's router"
+    decode = model_set.tokenizer.decode
+    if target.kind == AVERAGE:
+        whole = router.weights([decode(ids)], temperature, among=experts)[0]
+        log_weights = torch.log(torch.tensor([whole[i] for i in experts], dtype=torch.float64))
+        mix = model_set.average_weights(log_weights, top_k)  # by position in ``experts``
+        laws = laws_of(model_set.average({experts[i]: w for i, w in mix.items()}))
+        return Scores(_chosen(laws, ids).tolist(), _top(laws, k))
+    per_position = router.weights(prefix_texts(decode, ids), temperature, top_k, among=experts)
+    used = [i for i in experts if per_position[:, i].any()]  # the others are never weighted
+    weights = torch.log(torch.from_numpy(per_position[:, used]).T)  # [K, T-1]
+    every = [laws_of(model_set.experts[i]) for i in used]
+    chosen = torch.stack([_chosen(laws, ids) for laws in every])
+    mixed = torch.logsumexp(weights + chosen, dim=0)
+    top: list[list[tuple[int, float]]] = [[] for _ in range(len(ids) - 1)]
+    if k:
+        top = []
+        stacked = torch.stack(every)
+        for start in range(0, stacked.shape[1], CHUNK):
+            part = slice(start, start + CHUNK)
+            laws = torch.logsumexp(weights[:, part, None] + stacked[:, part].double(), dim=0)
+            top += _top(laws, k)
     return Scores(mixed.tolist(), top)
 
 
