@@ -396,6 +396,7 @@ async def cluster_set_loop(
             forest_body=_forest_body(kwargs["forest_index"], ns, spec.get("forest", "")),
             jobs=_owned_jobs(kwargs["job_index"], ns, CLUSTER_SET.kind, name),
             generated=_generated(kwargs["branch_index"], ns, name),
+            names={b for (n, b) in kwargs["branch_index"] if n == ns},
         )
         return await reconcile_cluster_set(ctx, body, source)
 

@@ -127,7 +127,9 @@ REFUSED = [
         "ngramMin must not exceed ngramMax",
     ),
     Case("cluster-set-no-data", cluster_set(data=[]), "spec.data", "should have at least 1"),
-    Case("cluster-set-zero-clusters", cluster_set(clusters=0), "spec.clusters", "should be greater"),
+    Case(
+        "cluster-set-zero-clusters", cluster_set(clusters=0), "spec.clusters", "should be greater"
+    ),
     # names
     Case(
         "name-not-dns", edited(branch(), "metadata.name", "Bad_Name"), "metadata.name", "RFC 1123"

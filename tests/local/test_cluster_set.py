@@ -1,7 +1,8 @@
 """An ElmClusterSet in local mode (c-BTM, issue 30): ``elmforest up`` clusters one unlabeled
 corpus (the quickstart's code and quotes text pooled into JSON lines, labels removed), trains
-one branch per cluster from the seed, and merges them; ``elmtrain assign`` prints the same
-assignment the workers made; a rerun changes nothing; a new k is a new version; removing the
+one branch per cluster from the seed, and merges them, each expert's lineage naming its
+cluster; ``elmtrain assign`` prints the same assignment the workers made; the server routes
+by cluster as the forest asks; a rerun changes nothing; a new k is a new version; removing the
 set removes its branches and their experts; too few documents fail the set at once."""
 
 from __future__ import annotations
@@ -14,8 +15,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 import yaml
+
+from elmforest.api.forest import ElmForestSpec
+from elmforest.local.commands import serve_argv
+from elmforest.local.resources import load
+from tests.harness.serve import serving
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "examples" / "quickstart" / "data"
@@ -49,6 +56,7 @@ def write_files(folder: Path, clusters: int, with_set: bool = True) -> None:
             "tokenizer": {"vocabSize": 300},
             "seed": {"data": ["corpus.jsonl"], "training": {**TINY, "steps": 4}},
             "branchDefaults": {**TINY, "steps": 3},
+            "serving": {"routing": "clusters"},
         },
     }  # fmt: skip
     cluster_set = {
@@ -115,7 +123,15 @@ def test_a_cluster_set_in_local_mode(tmp_path: Path) -> None:
         branch = first["branches"][name]
         assert branch["owner"] == "ElmClusterSet/topics" and branch["status"]["phase"] == "Merged"
         assert branch["spec"]["cluster"]["clustererSha256"] == status["clustererSha256"]
-    assert sorted(manifest(tmp_path)["experts"]) == ["topics-c0", "topics-c1"]
+    experts = manifest(tmp_path)["experts"]
+    assert sorted(experts) == ["topics-c0", "topics-c1"]
+    for index, name in enumerate(sorted(experts)):  # which clusterer made which expert
+        cluster = experts[name]["lineage"]["cluster"]
+        assert cluster == {
+            "set": status["storageName"],
+            "index": index,
+            "clusterer_sha256": status["clustererSha256"],
+        }
 
     # The set's own assignment, by hand: `elmtrain assign` puts each document where the
     # workers did (their files), and the two clusters are the hidden domains.
@@ -138,6 +154,26 @@ def test_a_cluster_set_in_local_mode(tmp_path: Path) -> None:
         for c in (0, 1)
     ) / len(texts)  # fmt: skip
     assert purity >= 0.9, purity
+
+    # Served with the forest's routing default (spec.serving.routing: clusters, as
+    # `elmforest serve -f` passes it): the prompt's clusters pick the experts; a request may
+    # ask for the posterior instead.
+    spec = load([tmp_path / "forest.yaml"]).forests["tiny"].spec
+    assert isinstance(spec, ElmForestSpec)
+    argv = serve_argv("tiny", spec, "127.0.0.1", 0, 2)
+    assert argv[argv.index("--routing") + 1] == "clusters"
+    code = next(t for t in texts if labels[t] == "code")[:24]  # the model sees 32 tokens
+    with serving(forest, tmp_path, "--name", "tiny", "--routing", "clusters") as served:
+        client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
+        answer = client.completions.create(model="tiny", prompt=code, max_tokens=4, seed=1)
+        assert (answer.model_extra or {})["elmforest"]["routed_by"] == "clusters"
+        answer = client.completions.create(
+            model="tiny",
+            prompt=code,
+            max_tokens=4,
+            extra_body={"elmforest": {"routing": "posterior"}},
+        )
+        assert (answer.model_extra or {})["elmforest"]["routed_by"] == "posterior"
 
     # Nothing to do on a rerun: the state stays as it was.
     again = up(tmp_path)

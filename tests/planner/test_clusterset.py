@@ -31,6 +31,8 @@ from elmforest.planner.clusterset import (
 )
 from elmforest.planner.naming import LABEL_CLUSTER_SET
 from elmforest.planner.observed import JobState, RunRecords
+from elmforest.planner.serving import deployment
+from elmforest.planner.trainer_args import branch_argv
 
 SHA = "ab" * 32
 FOREST = ElmForestSpec.model_validate(
@@ -236,3 +238,56 @@ def test_a_changed_spec_is_a_new_version_that_keeps_the_old_branches_until_assig
     applied = {a.body["metadata"]["name"]: a.body["spec"] for a in of(plan, ApplyObject)}
     assert sorted(applied) == ["topics-c0", "topics-c1"]  # their data moved to the new folders
     assert new_status.storage_name in applied["topics-c0"]["data"]["train"][0]
+
+
+def test_a_generated_branch_trains_with_its_cluster_and_others_without() -> None:
+    spec = set_spec()
+    inp = given(spec, clusterer=SHA, assignments=assigned(spec, [5, 5, 5], [1, 1, 1]))
+    body = next(a.body for a in of(plan_cluster_set(inp), ApplyObject))
+    generated_spec = ElmBranchSpec.model_validate(body["spec"])
+    argv = branch_argv(FOREST, generated_spec, 1)
+    key = steps.storage_name("topics", spec)
+    assert argv[argv.index("--cluster") + 1] == f"{key}:0:{SHA}"
+    plain = generated_spec.model_copy(update={"cluster": None})
+    assert "--cluster" not in branch_argv(FOREST, plain, 1)
+
+
+def test_serving_routes_by_clusters_only_when_asked() -> None:
+    def args(serving: dict[str, Any]) -> list[str]:
+        forest = ElmForestSpec.model_validate(
+            {**FOREST.model_dump(by_alias=True, exclude_none=True), "serving": serving}
+        )
+        owner = steps.set_owner("f1", "uid")
+        container = deployment("f1", "ns", owner, forest)["spec"]["template"]["spec"]
+        return list(container["containers"][0]["args"])
+
+    assert "--routing" not in args({})  # an unchanged forest keeps its servers' arguments
+    routed = args({"routing": "clusters"})
+    assert routed[routed.index("--routing") + 1] == "clusters"
+
+
+def test_a_branch_of_the_same_name_made_by_someone_else_is_never_taken_over() -> None:
+    spec = set_spec()
+    inp = given(
+        spec,
+        clusterer=SHA,
+        assignments=assigned(spec, [5, 5, 5], [1, 1, 1]),
+        taken=frozenset({"topics-c1", "unrelated"}),
+    )
+    plan = plan_cluster_set(inp)
+    assert not of(plan, ApplyObject) and not of(plan, DeleteObject)
+    status = status_of(plan)
+    assert status.phase == "Failed" and "topics-c1" in status.message
+    assert "unrelated" not in status.message
+
+
+def test_a_step_failed_beyond_its_retries_names_the_step() -> None:
+    spec = set_spec()
+    for step, name, inp in (
+        ("FitFailed", steps.fit_job_name("topics", spec), given(spec)),
+        ("AssignFailed", steps.assign_job_name("topics", spec), given(spec, clusterer=SHA)),
+    ):
+        job = JobState(name, "Failed", reason="BackoffLimitExceeded", message="too many")
+        status = status_of(plan_cluster_set(replace(inp, jobs={name: job})))
+        assert status.phase == "Failed" and status.conditions[0].reason == step
+        assert "too many" in status.message

@@ -257,6 +257,12 @@ class ServingSpec(SpecModel):
 
     replicas: int = Field(1, ge=0, le=64, description="server pods")
     top_k: int = Field(2, ge=1, le=64, description="experts that generate for each request")
+    routing: Literal["posterior", "clusters"] = Field(
+        "posterior",
+        description="how experts are chosen and weighted for a prompt: the posterior (BTM), or "
+        "the prompt's distance to the clusters of an ElmClusterSet (c-BTM); requests may ask "
+        "for the other",
+    )
     port: int = Field(8000, ge=1024, le=65535, description="the servers' and the Service's port")
     poll_seconds: int = Field(10, ge=1, le=3600, description="seconds between manifest checks")
     max_batch: int = Field(64, ge=1, le=4096, description="sequences decoding at once per pod")

@@ -22,8 +22,7 @@ def generated_branches(state: LocalState, set_name: str) -> list[ObjectRecord]:
 def apply_branch(state: LocalState, body: dict[str, Any], source: str) -> bool:
     """Create or update a generated branch (server-side apply's effect); True if it changed.
 
-    A branch of the same name that the set does not own is left alone and reported, as the API
-    server would refuse to let a second owner take it."""
+    The planner never asks for a branch of the same name that the set does not own."""
     meta = body["metadata"]
     name, spec = meta["name"], body["spec"]
     owner = f"{meta['ownerReferences'][0]['kind']}/{meta['ownerReferences'][0]['name']}"
@@ -39,8 +38,7 @@ def apply_branch(state: LocalState, body: dict[str, Any], source: str) -> bool:
             labels=dict(meta.get("labels") or {}),
         )
         return True
-    if record.owner != owner:
-        raise ValueError(f"ElmBranch {name!r} exists and is not {owner}'s")
+    assert record.owner == owner, f"ElmBranch {name!r} is not {owner}'s"
     if record.spec == spec and not record.deleting:
         return False
     record.spec, record.generation, record.deleting = spec, record.generation + 1, False

@@ -273,8 +273,11 @@ def serve(options: Options, out: TextIO, forest: str | None, host: str, port: in
 
 def serve_argv(name: str, spec: ElmForestSpec, host: str, port: int, top_k: int) -> list[str]:
     """``elmtrain serve``'s arguments for a local forest. The experts its data owners opted
-    out of (``spec.serving.excludeExperts``) stay out here too, as on a cluster."""
+    out of (``spec.serving.excludeExperts``) stay out here too, as on a cluster, and the
+    forest's routing (``spec.serving.routing``) is the server's default."""
     argv = ["serve", "--forest", spec.storage.uri, "--name", name, "--host", host]
     argv += ["--port", str(port), "--top-k", str(top_k), "--poll-seconds", "2"]
     excluded = spec.serving.exclude_experts if spec.serving else []
-    return argv + (["--exclude-experts", *excluded] if excluded else [])
+    argv += ["--exclude-experts", *excluded] if excluded else []
+    routing = spec.serving.routing if spec.serving else "posterior"
+    return argv + (["--routing", routing] if routing != "posterior" else [])

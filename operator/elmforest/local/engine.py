@@ -225,6 +225,9 @@ class Engine:
     def set_branches(self, name: str) -> list[dict[str, Any]]:
         return [b.body() for b in cluster_sets.generated_branches(self.state, name)]
 
+    def branch_names(self) -> set[str]:
+        return set(self.state.branches)
+
     def manifest(self, storage: ForestStorage) -> Manifest | None:
         return self.reads.manifest(storage)
 

@@ -40,6 +40,9 @@ class ClusterSetSource(Protocol):
     def set_branches(self, name: str) -> Sequence[Mapping[str, Any]]:
         """The branches the set generated (as the API returns them)."""
 
+    def branch_names(self) -> set[str]:
+        """Every branch's name in the set's namespace, whoever made it."""
+
 
 @dataclass(frozen=True)
 class ObservedClusterSet:
@@ -81,6 +84,7 @@ def observe_cluster_set(source: ClusterSetSource, body: Mapping[str, Any]) -> Ob
         forest_ready=bool(forest and forest.ready),
         jobs=source.set_jobs(name),
         branches=branches,
+        taken=frozenset(source.branch_names() - set(branches)),
     )
     if forest is None or not forest.ready:
         return ObservedClusterSet(inp, None)  # nothing to read before the forest is Ready

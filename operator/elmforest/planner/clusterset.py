@@ -63,6 +63,7 @@ class ClusterSetInput:
     assignments: list[AssignmentCounts] = field(default_factory=list)
     records: dict[str, RunRecords] = field(default_factory=dict)  # "fit" / "assign"
     branches: dict[str, GeneratedBranch] = field(default_factory=dict)
+    taken: frozenset[str] = frozenset()  # branch names in the namespace that are not the set's
     storage_error: str | None = None
 
 
@@ -117,7 +118,8 @@ def _step(
     progress = records.progress
     if job is not None and job.phase == "Failed":
         said = progress.message if progress and progress.phase == "failed" else job.message
-        reason = "BadInput" if job.permanent else f"{phase.removesuffix('ing')}Failed"
+        failed = {"Fitting": "FitFailed", "Assigning": "AssignFailed"}[phase]
+        reason = "BadInput" if job.permanent else failed
         return _settle(inp, status, "Failed", reason, f"{job_name}: {said}")
     if job is not None and job.phase == "Succeeded":
         # The trainer commits its files before it exits: a finished Job without them lost
@@ -155,6 +157,13 @@ def _branch(
             wanted[name] = steps.branch_spec(
                 spec.forest, forest, spec, key, sha, cluster, name, valid[cluster] > 0
             )
+    clashes = sorted(inp.taken & set(wanted))
+    if clashes:  # never take over a branch someone else made (server-side apply would)
+        message = (
+            f"ElmBranch {', '.join(clashes)} exists and is not this set's: delete or rename it "
+            "(the set names its branches <set>-c<i>)"
+        )
+        return _settle(inp, status, "Failed", "NameTaken", message, POLL_SECONDS * 3)
     for name, branch_spec in wanted.items():
         seen = inp.branches.get(name)
         if seen is None or not _same_spec(seen.spec, branch_spec):

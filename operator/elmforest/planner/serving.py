@@ -75,6 +75,8 @@ def _argv(forest: str, spec: ElmForestSpec, serving: ServingSpec) -> list[str]:
         str(serving.poll_seconds),
         *(["--api-key-file", f"{API_KEYS_DIR}/{API_KEYS_KEY}"] if serving.api_key_secret else []),
         *(["--exclude-experts", *serving.exclude_experts] if serving.exclude_experts else []),
+        # Only when asked: a forest that leaves it unset keeps its servers' exact arguments.
+        *(["--routing", serving.routing] if serving.routing != "posterior" else []),
     ]
 
 

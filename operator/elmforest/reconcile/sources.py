@@ -97,6 +97,7 @@ class ClusterSetSource(_Storage):
     forest_body: Mapping[str, Any] | None = None
     jobs: Mapping[str, JobState] = field(default_factory=dict)
     generated: list[Mapping[str, Any]] = field(default_factory=list)
+    names: set[str] = field(default_factory=set)  # every branch of the namespace
 
     def forest(self, name: str) -> Mapping[str, Any] | None:
         return self.forest_body
@@ -106,3 +107,6 @@ class ClusterSetSource(_Storage):
 
     def set_branches(self, name: str) -> Sequence[Mapping[str, Any]]:
         return list(self.generated)
+
+    def branch_names(self) -> set[str]:
+        return set(self.names)
