@@ -376,3 +376,88 @@ def test_both_modes_plan_the_same_forest(seeded: bool, tmp_path: Path) -> None:
     plans = [plan_forest(o.input, o.spec_error) for o in (cluster, local)]
     assert [_comparable(a) for a in plans[0].actions] == [_comparable(a) for a in plans[1].actions]
     assert plans[0].actions
+
+
+SET_SPEC: dict[str, Any] = {
+    "forest": "f",
+    "data": ["file:///data/crawl/"],
+    "clusters": 2,
+    "sample": 100,
+    "parallelism": 2,
+}
+
+
+def _set_storage(root: Path, stage: str, clusterer_dir: Path) -> None:
+    """The set's files at ``stage``: nothing; the committed clusterer; and every record."""
+    from elmcore.storage.commit import commit_dir
+    from elmforest.api.clusterset import ElmClusterSetSpec
+    from elmforest.planner.cluster_steps import storage_name
+
+    storage = open_storage(f"file://{root}")
+    key = storage_name("topics", ElmClusterSetSpec.model_validate(SET_SPEC))
+    if stage == "fit":
+        return
+    clusterer_dir.mkdir()
+    (clusterer_dir / "clusterer.json").write_text("{}")
+    sha = commit_dir(storage, clusterer_dir, layout.clusterer(key))
+    if stage == "assign":
+        return
+    for index in range(2):
+        record = {"clusterer": sha, "index": index, "count": 2, "train": [3, 4], "valid": [1, 0]}
+        storage.write_bytes(layout.cluster_assignment(key, index), json.dumps(record).encode())
+
+
+SET_STAGES = {  # stage -> what its plan must hold
+    "fit": "CreateJob",
+    "assign": "CreateJob",
+    "branch": "ApplyObject",
+    "name taken": "Event",
+}
+
+
+@pytest.mark.parametrize("stage", list(SET_STAGES))
+def test_both_modes_plan_the_same_cluster_set(stage: str, tmp_path: Path) -> None:
+    """A set's observation is one path too: its forest, Jobs, generated branches (and the
+    namespace's other branch names) and storage give equal inputs and plans in both modes."""
+    from elmforest.local import cluster_sets
+    from elmforest.observe.clusterset import observe_cluster_set
+    from elmforest.planner.clusterset import plan_cluster_set
+    from elmforest.reconcile.sources import ClusterSetSource
+
+    world = World([])
+    _fill_storage(tmp_path, world)
+    _set_storage(tmp_path, "branch" if stage == "name taken" else stage, tmp_path / "clusterer")
+    theirs = "topics-c1" if stage == "name taken" else "other"  # a user's own branch
+    record = ObjectRecord(
+        kind="ElmClusterSet", name="topics", uid="uid-s", created="2026-01-01T00:00:01Z",
+        source="set.yaml", spec=SET_SPEC,
+    )  # fmt: skip
+    generated = ObjectRecord(
+        kind="ElmBranch", name="topics-c0", uid="uid-c0", created="2026-01-01T00:00:02Z",
+        source="set.yaml", spec=BRANCH_SPEC, status={"phase": "Training", "observedGeneration": 1},
+        owner=cluster_sets.owner_of("topics"), labels={"btm.elmforest.io/cluster-set": "topics"},
+    )  # fmt: skip
+    mine = ObjectRecord(
+        kind="ElmBranch", name=theirs, uid="uid-c1", created="2026-01-01T00:00:03Z",
+        source="branch.yaml", spec=SECOND,
+    )  # fmt: skip
+    forest = _forest_record(tmp_path, world)
+    ctx = OperatorContext(kube=cast(Kube, None))
+    source = ClusterSetSource(
+        ctx, "local", forest_body=forest.body(), generated=[generated.body()],
+        names={"topics-c0", theirs},
+    )  # fmt: skip
+    cluster = observe_cluster_set(source, record.body())
+    state = LocalState(
+        forests={"f": forest},
+        cluster_sets={"topics": record},
+        branches={"topics-c0": generated, theirs: mine},
+    )
+    runner = ProcessRunner(logs=tmp_path / "logs", cache=tmp_path / "cache", parallel=1)
+    engine = Engine(state, runner, on_event=lambda *_: None, on_log=lambda _: None)
+    local = observe_cluster_set(engine, record.body())
+    assert cluster.input == local.input
+    plans = [plan_cluster_set(o.input, o.spec_error) for o in (cluster, local)]
+    assert [_comparable(a) for a in plans[0].actions] == [_comparable(a) for a in plans[1].actions]
+    kinds = [type(a).__name__ for a in plans[0].actions]
+    assert SET_STAGES[stage] in kinds, kinds
