@@ -20,7 +20,7 @@ from elmtrain.cli import main
 from elmtrain.clusters.fit import ClusterSettings, fit_clusterer
 from elmtrain.clusters.partition import worker_documents
 from elmtrain.clusters.sample import Reservoir
-from elmtrain.clusters.store import load_clusterer, save_clusterer
+from elmtrain.clusters.store import load_clusterer, resolve_set, save_clusterer
 from elmtrain.data.documents import iter_documents
 from elmtrain.forest import Forest
 from tests.conftest import elmtrain
@@ -92,6 +92,22 @@ def test_stored_clusterer_is_verified_on_load(tmp_path: Path) -> None:
         load_clusterer(storage, "web")
     with pytest.raises(BadInputError, match="no fitted clusterer"):
         load_clusterer(storage, "other")
+
+
+def test_a_set_name_finds_its_one_version(tmp_path: Path) -> None:
+    """``assign --set topics`` reads an ElmClusterSet's version (``topics-<digest8>``, its
+    status.storageName) while it has one; with two it asks which."""
+    documents, _ = labelled(dict.fromkeys(DOMAINS, 10))
+    clusterer, _ = fit_clusterer(documents, ClusterSettings(clusters=3))
+    storage = open_storage(str(tmp_path / "forest"))
+    assert resolve_set(storage, "topics") == "topics"  # nothing yet: loading says so
+    save_clusterer(storage, "topics-0123abcd", clusterer)
+    save_clusterer(storage, "topics-extra-0123abcd", clusterer)  # another set's, not a version
+    assert resolve_set(storage, "topics") == "topics-0123abcd"
+    assert resolve_set(storage, "topics-0123abcd") == "topics-0123abcd"
+    save_clusterer(storage, "topics-89abcdef", clusterer)
+    with pytest.raises(BadInputError, match=r"2 versions .*storageName"):
+        resolve_set(storage, "topics")
 
 
 def test_commands_fit_assign_and_print(

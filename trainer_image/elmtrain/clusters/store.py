@@ -10,6 +10,7 @@ read verifies each file against the marker, so a corrupted file is refused too.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -121,3 +122,24 @@ def load_router(storage: Storage, experts: Sequence[ExpertEntry]) -> ClusterRout
     clusters = expert_clusters(experts)
     clusterer, _ = load_clusterer(storage, clusters.set, clusters.clusterer_sha256)
     return ClusterRouter(clusterer, clusters)
+
+
+def resolve_set(storage: Storage, name: str) -> str:
+    """The storage name of cluster set ``name``: ``name`` itself where it holds a clusterer,
+    else the one version an ``ElmClusterSet`` of that name keeps (the operator stores each in
+    ``clusters/<name>-<digest8>/``, its ``status.storageName``). Several versions: the caller
+    must name one; none: ``name`` (loading it then says there is no clusterer)."""
+    if read_marker(storage, layout.clusterer(name)) is not None:
+        return name
+    version = re.compile(rf"{re.escape(name)}-[0-9a-f]{{8}}")
+    found = [
+        child
+        for child in storage.list_children(layout.CLUSTERS)
+        if version.fullmatch(child) and read_marker(storage, layout.clusterer(child)) is not None
+    ]
+    if len(found) > 1:
+        raise BadInputError(
+            f"cluster set {name!r} has {len(found)} versions ({', '.join(found)}): pass --set "
+            "the one you mean (an ElmClusterSet's status.storageName is its current one)"
+        )
+    return found[0] if found else name
