@@ -4,13 +4,15 @@ The operator runs here as a process (no kubelet runs its pod) with a token from 
 TokenRequest API for the chart's ServiceAccount, the args and env of the chart's Deployment.
 It reconciles forests and a branch to created Jobs, serves a forest (Deployment, Service,
 NetworkPolicy and, with two replicas, a PodDisruptionBudget, which goes at one replica) and
-stops serving it, supersedes a Job, deletes a branch and the forests. The API server's
+stops serving it, supersedes a Job, deletes a branch, generates a cluster set's branches and
+deletes one of them, and deletes the forests. The API server's
 audit log then shows every request it made: none was refused, and every rule of the chart's
 Role was used by some request (least privilege).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -68,6 +70,53 @@ def _jobs(kube: Kube, namespace: str, selector: str) -> list[str]:
     )
 
 
+def _names(kube: Kube, namespace: str, kind: str) -> list[str]:
+    items = kube.json("get", kind, "-n", namespace)["items"]
+    return sorted(
+        i["metadata"]["name"] for i in items if not i["metadata"].get("deletionTimestamp")
+    )
+
+
+def _cluster_set(bucket: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "btm.elmforest.io/v1alpha1",
+        "kind": "ElmClusterSet",
+        "metadata": {"name": "topics"},
+        "spec": {
+            "forest": "seeded",
+            "data": [f"s3://{bucket}/data/code.txt"],
+            "clusters": 2,
+            "sample": 10,
+            "parallelism": 1,
+        },
+    }
+
+
+def _assigned(endpoint: str, bucket: str, body: dict[str, Any], k: int, scratch: Path) -> None:
+    """A set version's files as its fit and assignment Jobs leave them: the committed
+    clusterer (its marker is what the operator reads) and the one worker's record."""
+    from elmcore import layout
+    from elmcore.storage import S3Credentials, open_storage
+    from elmcore.storage.commit import commit_dir
+    from elmforest.api.clusterset import ElmClusterSetSpec
+    from elmforest.planner.cluster_steps import storage_name
+
+    spec = ElmClusterSetSpec.model_validate({**body["spec"], "clusters": k})
+    key = storage_name(body["metadata"]["name"], spec)
+    storage = open_storage(
+        f"s3://{bucket}/forests/seeded",
+        endpoint=endpoint,
+        region="us-east-1",
+        credentials=S3Credentials("testing", "testing"),
+    )
+    folder = scratch / f"clusterer-{key}"
+    folder.mkdir()
+    (folder / "clusterer.json").write_text("{}")
+    sha = commit_dir(storage, folder, layout.clusterer(key))
+    record = {"clusterer": sha, "index": 0, "count": 1, "train": [3] * k, "valid": [1] * k}
+    storage.write_bytes(layout.cluster_assignment(key, 0), json.dumps(record).encode())
+
+
 def _audited(kube: Kube, user: str) -> list[dict[str, Any]]:
     assert kube.plane is not None
     records = []
@@ -85,6 +134,7 @@ def test_operator_as_its_service_account_is_least_privilege(
     s3_endpoint: str,
     s3_bucket: str,
     seeded_forest: Path,
+    tmp_path: Path,
 ) -> None:
     process, log = operator
     ns = release.watched
@@ -202,6 +252,20 @@ def test_operator_as_its_service_account_is_least_privilege(
         ),
     )
     kube.kubectl("delete", "eb", "seeded-code", "-n", ns, "--timeout=60s")
+
+    # A cluster set whose versions are already fitted and assigned in storage (no node runs
+    # Jobs here): two generated branches are created (server-side apply), then k = 1 moves
+    # topics-c0 to the new version's data and deletes topics-c1.
+    topics = _cluster_set(s3_bucket)
+    for clusters in (2, 1):
+        _assigned(s3_endpoint, s3_bucket, topics, clusters, tmp_path)
+    kube.apply(topics, "-n", ns)
+    wait("two generated branches", lambda: _names(kube, ns, "eb") == ["topics-c0", "topics-c1"])
+    topics["spec"]["clusters"] = 1
+    kube.apply(topics, "-n", ns)
+    wait("topics-c1 deleted", lambda: _names(kube, ns, "eb") == ["topics-c0"])
+    kube.kubectl("delete", "ecs", "topics", "-n", ns, "--timeout=60s")
+    wait("the set's branches gone", lambda: _names(kube, ns, "eb") == [])
     kube.kubectl("delete", "ef", "fresh", "seeded", "-n", ns, "--timeout=60s")
     wait("the forests' Jobs gone", lambda: not _jobs(kube, ns, "btm.elmforest.io/forest"))
 

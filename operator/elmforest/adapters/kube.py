@@ -41,7 +41,7 @@ PERMISSIONS = (
     # Branches are also created (applied server-side) and deleted by their ElmClusterSet.
     Permission(GROUP, "elmbranches", ("list", "watch", "create", "patch", "delete")),
     Permission(GROUP, "elmbranches/status", ("patch",)),
-    Permission(GROUP, "elmclustersets", ("list", "watch", "patch")),
+    Permission(GROUP, "elmclustersets", ("list", "watch", "patch")),  # Kopf's finalizer (daemons)
     Permission(GROUP, "elmclustersets/status", ("patch",)),
     Permission("batch", "jobs", ("list", "watch", "create", "delete", "deletecollection")),
     # The forest's servers (spec.serving): applied server-side (which creates them: the API
