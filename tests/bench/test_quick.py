@@ -247,6 +247,18 @@ def test_data(tmp_path: Path) -> None:
         assert math.isfinite(row["loss"])
 
 
+def test_cluster_scale(tmp_path: Path) -> None:
+    """One assignment worker over two corpus sizes: both assigned, memory measured."""
+    corpus = write_domains(tmp_path / "corpus", ["cooking", "sailing"])
+    results = quick("cluster_scale", tmp_path, "--corpus", str(corpus), plots=False)
+    small, big = results["rows"]
+    assert big["bytes"] > 5 * small["bytes"]
+    for row in (small, big):
+        speed = row["bytes"] / 1e6 / row["seconds"]
+        assert row["mb_per_second_per_core"] == pytest.approx(speed, rel=0.01)
+        assert row["peak_rss_mb"] > 5
+
+
 def test_cli(tmp_path: Path) -> None:
     """Every command measured, each exiting as it should (the bench checks the codes)."""
     corpus = write_domains(tmp_path / "corpus", ["cooking", "sailing"])
