@@ -147,6 +147,9 @@ def test_records_of_another_clusterer_do_not_count() -> None:
     stale = [AssignmentCounts("cd" * 32, i, [1, 1, 1], [0, 0, 0]) for i in range(2)]
     plan = plan_cluster_set(given(spec, clusterer=SHA, assignments=stale))
     assert status_of(plan).phase == "Assigning" and not of(plan, ApplyObject)
+    misshapen = [AssignmentCounts(SHA, i, [1, 1], [0, 0]) for i in range(2)]  # k = 2, not 3
+    plan = plan_cluster_set(given(spec, clusterer=SHA, assignments=misshapen))
+    assert status_of(plan).phase == "Assigning" and not of(plan, ApplyObject)
 
 
 def test_one_branch_per_cluster_with_its_data_and_cluster() -> None:

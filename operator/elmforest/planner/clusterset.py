@@ -91,7 +91,9 @@ def plan_cluster_set(inp: ClusterSetInput, spec_error: str | None = None) -> Pla
         argv = steps.fit_argv(inp.forest, spec, key)
         return _step(inp, status, "Fitting", steps.fit_job_name(inp.name, spec), argv, 1)
     status.clusterer_sha256 = sha
-    counts = {a.index: a for a in inp.assignments if a.clusterer == sha}
+    # Only records of this clusterer, shaped for its k (a foreign or torn record is not done).
+    fits = [a for a in inp.assignments if a.clusterer == sha]
+    counts = {a.index: a for a in fits if len(a.train) == len(a.valid) == spec.clusters}
     if set(counts) != set(range(spec.parallelism)):
         argv = steps.assign_argv(inp.forest, spec, key, sha)
         name = steps.assign_job_name(inp.name, spec)
