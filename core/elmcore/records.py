@@ -165,3 +165,16 @@ class ServingRecord(Record):
     experts: dict[str, int] = Field(default_factory=dict)  # domain -> version
     message: str = ""
     updated_at: str = Field(default_factory=utc_now)
+
+
+class AssignmentRecord(Record):
+    """What one assignment worker of a cluster set wrote
+    (``clusters/<set>/assign/part-<index>.json``): the operator sums the workers' records
+    into the set's cluster sizes."""
+
+    clusterer: str  # the sha256 of the clusterer that assigned
+    index: int = Field(ge=0)
+    count: int = Field(ge=1)
+    train: list[int]  # documents per cluster
+    valid: list[int]
+    files: list[str]  # the keys written, each one a text file of one cluster's split

@@ -12,7 +12,6 @@ Role was used by some request (least privilege).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -96,6 +95,7 @@ def _assigned(endpoint: str, bucket: str, body: dict[str, Any], k: int, scratch:
     """A set version's files as its fit and assignment Jobs leave them: the committed
     clusterer (its marker is what the operator reads) and the one worker's record."""
     from elmcore import layout
+    from elmcore.records import AssignmentRecord
     from elmcore.storage import S3Credentials, open_storage
     from elmcore.storage.commit import commit_dir
     from elmforest.api.clusterset import ElmClusterSetSpec
@@ -113,8 +113,10 @@ def _assigned(endpoint: str, bucket: str, body: dict[str, Any], k: int, scratch:
     folder.mkdir()
     (folder / "clusterer.json").write_text("{}")
     sha = commit_dir(storage, folder, layout.clusterer(key))
-    record = {"clusterer": sha, "index": 0, "count": 1, "train": [3] * k, "valid": [1] * k}
-    storage.write_bytes(layout.cluster_assignment(key, 0), json.dumps(record).encode())
+    record = AssignmentRecord(
+        clusterer=sha, index=0, count=1, train=[3] * k, valid=[1] * k, files=[]
+    )
+    storage.write_bytes(layout.cluster_assignment(key, 0), record.model_dump_json().encode())
 
 
 def _audited(kube: Kube, user: str) -> list[dict[str, Any]]:

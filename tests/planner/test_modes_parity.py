@@ -18,24 +18,30 @@ import pytest
 
 from elmcore import layout
 from elmcore.manifest import ArtifactEntry, ExpertEntry, Manifest
-from elmcore.records import Metrics, Progress, Result
+from elmcore.records import AssignmentRecord, Metrics, Progress, Result
 from elmcore.storage import open_storage
+from elmcore.storage.commit import commit_dir
 from elmcore.storage.manifest_store import update_manifest
 from elmforest.adapters.kube import Kube
 from elmforest.api.branch import ElmBranchSpec
+from elmforest.api.clusterset import ElmClusterSetSpec
+from elmforest.local import cluster_sets
 from elmforest.local.engine import Engine
 from elmforest.local.runner import ProcessRunner
 from elmforest.local.state import JobRecord, LocalState, ObjectRecord
 from elmforest.observe import observe_branch, observe_forest
 from elmforest.observe.branch import slots_elsewhere
+from elmforest.observe.clusterset import observe_cluster_set
 from elmforest.observe.reads import PassReads
 from elmforest.planner.actions import Action, PatchStatus, Plan
 from elmforest.planner.branch import plan_branch, plan_deletion, spec_fingerprint
+from elmforest.planner.cluster_steps import storage_name
+from elmforest.planner.clusterset import plan_cluster_set
 from elmforest.planner.forest import plan_forest
 from elmforest.planner.observed import job_state
 from elmforest.planner.siblings import ForestBranches, sibling
 from elmforest.reconcile.context import OperatorContext
-from elmforest.reconcile.sources import ClusterBranchSource, ClusterForestSource
+from elmforest.reconcile.sources import ClusterBranchSource, ClusterForestSource, ClusterSetSource
 
 IMAGE = "r.example/t@sha256:" + "a" * 64
 SHA = "b" * 64
@@ -389,10 +395,6 @@ SET_SPEC: dict[str, Any] = {
 
 def _set_storage(root: Path, stage: str, clusterer_dir: Path) -> None:
     """The set's files at ``stage``: nothing; the committed clusterer; and every record."""
-    from elmcore.storage.commit import commit_dir
-    from elmforest.api.clusterset import ElmClusterSetSpec
-    from elmforest.planner.cluster_steps import storage_name
-
     storage = open_storage(f"file://{root}")
     key = storage_name("topics", ElmClusterSetSpec.model_validate(SET_SPEC))
     if stage == "fit":
@@ -403,8 +405,11 @@ def _set_storage(root: Path, stage: str, clusterer_dir: Path) -> None:
     if stage == "assign":
         return
     for index in range(2):
-        record = {"clusterer": sha, "index": index, "count": 2, "train": [3, 4], "valid": [1, 0]}
-        storage.write_bytes(layout.cluster_assignment(key, index), json.dumps(record).encode())
+        record = AssignmentRecord(
+            clusterer=sha, index=index, count=2, train=[3, 4], valid=[1, 0], files=[]
+        )
+        key_of = layout.cluster_assignment(key, index)
+        storage.write_bytes(key_of, record.model_dump_json().encode())
 
 
 SET_STAGES = {  # stage -> what its plan must hold
@@ -419,11 +424,6 @@ SET_STAGES = {  # stage -> what its plan must hold
 def test_both_modes_plan_the_same_cluster_set(stage: str, tmp_path: Path) -> None:
     """A set's observation is one path too: its forest, Jobs, generated branches (and the
     namespace's other branch names) and storage give equal inputs and plans in both modes."""
-    from elmforest.local import cluster_sets
-    from elmforest.observe.clusterset import observe_cluster_set
-    from elmforest.planner.clusterset import plan_cluster_set
-    from elmforest.reconcile.sources import ClusterSetSource
-
     world = World([])
     _fill_storage(tmp_path, world)
     _set_storage(tmp_path, "branch" if stage == "name taken" else stage, tmp_path / "clusterer")

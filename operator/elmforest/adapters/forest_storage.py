@@ -8,13 +8,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import assert_never
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from elmcore import layout
 from elmcore.errors import ElmError
 from elmcore.manifest import ExpertEntry, Manifest, remove_expert
 from elmcore.names import RunId, parse_version_dir
-from elmcore.records import Progress, Result, ServingRecord
+from elmcore.records import AssignmentRecord, Progress, Result, ServingRecord
 from elmcore.storage import S3Credentials, Storage, open_storage
 from elmcore.storage.commit import read_marker
 from elmcore.storage.manifest_store import load_manifest, merge_verified, update_manifest
@@ -30,17 +30,6 @@ from elmforest.planner.observed import JobState, RunRecords, StorageView
 from elmforest.planner.prepare import Preparation
 
 FOREST_ROLES = ("tokenizer", "seed")  # built in this order before any branch
-
-
-class _Assignment(BaseModel):
-    """What the operator reads of an assignment worker's record (elmtrain's
-    ``clusters.partition.AssignmentRecord``; other fields are the trainer's business)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    clusterer: str
-    train: list[int]
-    valid: list[int]
 
 
 class ForestStorage:
@@ -200,7 +189,7 @@ class ForestStorage:
             if raw is None:
                 continue
             try:
-                record = _Assignment.model_validate_json(raw[0])
+                record = AssignmentRecord.model_validate_json(raw[0])
             except ValidationError:
                 continue
             counts.append(AssignmentCounts(record.clusterer, index, record.train, record.valid))

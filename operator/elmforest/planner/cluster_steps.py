@@ -86,6 +86,7 @@ def step_job(
     forest_name: str,
     forest: ElmForestSpec,
     job_name: str,
+    run_id: str,
     argv: list[str],
     completions: int = 1,
 ) -> dict[str, Any]:
@@ -97,7 +98,7 @@ def step_job(
         owner=owner,
         forest=forest_name,
         role=argv[0],
-        run_id=argv[argv.index("--run-id") + 1],
+        run_id=run_id,
         argv=argv,
         trainer=prepare_trainer(forest),
         storage=forest.storage,

@@ -89,7 +89,8 @@ def plan_cluster_set(inp: ClusterSetInput, spec_error: str | None = None) -> Pla
     sha = inp.clusterer
     if sha is None:
         argv = steps.fit_argv(inp.forest, spec, key)
-        return _step(inp, status, "Fitting", steps.fit_job_name(inp.name, spec), argv, 1)
+        name = steps.fit_job_name(inp.name, spec)
+        return _step(inp, status, owner, "Fitting", name, steps.fit_run(key), argv, 1)
     status.clusterer_sha256 = sha
     # Only records of this clusterer, shaped for its k (a foreign or torn record is not done).
     fits = [a for a in inp.assignments if a.clusterer == sha]
@@ -97,7 +98,8 @@ def plan_cluster_set(inp: ClusterSetInput, spec_error: str | None = None) -> Pla
     if set(counts) != set(range(spec.parallelism)):
         argv = steps.assign_argv(inp.forest, spec, key, sha)
         name = steps.assign_job_name(inp.name, spec)
-        return _step(inp, status, "Assigning", name, argv, spec.parallelism)
+        run = steps.assign_run(key)
+        return _step(inp, status, owner, "Assigning", name, run, argv, spec.parallelism)
     train = [sum(c.train[i] for c in counts.values()) for i in range(spec.clusters)]
     valid = [sum(c.valid[i] for c in counts.values()) for i in range(spec.clusters)]
     status.cluster_sizes = [t + v for t, v in zip(train, valid, strict=True)]
@@ -108,8 +110,10 @@ def plan_cluster_set(inp: ClusterSetInput, spec_error: str | None = None) -> Pla
 def _step(
     inp: ClusterSetInput,
     status: ElmClusterSetStatus,
+    owner: Owner,
     phase: Literal["Fitting", "Assigning"],
     job_name: str,
+    run_id: str,
     argv: list[str],
     completions: int,
 ) -> Plan:
@@ -131,9 +135,9 @@ def _step(
         return _settle(inp, status, "Failed", "Missing", message)
     plan = Plan(requeue_after=POLL_SECONDS)
     if job is None:
-        owner = steps.set_owner(inp.name, inp.uid)
+        forest = inp.spec.forest
         body = steps.step_job(
-            owner, inp.namespace, inp.spec.forest, inp.forest, job_name, argv, completions
+            owner, inp.namespace, forest, inp.forest, job_name, run_id, argv, completions
         )
         plan.add(CreateJob(body))
     return _settle(inp, status, phase, phase, f"Job {job_name}", plan=plan)

@@ -6,8 +6,6 @@ import hashlib
 import itertools
 from collections.abc import Iterable, Iterator
 
-from pydantic import BaseModel, ConfigDict, Field
-
 BATCH = 1024  # documents vectorized at once: bounded memory, few calls into scikit-learn
 
 
@@ -30,17 +28,3 @@ def batches(documents: Iterable[str], size: int = BATCH) -> Iterator[list[str]]:
     iterator = iter(documents)
     while batch := list(itertools.islice(iterator, size)):
         yield batch
-
-
-class AssignmentRecord(BaseModel):
-    """What one assignment worker wrote (``clusters/<set>/assign/part-<index>.json``): the
-    operator sums the workers' records into the set's cluster sizes."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    clusterer: str  # the sha256 of the clusterer that assigned
-    index: int = Field(ge=0)
-    count: int = Field(ge=1)
-    train: list[int]  # documents per cluster
-    valid: list[int]
-    files: list[str]  # the keys written, each one a text file of one cluster's split

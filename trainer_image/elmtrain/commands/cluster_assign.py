@@ -27,7 +27,7 @@ from elmtrain.data.documents import iter_documents
 from elmtrain.run.outcome import failure_recorded
 
 if TYPE_CHECKING:
-    from elmtrain.clusters.partition import AssignmentRecord
+    from elmcore.records import AssignmentRecord
     from elmtrain.forest import Forest
 
 log = structlog.get_logger(__name__)
@@ -75,8 +75,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _assign(args: argparse.Namespace, forest: Forest, name: str) -> AssignmentRecord:
     """Assign this worker's documents, write its clusters' files and its record."""
+    from elmcore.records import AssignmentRecord
     from elmtrain.clusters.partition import (
-        AssignmentRecord,
         batches,
         validation_share,
         worker_documents,
