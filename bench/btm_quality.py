@@ -75,7 +75,13 @@ def _prepare_corpus(corpus: Path, scale: Scale, work: Path) -> Path:
     for domain in {*scale.evaluated, *scale.count_order}:
         for split in ("train", "valid", "test"):
             text = (corpus / domain / f"{split}.txt").read_text()
-            cut = text.rfind("\n\n\n", 0, scale.max_bytes)
+            # A file within the limit is copied whole (cutting at its last separator would
+            # drop its last document).
+            cut = (
+                len(text)
+                if len(text) <= scale.max_bytes
+                else text.rfind("\n\n\n", 0, scale.max_bytes)
+            )
             (copy / domain).mkdir(parents=True, exist_ok=True)
             (copy / domain / f"{split}.txt").write_text(text[: cut if cut > 0 else scale.max_bytes])
     return copy

@@ -123,8 +123,10 @@ class Recipes:
         seed: int,
         strategy: str = "seed",
         curve: bool = False,
+        extra: tuple[str, ...] = (),
     ) -> None:
-        """One expert ``name`` on ``train``, initialised by ``strategy`` (INIT_ARGS)."""
+        """One expert ``name`` on ``train``, initialised by ``strategy`` (INIT_ARGS); ``extra``
+        arguments go to ``elmtrain branch`` as given (bench.discovery's ``--cluster``)."""
         if has_expert(forest, name):
             return
         shutil.rmtree(forest / "runs" / f"branch.{name}.v1", ignore_errors=True)
@@ -141,6 +143,7 @@ class Recipes:
             *INIT_ARGS[strategy],
             "--training",
             self.training(steps, seed, curve),
+            *extra,
             "--merge",
         )
 

@@ -164,6 +164,47 @@ def test_btx(tmp_path: Path) -> None:
         assert row["scoring_tokens_per_second"] > 0 and row["generation_tokens_per_second"] > 0
 
 
+def test_discovery(tmp_path: Path) -> None:
+    """On a synthetic corpus of three separated domains pooled: every forest's rows for every
+    domain and seed, three clusters that find the three domains, compute-matched steps, and a
+    cost row for each way to route (one expert for the top-1 rows, every expert for the rest)."""
+    domains = ["cooking", "sailing", "finance", "poetry"]
+    corpus = write_domains(tmp_path / "corpus", domains)
+    for domain in domains:
+        (corpus / domain / "test.txt").write_text(domain_text(domain, 12, seed=2))
+    results = quick(
+        "discovery", tmp_path, "--corpus", str(corpus), "--domains", "cooking,sailing,finance",
+        "--ood", "poetry", "--clusters", "2,3",
+    )  # fmt: skip
+    forests = ("labelled", "k=2", "k=3")
+    routed = {f"k={k} cluster-routed{t}" for k in (2, 3) for t in ("", " top-1")}
+    posterior = {f"{f} posterior{t}" for f in forests for t in ("", " top-1")}
+    assert set(results["per_seed"]) == {"0", "1"}
+    for rows in results["per_seed"].values():
+        assert set(rows) == {"seed", "dense", *posterior, *routed}
+        for row in rows.values():
+            assert set(row) == set(domains)
+            assert all(v > 1 and math.isfinite(v) for v in row.values())
+    steps = results["steps"]
+    assert steps["expert"] == {"2": 15, "3": 10, "labelled": 10}  # 30 steps after the seed
+    nmi = results["clusters"]["nmi"]
+    assert set(nmi) == {"2", "3"}
+    # Three clusters of three separated domains of equal size: the domains themselves.
+    assert nmi["3"]["min"] > 0.9
+    for seed in results["clusters"]["per_seed"].values():
+        assert sum(seed["3"]["sizes"]) == 3 * 120
+    assert all(c["seeds"] == 2 and isinstance(c["holds"], bool) for c in results["orderings"])
+    cost = results["cost"]["rows"]
+    assert set(cost) == {"seed", "dense", *posterior, *routed}
+    for row, value in cost.items():
+        expected = 1 if row in ("seed", "dense") or row.endswith("top-1") else None
+        if expected is None:
+            expected = 3 if row.startswith(("labelled", "k=3")) else 2
+        assert value["experts_per_token"] == pytest.approx(expected), row
+        assert value["ms_per_token"] > 0
+    assert all(cost[r]["routing_ms_per_token"] > 0 for r in routed)
+
+
 def test_merge(tmp_path: Path) -> None:
     results = quick("merge", tmp_path)
     (row,) = results["rows"]

@@ -16,7 +16,6 @@ sequence: what runs with a KV cache) and ``routing_ms_per_token`` (tf-idf featur
 from __future__ import annotations
 
 import argparse
-import time
 from typing import TYPE_CHECKING, Any
 
 from elmcore.errors import BadInputError
@@ -144,27 +143,19 @@ def _cluster_row(
     names: list[str],
 ) -> dict[str, Any]:
     """The mixture weighted, at each position, by the clusters of the text before it."""
-    import torch
-
-    from elmtrain.clusters.routing import prefix_texts
+    from elmtrain.scoring.clustered import cluster_mixture
     from elmtrain.scoring.logprobs import perplexity
 
-    count, positions = logprobs.shape[1], logprobs.shape[2]
-    started = time.perf_counter()
-    texts = [t for ids in sequences.tolist() for t in prefix_texts(tokenizer.decode, ids)]
-    weights = router.weights(texts, args.cluster_temperature, args.cluster_top_k)
-    seconds = time.perf_counter() - started
-    # [count * positions, K] -> [K, count, positions], as the experts' log-probabilities.
-    w = torch.from_numpy(weights).reshape(count, positions, len(names)).permute(2, 0, 1)
-    mixture = torch.logsumexp(torch.log(w) + logprobs.double(), dim=0)
-    loss, ppl, tokens = perplexity(mixture)
-    used = w > 0
+    mixed = cluster_mixture(
+        router, tokenizer.decode, sequences, logprobs, args.cluster_temperature, args.cluster_top_k
+    )
+    loss, ppl, tokens = perplexity(mixed.logprobs)
     return {
         "loss": loss,
         "perplexity": ppl,
         "tokens": tokens,
-        "experts_per_token": float(used.sum(0).double().mean()) if tokens else 0.0,
-        "experts_per_sequence": float(used.any(2).sum(0).double().mean()) if tokens else 0.0,
-        "routing_ms_per_token": round(1000 * seconds / max(tokens, 1), 4),
-        "mean_weights": dict(zip(names, w.double().mean((1, 2)).tolist(), strict=True)),
+        "experts_per_token": mixed.experts_per_token() if tokens else 0.0,
+        "experts_per_sequence": mixed.experts_per_sequence() if tokens else 0.0,
+        "routing_ms_per_token": round(1000 * mixed.routing_seconds / max(tokens, 1), 4),
+        "mean_weights": dict(zip(names, mixed.weights.double().mean((1, 2)).tolist(), strict=True)),
     }

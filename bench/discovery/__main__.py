@@ -1,0 +1,3 @@
+from bench.discovery.run import main
+
+main()
