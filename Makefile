@@ -76,11 +76,11 @@ reliability: $(STAMP)
 # Every benchmark at full size (docs/benchmarks.md; about 2.7 hours on 2 cores, the BTM
 # quality run most of it); results to bench/results/, plots to docs/img/.
 bench: $(STAMP)
-	for b in merge train ensemble serve data operator cli btm_quality btx; do $(PY) -m bench.$$b || exit 1; done
+	for b in merge train ensemble serve data operator cli btm_quality btx discovery; do $(PY) -m bench.$$b || exit 1; done
 
 # Every benchmark's small variant (a few minutes in all); the suite runs them too.
 bench-quick: $(STAMP)
-	for b in merge train ensemble serve data operator cli btm_quality btx; do $(PY) -m bench.$$b --quick || exit 1; done
+	for b in merge train ensemble serve data operator cli btm_quality btx discovery; do $(PY) -m bench.$$b --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
