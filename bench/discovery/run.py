@@ -1,6 +1,6 @@
 """Domains found, not given (c-BTM) on the shared corpus: docs/discovery.md, docs/benchmarks.md.
 
-    python -m bench.discovery            # the full run (about 1 h on 2 CPU cores)
+    python -m bench.discovery            # the full run (about 32 min on 2 CPU cores)
     python -m bench.discovery --quick    # tiny model, four domains (< 2 min): the pipeline only
     python -m bench.discovery --work DIR # keep the models; a rerun trains only what is missing
 
