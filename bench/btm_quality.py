@@ -15,7 +15,6 @@ Held-out training domains and the corpus' ``devil`` are never trained on (tokeni
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from bench.btm.evaluate import (
 from bench.btm.recipes import Recipes
 from bench.btm.report import markdown, plot
 from bench.btm.scale import FULL, QUICK, Scale
-from bench.common import ROOT, parser, run_in_work
+from bench.common import ROOT, Laps, parser, run_in_work
 
 CLAIMS = (
     ("the ensemble beats the compute-matched dense model", ENSEMBLE, DENSE),
@@ -90,13 +89,7 @@ def _prepare_corpus(corpus: Path, scale: Scale, work: Path) -> Path:
 def run(corpus: Path, scale: Scale, work: Path) -> dict[str, Any]:
     recipes = Recipes(_prepare_corpus(corpus, scale, work), scale)
     groups = _groups(scale)
-    seconds: dict[str, float] = {}
-    clock = time.monotonic()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        seconds[name] = round(time.monotonic() - clock, 1)
-        clock = time.monotonic()
+    lap = Laps()
 
     # The main comparison's tokenizer sees the trained domains only: held-out means unseen.
     template = work / "template"
@@ -151,7 +144,7 @@ def run(corpus: Path, scale: Scale, work: Path) -> dict[str, Any]:
     return {
         "scale": asdict(scale),
         "scale_domains": list(scale.evaluated),
-        "seconds": seconds,
+        "seconds": lap.seconds,
         "main": {
             "groups": groups,
             "per_seed": per_seed,

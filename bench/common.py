@@ -123,6 +123,20 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
+class Laps:
+    """Seconds per phase of a benchmark run: ``lap(name)`` ends the phase that began at the
+    last lap (or at creation); ``seconds`` goes into the results."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._clock = time.monotonic()
+
+    def __call__(self, name: str) -> None:
+        now = time.monotonic()
+        self.seconds[name] = round(now - self._clock, 1)
+        self._clock = now
+
+
 def run_in_work(
     name: str,
     args: argparse.Namespace,

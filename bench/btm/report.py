@@ -16,6 +16,12 @@ def pm(value: dict[str, float]) -> str:
     return f"{value['mean']:.3g} ± {value['std']:.2g}"
 
 
+def as_main(results: dict[str, Any]) -> dict[str, Any]:
+    """A benchmark's flat results (one comparison: spread, groups, orderings at the top) in the
+    shape these tables read (BTM quality's ``main`` section)."""
+    return {"main": results, "scale_domains": results["scale_domains"]}
+
+
 def main_table(results: dict[str, Any]) -> str:
     spread = results["main"]["spread"]
     groups = results["main"]["groups"]

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.btm.evaluate import DENSE, ENSEMBLE, POSTERIOR_AVG, UNIFORM_AVG, routed_row, top_k_row
-from bench.btm.report import domain_table, main_table, orderings_table
+from bench.btm.report import as_main, domain_table, main_table, orderings_table
 from bench.btx import cost
 from bench.common import table
 
@@ -42,11 +42,6 @@ COST_OF = {
 }
 
 
-def _wrapped(results: dict[str, Any]) -> dict[str, Any]:
-    """The shape bench/btm/report.py's tables read."""
-    return {"main": results, "scale_domains": results["scale_domains"]}
-
-
 def cost_table(results: dict[str, Any]) -> str:
     rows = [
         [
@@ -73,7 +68,7 @@ def cost_table(results: dict[str, Any]) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    wrapped = _wrapped(results)
+    wrapped = as_main(results)
     sections = [
         ("Test perplexity (mean ± sd over seeds)", main_table(wrapped)),
         ("Per domain (mean over seeds)", domain_table(wrapped)),

@@ -15,7 +15,6 @@ included); the inference cost is measured on training seed 0's models.
 from __future__ import annotations
 
 import tempfile
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from bench.btx import cost
 from bench.btx.forests import ROUTERS, SeedRun, train_seed
 from bench.btx.report import CLAIMS, markdown, mix_row, plot
 from bench.btx.scale import FULL, QUICK, BtxScale
-from bench.common import ROOT, parser, run_in_work
+from bench.common import ROOT, Laps, parser, run_in_work
 
 
 def groups_of(scale: BtxScale) -> dict[str, tuple[str, ...]]:
@@ -85,13 +84,7 @@ def run(corpus: Path, scale: BtxScale, work: Path) -> dict[str, Any]:
     btm = scale.btm
     recipes = Recipes(_prepare_corpus(corpus, btm, work), btm)
     groups = groups_of(scale)
-    seconds: dict[str, float] = {}
-    clock = time.monotonic()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        seconds[name] = round(time.monotonic() - clock, 1)
-        clock = time.monotonic()
+    lap = Laps()
 
     template = work / "template"  # the mixed domains' tokenizer: held-out text is unseen
     recipes.tokenizer(template, btm.first)
@@ -116,7 +109,7 @@ def run(corpus: Path, scale: BtxScale, work: Path) -> dict[str, Any]:
             "finetune": scale.finetune_steps,
             "dense": scale.dense_steps,
         },
-        "seconds": seconds,
+        "seconds": lap.seconds,
         "groups": groups,
         "per_seed": per_seed,
         "spread": analysis.across_seeds(rows, groups),

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.btm.evaluate import DENSE
-from bench.btm.report import domain_table, main_table, orderings_table, pm
+from bench.btm.report import as_main, domain_table, main_table, orderings_table, pm
 from bench.common import table
 from bench.discovery.evaluate import LABELLED, cluster_row, forest_name, posterior_row
 from bench.discovery.scale import DiscoveryScale
@@ -79,13 +79,8 @@ def clusters_table(results: dict[str, Any]) -> str:
     )
 
 
-def _wrapped(results: dict[str, Any]) -> dict[str, Any]:
-    """The shape bench/btm/report.py's tables read."""
-    return {"main": results, "scale_domains": results["scale_domains"]}
-
-
 def markdown(results: dict[str, Any]) -> str:
-    wrapped = _wrapped(results)
+    wrapped = as_main(results)
     sections = [
         ("Test perplexity (mean ± sd over seeds)", main_table(wrapped)),
         ("Per domain (mean over seeds)", domain_table(wrapped)),

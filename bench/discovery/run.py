@@ -15,7 +15,6 @@ clusters' normalised mutual information with the hidden labels.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from bench.btm import analysis
 from bench.btm.evaluate import DENSE, SEED, Evaluator, Rows
 from bench.btm.recipes import Recipes
 from bench.btm_quality import _prepare_corpus
-from bench.common import ROOT, parser, run_in_work
+from bench.common import ROOT, Laps, parser, run_in_work
 from bench.discovery import evaluate
 from bench.discovery.forests import SeedRun, pooled_corpus, train_seed
 from bench.discovery.report import claims, markdown, plot
@@ -53,13 +52,7 @@ def run(corpus: Path, scale: DiscoveryScale, work: Path) -> dict[str, Any]:
     corpus = pooled_corpus(_prepare_corpus(corpus, btm, work), scale.domains, work)
     recipes = Recipes(corpus, btm)
     groups: dict[str, tuple[str, ...]] = {"in-domain": scale.domains, btm.ood: (btm.ood,)}
-    seconds: dict[str, float] = {}
-    clock = time.monotonic()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        seconds[name] = round(time.monotonic() - clock, 1)
-        clock = time.monotonic()
+    lap = Laps()
 
     # One tokenizer, on the pooled text: devil stays unseen.
     template = work / "template"
@@ -98,7 +91,7 @@ def run(corpus: Path, scale: DiscoveryScale, work: Path) -> dict[str, Any]:
             "expert": {str(k): scale.expert_steps(k) for k in scale.cluster_counts}
             | {evaluate.LABELLED: scale.expert_steps(len(scale.domains))},
         },
-        "seconds": seconds,
+        "seconds": lap.seconds,
         "groups": groups,
         "per_seed": per_seed,
         "spread": analysis.across_seeds(rows, groups),
