@@ -105,8 +105,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     bars.set(ylabel="test perplexity (log)", title="BTX, BTM and dense (error bars: sd over seeds)")
     bars.legend(fontsize=6, ncol=2)
 
-    measured = results["cost"]["rows"]
-    for i, (row, name) in enumerate(COST_OF.items()):
+    measured, order = results["cost"]["rows"], list(spread)
+    for row, name in COST_OF.items():
         if row not in spread or name not in measured:
             continue
         x = 1 / measured[name]["scoring_tokens_per_second_vs_dense"]
@@ -116,7 +116,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 spread[row][group]["mean"],
                 yerr=spread[row][group]["std"],
                 fmt=marker,
-                color=colors[i % len(colors)],
+                color=colors[order.index(row) % len(colors)],  # the bars' color for the row
                 label=f"{row} ({group})",
             )
     tradeoff.set_yscale("log")

@@ -1,9 +1,10 @@
 """Branch-Train-MiX against BTM and dense on the shared corpus (docs/btx.md).
 
-    python -m bench.btx            # the full run (about 45 min on 2 loaded CPU cores)
+    python -m bench.btx            # BTM quality's size (38 min on 2 quiet CPU cores)
+    python -m bench.btx --small    # the first, smaller run: d64 x 2, context 64, 1,280 steps
     python -m bench.btx --quick    # tiny model, few domains (< 2 min): the pipeline only
     python -m bench.btx --work DIR # keep the models; a rerun trains only what is missing
-    python -m bench.btx --total-steps 2400 --finetune-steps 240  # BTM quality's step budget
+    python -m bench.btx --small --total-steps 2400 --finetune-steps 240  # its step budget
 
 Per training seed (bench/btx/forests.py): a Llama-family seed and one expert per domain (BTM),
 the compute-matched dense model, and the forest mixed into a top-2 Mixtral model by router
@@ -26,7 +27,7 @@ from bench.btm_quality import _prepare_corpus
 from bench.btx import cost
 from bench.btx.forests import ROUTERS, SeedRun, train_seed
 from bench.btx.report import CLAIMS, markdown, mix_row, plot
-from bench.btx.scale import FULL, QUICK, BtxScale
+from bench.btx.scale import FULL, QUICK, SMALL, BtxScale
 from bench.common import ROOT, Laps, parser, run_in_work
 
 
@@ -123,7 +124,7 @@ def run(corpus: Path, scale: BtxScale, work: Path) -> dict[str, Any]:
 
 
 def _scale(args: Any) -> BtxScale:
-    scale = QUICK if args.quick else FULL
+    scale = QUICK if args.quick else SMALL if args.small else FULL
     names = {"first": args.domains, "held_out": args.held_out}
     overrides: dict[str, Any] = {k: tuple(v.split(",")) for k, v in names.items() if v}
     if args.ood:
@@ -140,6 +141,7 @@ def _scale(args: Any) -> BtxScale:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cli = parser(__doc__.splitlines()[0])
+    cli.add_argument("--small", action="store_true", help="the first, smaller run (docs/btx.md)")
     cli.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus")
     cli.add_argument("--domains", help="comma-separated domains of the experts mixed")
     cli.add_argument("--held-out", help="comma-separated training domains nobody trains on")

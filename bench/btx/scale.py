@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bench.btm.scale import FULL as BTM_FULL
 from bench.btm.scale import Scale
 
 
@@ -39,13 +40,34 @@ def _btm(**fields: object) -> Scale:
     return Scale(**merged)  # type: ignore[arg-type]
 
 
-# What fits issue 31's window (about 40 min on 2 CPU cores shared with three other sessions,
-# 2026-12-04): btm_quality's four first-stage domains, held-out sets and evaluation layout, but a
-# smaller Llama (64 wide, 2 layers), a 64-token context, batches of 8 and 1,280 steps per forest
-# instead of 2,400 (docs/btx.md says so beside the numbers). A step of the btm_quality size took
-# 0.8 to 6 s on that machine then (8 to 60 times its quiet speed): 3 seeds of it would not fit.
-# A first run at 320 steps per forest (experts of 40 steps) left the experts barely trained.
+# Issue 31's size: BTM quality's model, context, batch, vocabulary, budget and evaluation sizes
+# (bench/btm/scale.py FULL) with the Llama family, since only Llama forests can be mixed; each
+# mix finetuned for a tenth of a forest's steps (counted in dense's budget). 7-15 min a seed
+# on 2 quiet CPU cores.
 FULL = BtxScale(
+    btm=_btm(
+        first=BTM_FULL.first,
+        held_out=BTM_FULL.held_out,
+        ood=BTM_FULL.ood,
+        model={**BTM_FULL.model, "family": "llama"},
+        vocab_size=BTM_FULL.vocab_size,
+        batch_size=BTM_FULL.batch_size,
+        seq_len=BTM_FULL.seq_len,
+        total_steps=BTM_FULL.total_steps,
+        max_bytes=None,
+        eval_sequences=BTM_FULL.eval_sequences,
+        prior_sequences=BTM_FULL.prior_sequences,
+    ),
+    finetune_steps=240,
+    cost_sequences=16,
+    new_tokens=32,
+    repeats=3,
+)
+# What fitted the first window on 2 CPU cores shared with three other sessions (2026-12-04,
+# `--small`): BTM quality's domains and evaluation layout, but a smaller Llama (64 wide, 2
+# layers), a 64-token context, batches of 8 and 1,280 steps per forest. A step of the full size
+# took 0.8 to 6 s on that machine then (8 to 60 times its quiet speed).
+SMALL = BtxScale(
     btm=_btm(
         first=("changelogs", "code", "legal", "scripture"),
         held_out=("perldocs", "quotes"),
