@@ -3,7 +3,7 @@ what only BTX has (the mix's finetuning steps, the cost measurement's sizes)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bench.btm.scale import FULL as BTM_FULL
 from bench.btm.scale import Scale
@@ -27,15 +27,18 @@ class BtxScale:
         return self.expert_steps * len(self.btm.first) + self.finetune_steps
 
 
+# What a BTX run leaves out of BTM quality's Scale: the new domains, the sweeps, the counts.
+_BTX_ONLY: dict[str, object] = {
+    "new": (),
+    "fractions": (0.5,),
+    "main_fraction": 0.5,
+    "domain_counts": (),
+    "training_seeds": (0, 1, 2),
+}
+
+
 def _btm(**fields: object) -> Scale:
-    common: dict[str, object] = {
-        "new": (),
-        "fractions": (0.5,),
-        "main_fraction": 0.5,
-        "domain_counts": (),
-        "training_seeds": (0, 1, 2),
-    }
-    merged = {**common, **fields}
+    merged = {**_BTX_ONLY, **fields}
     merged.setdefault("count_order", merged["first"])
     return Scale(**merged)  # type: ignore[arg-type]
 
@@ -45,18 +48,11 @@ def _btm(**fields: object) -> Scale:
 # mix finetuned for a tenth of a forest's steps (counted in dense's budget). 7-15 min a seed
 # on 2 quiet CPU cores.
 FULL = BtxScale(
-    btm=_btm(
-        first=BTM_FULL.first,
-        held_out=BTM_FULL.held_out,
-        ood=BTM_FULL.ood,
+    btm=replace(
+        BTM_FULL,
+        **_BTX_ONLY,  # type: ignore[arg-type]
         model={**BTM_FULL.model, "family": "llama"},
-        vocab_size=BTM_FULL.vocab_size,
-        batch_size=BTM_FULL.batch_size,
-        seq_len=BTM_FULL.seq_len,
-        total_steps=BTM_FULL.total_steps,
-        max_bytes=None,
-        eval_sequences=BTM_FULL.eval_sequences,
-        prior_sequences=BTM_FULL.prior_sequences,
+        count_order=BTM_FULL.first,
     ),
     finetune_steps=240,
     cost_sequences=16,
